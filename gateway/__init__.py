@@ -1,0 +1,1 @@
+"""The gateway: tensorgate's only public surface, routing calls to inference workers."""

@@ -1,0 +1,78 @@
+"""Builds and runs the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.discovery import StaticDiscovery
+from gateway.servicer import InferenceGatewayServicer
+from gateway.settings import GatewaySettings
+from gateway.worker_pool import WorkerPool
+from services.runtime.logging import configure_logging
+from services.runtime.metrics import ServiceMetrics
+from services.runtime.server import GrpcService, wait_for_signal
+from services.runtime.settings import load_settings
+from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
+
+
+@dataclass
+class Gateway:
+    service: GrpcService
+    pool: WorkerPool
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    async def stop(self) -> None:
+        try:
+            await self.service.stop()
+        finally:
+            await self.pool.close()
+
+
+async def start_gateway(settings: GatewaySettings) -> Gateway:
+    pool = WorkerPool(StaticDiscovery(list(settings.workers)),
+                      refresh_seconds=settings.refresh_seconds,
+                      eject_seconds=settings.eject_seconds)
+    await pool.start()
+    servicer = InferenceGatewayServicer(pool, upstream_timeout=settings.upstream_timeout)
+    service = GrpcService(
+        settings,
+        name="gateway",
+        service_names=[SERVICE_NAME],
+        register=lambda server: gateway_pb2_grpc.add_InferenceGatewayServicer_to_server(
+            servicer, server
+        ),
+        metrics=ServiceMetrics("gateway"),
+    )
+    try:
+        await service.start()
+    except BaseException:
+        await pool.close()
+        raise
+    return Gateway(service=service, pool=pool)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway = await start_gateway(settings)
+    try:
+        await wait_for_signal()
+    finally:
+        await gateway.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(GatewaySettings, argv, prog="tensorgate-gateway")
+    configure_logging(level=settings.log_level, fmt=settings.log_format)  # type: ignore[arg-type]
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

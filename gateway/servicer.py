@@ -1,0 +1,107 @@
+"""InferenceGateway: resolves the model, picks a worker, forwards, and passes results back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+
+from gateway.model_ref import ModelRef
+from gateway.worker_pool import WorkerEndpoint, WorkerPool
+from services.runtime.errors import UpstreamError
+from services.runtime.interceptors import REQUEST_ID_KEY, current_request_id
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
+
+Context = grpc.aio.ServicerContext[Any, Any]
+log = structlog.get_logger("tensorgate.gateway")
+
+
+class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
+    def __init__(self, pool: WorkerPool, *, upstream_timeout: float) -> None:
+        self._pool = pool
+        self._upstream_timeout = upstream_timeout
+
+    def _timeout(self, context: Context) -> float:
+        remaining = context.time_remaining()
+        return self._upstream_timeout if remaining is None else remaining
+
+    def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError) -> UpstreamError:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            worker.eject(self._pool.eject_seconds)
+        return UpstreamError(exc)
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        ref = ModelRef.parse(request.model)
+        metadata = ((REQUEST_ID_KEY, current_request_id.get()),)
+        exclude: WorkerEndpoint | None = None
+        # One retry on another worker, and only before the first chunk: after
+        # that the caller has seen tokens and a retry would repeat or change them.
+        for attempt in (1, 2):
+            worker, info = await self._pool.route(ref, exclude=exclude)
+            forwarded = inference_pb2.GenerateRequest()
+            forwarded.CopyFrom(request)
+            forwarded.model = f"{info.name}:{info.version}"
+            structlog.contextvars.bind_contextvars(resolved=forwarded.model, worker=worker.address)
+            chunks = 0
+            with worker.track():
+                call = worker.stub.Generate(forwarded, timeout=self._timeout(context),
+                                            metadata=metadata)
+                try:
+                    async for chunk in call:
+                        chunks += 1
+                        if chunk.finish_reason:
+                            structlog.contextvars.bind_contextvars(
+                                finish_reason=inference_pb2.FinishReason.Name(chunk.finish_reason),
+                                prompt_tokens=chunk.usage.prompt_tokens,
+                                completion_tokens=chunk.usage.completion_tokens,
+                            )
+                        yield chunk
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    error = self._failed(worker, exc)
+                    if attempt == 2 or chunks or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise error from exc
+                    log.warning("retrying on another worker", worker=worker.address)
+                    exclude = worker
+                finally:
+                    if not call.done():
+                        call.cancel()
+
+    async def Infer(  # noqa: N802
+        self, request: inference_pb2.InferRequest, context: Context
+    ) -> inference_pb2.InferResponse:
+        ref = ModelRef.parse(request.model)
+        metadata = ((REQUEST_ID_KEY, current_request_id.get()),)
+        worker, info = await self._pool.route(ref)
+        resolved = f"{info.name}:{info.version}"
+        forwarded = request
+        if request.model != resolved:
+            forwarded = inference_pb2.InferRequest()
+            forwarded.CopyFrom(request)
+            forwarded.model = resolved
+        structlog.contextvars.bind_contextvars(resolved=resolved)
+        for attempt in (1, 2):
+            structlog.contextvars.bind_contextvars(worker=worker.address)
+            with worker.track():
+                try:
+                    response: inference_pb2.InferResponse = await worker.stub.Infer(
+                        forwarded, timeout=self._timeout(context), metadata=metadata
+                    )
+                    return response
+                except grpc.aio.AioRpcError as exc:
+                    error = self._failed(worker, exc)
+                    if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise error from exc
+            log.warning("retrying on another worker", worker=worker.address)
+            worker, _ = await self._pool.route(ref, exclude=worker)
+        raise AssertionError("unreachable")
+
+    async def ListModels(  # noqa: N802
+        self, request: inference_pb2.ListModelsRequest, context: Context
+    ) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(models=self._pool.models())

@@ -1,0 +1,163 @@
+"""The workers the gateway routes to: one long-lived channel each, what each has loaded.
+
+A refresh asks every worker for its health and loaded models. Routing picks,
+among the workers that are serving, not ejected and have the model version
+loaded, the one with the fewest outstanding calls. A worker that fails with
+UNAVAILABLE is ejected for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.discovery import Discovery
+from gateway.model_ref import ModelRef
+from services.runtime.errors import NotFound, Unavailable
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.worker.v1 import worker_pb2_grpc
+
+log = structlog.get_logger("tensorgate.gateway.pool")
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
+_REFRESH_TIMEOUT_S = 2.0
+
+
+class WorkerEndpoint:
+    """One worker: its channel and stub, what it serves, and how busy it is."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.InferenceWorkerStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self.models: dict[tuple[str, int], inference_pb2.ModelInfo] = {}
+        self.serving = False
+        self.outstanding = 0
+        self.ejected_until = 0.0
+
+    def available(self, now: float) -> bool:
+        return self.serving and now >= self.ejected_until
+
+    def eject(self, seconds: float) -> None:
+        self.ejected_until = time.monotonic() + seconds
+        log.warning("worker ejected", worker=self.address, seconds=seconds)
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        self.outstanding += 1
+        try:
+            yield
+        finally:
+            self.outstanding -= 1
+
+    async def refresh(self) -> None:
+        try:
+            health = await self._health.Check(
+                health_pb2.HealthCheckRequest(), timeout=_REFRESH_TIMEOUT_S
+            )
+            listing = await self.stub.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=_REFRESH_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if self.serving:
+                log.warning("worker unreachable", worker=self.address, code=exc.code().name)
+            self.serving = False
+            return
+        self.serving = health.status == health_pb2.HealthCheckResponse.SERVING
+        self.models = {(m.name, m.version): m for m in listing.models}
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class WorkerPool:
+    """All known workers, refreshed from discovery on a timer and on a miss."""
+
+    def __init__(self, discovery: Discovery, *, refresh_seconds: float, eject_seconds: float) -> None:
+        self._discovery = discovery
+        self._refresh_seconds = refresh_seconds
+        self.eject_seconds = eject_seconds
+        self._workers: dict[str, WorkerEndpoint] = {}
+        self._refresh_lock = asyncio.Lock()
+        self._last_refresh = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for worker in self._workers.values():
+            await worker.close()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # a refresh must never end the loop
+                log.exception("worker refresh failed")
+
+    async def refresh(self) -> None:
+        async with self._refresh_lock:
+            addresses = await self._discovery.worker_addresses()
+            for address in addresses:
+                if address not in self._workers:
+                    self._workers[address] = WorkerEndpoint(address)
+            for address in set(self._workers) - set(addresses):
+                await self._workers.pop(address).close()
+            await asyncio.gather(*(w.refresh() for w in self._workers.values()))
+            self._last_refresh = time.monotonic()
+
+    def models(self) -> list[inference_pb2.ModelInfo]:
+        now = time.monotonic()
+        seen: dict[tuple[str, int], inference_pb2.ModelInfo] = {}
+        for worker in self._workers.values():
+            if worker.available(now):
+                for key, info in worker.models.items():
+                    seen.setdefault(key, info)
+        return [seen[key] for key in sorted(seen)]
+
+    def _versions(self, name: str) -> set[int]:
+        return {v for w in self._workers.values() if w.serving for (n, v) in w.models if n == name}
+
+    async def route(self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None
+                    ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo]:
+        """The least busy available worker with `ref` loaded, and the version it means."""
+        if ref.alias is not None:
+            raise NotFound(f"model {ref}: alias {ref.alias!r} is unknown (aliases are resolved "
+                           "by the model registry, which this gateway does not use yet)")
+        if not self._versions(ref.name) and time.monotonic() - self._last_refresh > 1.0:
+            await self.refresh()  # a model may have been loaded since the last refresh
+        versions = self._versions(ref.name)
+        if not versions:
+            raise NotFound(f"model {ref.name!r} is not served here "
+                           f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})")
+        version = ref.version if ref.version is not None else max(versions)
+        if version not in versions:
+            raise NotFound(f"model {ref.name!r} has no version {version} loaded "
+                           f"(loaded: {', '.join(map(str, sorted(versions)))})")
+        now = time.monotonic()
+        candidates = [
+            w for w in self._workers.values()
+            if w is not exclude and w.available(now) and (ref.name, version) in w.models
+        ]
+        if not candidates:
+            raise Unavailable(f"no healthy worker has model {ref.name}:{version} loaded right now")
+        worker = min(candidates, key=lambda w: w.outstanding)
+        return worker, worker.models[(ref.name, version)]

@@ -1,0 +1,1 @@
+"""tensorgate's back-end services: registry, auth, worker, and the runtime they share."""

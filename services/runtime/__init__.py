@@ -1,0 +1,1 @@
+"""What every tensorgate service shares: settings, logging, errors, metrics and the gRPC server."""

@@ -1,0 +1,131 @@
+"""The domain errors and the one place that turns them into gRPC statuses.
+
+The tree follows the error contract in DESIGN.md: each error names its status
+code, and the message is for the caller to act on. Anything that is not a
+`TensorgateError` is a bug and reaches the caller as INTERNAL with the request
+id only (see interceptors.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+class TensorgateError(Exception):
+    """A failure the caller should hear about, with the status code it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> Sequence[object]:
+        """google.rpc detail messages sent with the status (rich error model)."""
+        return ()
+
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The `grpc-status-details-bin` trailer carrying the rich details, if any."""
+        details = self.details()
+        if not details:
+            return ()
+        status = status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message)
+        for detail in details:
+            status.details.add().Pack(detail)  # type: ignore[arg-type]
+        return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
+class UpstreamError(TensorgateError):
+    """A status another tensorgate service returned, passed on as it came."""
+
+    def __init__(self, exc: grpc.aio.AioRpcError) -> None:
+        super().__init__(exc.details() or exc.code().name)
+        self.code = exc.code()
+        self._trailers = tuple(
+            (key, value)
+            for key, value in (exc.trailing_metadata() or ())
+            if key == rpc_status.GRPC_DETAILS_METADATA_KEY
+        )
+
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._trailers
+
+
+class Unauthenticated(TensorgateError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TensorgateError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class NotFound(TensorgateError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(TensorgateError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(TensorgateError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(TensorgateError):
+    code = grpc.StatusCode.CANCELLED
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(TensorgateError):
+    """Bad input; names the offending field(s) in the message and a BadRequest detail."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.violations = (FieldViolation(field, description),)
+
+    def details(self) -> Sequence[object]:
+        return (
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            ),
+        )
+
+
+class ResourceExhausted(TensorgateError):
+    """Over a quota or over capacity; says which and when to retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, subject: str = "", retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.subject = subject
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> Sequence[object]:
+        quota = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=self.subject, description=self.message
+                )
+            ]
+        )
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+        return (quota, retry)

@@ -1,0 +1,165 @@
+"""Server interceptors: request context, canonical log line, metrics and error mapping.
+
+One interceptor wraps every service handler so that each call gets a request
+id (the caller's `x-request-id` or a new one) bound into the log context, ends
+with exactly one log line (method, model, status, duration, plus whatever the
+handler bound), is counted in the metrics, and turns domain errors into their
+status codes. Anything unexpected becomes INTERNAL carrying only the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from services.runtime.errors import TensorgateError
+from services.runtime.metrics import ServiceMetrics
+
+REQUEST_ID_KEY = "x-request-id"
+# Health checks and reflection are infrastructure; they get no per-call line.
+_QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+log = structlog.get_logger("tensorgate.rpc")
+
+# The current call's request id, for handlers that pass it on to other services.
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
+
+
+def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+class _Call:
+    """Book-keeping for one call: binds its context, then logs and counts its end."""
+
+    def __init__(self, metrics: ServiceMetrics, method: str, request: Any,
+                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.context = context
+        self.request_id = request_id_of(context)
+        self.started = time.perf_counter()
+        current_request_id.set(self.request_id)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=self.request_id, method=method)
+        model = getattr(request, "model", None)
+        if isinstance(model, str) and model:
+            structlog.contextvars.bind_contextvars(model=model)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    async def fail(self, exc: BaseException) -> None:
+        """Maps `exc` to a status and aborts the call with it (abort raises)."""
+        if isinstance(exc, TensorgateError):
+            trailers = ((REQUEST_ID_KEY, self.request_id), *exc.trailers())
+            self.context.set_trailing_metadata(trailers)
+            await self.context.abort(exc.code, exc.message)
+        log.error("unhandled error", exc_info=exc)
+        await self.context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})"
+        )
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        seconds = time.perf_counter() - self.started
+        self.metrics.observe(self.method, code.name, seconds)
+        level = "info" if code in _EXPECTED_CODES else "warning"
+        if code == grpc.StatusCode.INTERNAL:
+            level = "error"
+        log.log(_LEVELS[level], "rpc", status=code.name, duration_ms=round(seconds * 1000, 3),
+                peer=self.context.peer())
+
+
+_LEVELS = {"info": 20, "warning": 30, "error": 40}
+_EXPECTED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _wrap_unary(metrics: ServiceMetrics, method: str,
+                behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        call = _Call(metrics, method, request, context)
+        code = grpc.StatusCode.OK
+        try:
+            return await behavior(request, context)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = _final_code(context)
+            raise
+        except Exception as exc:
+            code = exc.code if isinstance(exc, TensorgateError) else grpc.StatusCode.INTERNAL
+            await call.fail(exc)
+        finally:
+            call.finish(code)
+
+    return handle
+
+
+def _wrap_stream(metrics: ServiceMetrics, method: str,
+                 behavior: Callable[[Any, Any], AsyncIterator[Any]]
+                 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        call = _Call(metrics, method, request, context)
+        code = grpc.StatusCode.OK
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = _final_code(context)
+            raise
+        except Exception as exc:
+            code = exc.code if isinstance(exc, TensorgateError) else grpc.StatusCode.INTERNAL
+            await call.fail(exc)
+        finally:
+            call.finish(code)
+
+    return handle
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps unary-unary and unary-stream handlers; other kinds pass through untouched."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_QUIET_PREFIXES):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(self._metrics, method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(self._metrics, method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

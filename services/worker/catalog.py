@@ -1,0 +1,93 @@
+"""What the worker's Triton has loaded: model versions with their I/O and serving facts.
+
+Built from Triton's own model configs, so the gateway and callers see exactly
+what Triton will enforce. Facts Triton has no field for (task, context length,
+tokenizer, description) come from the config's `parameters`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tritonclient.grpc import model_config_pb2
+
+from services.runtime.errors import InvalidArgument, NotFound
+from tensorgate.inference.v1 import inference_pb2
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One ready model version and how to call it."""
+
+    info: inference_pb2.ModelInfo
+    decoupled: bool
+    tokenizer: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.name}:{self.info.version}"
+
+    def input_spec(self, name: str) -> inference_pb2.TensorSpec | None:
+        return next((spec for spec in self.info.inputs if spec.name == name), None)
+
+
+def _datatype(data_type: int) -> str:
+    # TYPE_FP32 -> FP32, TYPE_STRING -> BYTES (the KServe v2 name).
+    name = model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
+
+
+def _specs(entries: Iterable[model_config_pb2.ModelInput] | Iterable[model_config_pb2.ModelOutput]
+           ) -> list[inference_pb2.TensorSpec]:
+    return [
+        inference_pb2.TensorSpec(
+            name=e.name, datatype=_datatype(e.data_type), shape=list(e.dims),
+            optional=getattr(e, "optional", False),
+        )
+        for e in entries
+    ]
+
+
+def loaded_model(version: int, config: model_config_pb2.ModelConfig) -> LoadedModel:
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    decoupled = config.model_transaction_policy.decoupled
+    info = inference_pb2.ModelInfo(
+        name=config.name,
+        version=version,
+        task=params.get("task", "generate" if decoupled else "infer"),
+        description=params.get("description", ""),
+        inputs=_specs(config.input),
+        outputs=_specs(config.output),
+        max_batch_size=config.max_batch_size,
+        context_length=int(params.get("context_length", "0") or 0),
+    )
+    return LoadedModel(info=info, decoupled=decoupled, tokenizer=params.get("tokenizer", ""))
+
+
+class ModelCatalog:
+    """The ready model versions, looked up by "name" (newest) or "name:version"."""
+
+    def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
+        self._by_name: dict[str, dict[int, LoadedModel]] = {}
+        for model in models:
+            self._by_name.setdefault(model.info.name, {})[model.info.version] = model
+
+    def models(self) -> list[LoadedModel]:
+        return [m for versions in self._by_name.values() for _, m in sorted(versions.items())]
+
+    def resolve(self, ref: str) -> LoadedModel:
+        name, _, version_text = ref.partition(":")
+        if not name:
+            raise InvalidArgument("model", "must name a model, e.g. 'tinylm' or 'tinylm:1'")
+        versions = self._by_name.get(name)
+        if not versions:
+            raise NotFound(f"model {name!r} is not loaded on this worker")
+        if not version_text:
+            return versions[max(versions)]
+        if not version_text.isdigit():
+            raise InvalidArgument("model", f"version in {ref!r} must be a positive integer")
+        model = versions.get(int(version_text))
+        if model is None:
+            raise NotFound(f"model {name!r} has no loaded version {version_text}")
+        return model

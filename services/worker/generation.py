@@ -1,0 +1,122 @@
+"""Generation requests to Triton and Triton's streamed responses back to chunks.
+
+A generate model is a decoupled Triton model with the inputs `prompt`,
+`max_tokens`, `temperature`, `top_p`, `top_k`, optional `seed` and `stop`, and
+with the outputs `text`, `token_ids`, `finish_reason`, `prompt_tokens` and
+`completion_tokens` in every response (models/README.md has the contract).
+Requests are checked here first so a caller hears which field is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from services.runtime.errors import InvalidArgument
+from services.worker.catalog import LoadedModel
+from services.worker.tensors import decode_bytes, encode_bytes
+from tensorgate.inference.v1 import inference_pb2
+
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_LENGTH = 64
+
+FINISH_REASONS = {
+    b"length": inference_pb2.FINISH_REASON_LENGTH,
+    b"stop": inference_pb2.FINISH_REASON_STOP,
+    b"eos": inference_pb2.FINISH_REASON_EOS,
+    b"cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def count_prompt_tokens(model: LoadedModel, prompt: str) -> int:
+    if model.tokenizer == "bytes":
+        return len(prompt.encode("utf-8"))
+    # Unknown tokenizer: characters bound the tokens of any byte or sub-word scheme
+    # from below only, so leave the exact check to the model.
+    return 0
+
+
+def check_generate(model: LoadedModel, request: inference_pb2.GenerateRequest) -> None:
+    """Raises InvalidArgument naming the first bad field."""
+    if model.info.task != "generate" or not model.decoupled:
+        raise InvalidArgument("model", f"{model.label} is a {model.info.task!r} model; "
+                                       "call Infer for it, Generate needs a generate model")
+    if not request.prompt:
+        raise InvalidArgument("prompt", "must not be empty")
+    context = model.info.context_length
+    prompt_tokens = count_prompt_tokens(model, request.prompt)
+    if context and prompt_tokens >= context:
+        raise InvalidArgument("prompt", f"is {prompt_tokens} tokens; {model.label} has a context "
+                                        f"of {context} tokens, so at most {context - 1} fit")
+    room = context - prompt_tokens if context else None
+    if request.max_tokens < 1 or (room is not None and request.max_tokens > room):
+        limit = f"between 1 and {room}" if room is not None else "at least 1"
+        why = f" (context {context} minus {prompt_tokens} prompt tokens)" if room is not None else ""
+        raise InvalidArgument("max_tokens", f"must be {limit}{why}, got {request.max_tokens}")
+    if request.HasField("temperature") and not (
+        math.isfinite(request.temperature) and request.temperature >= 0
+    ):
+        raise InvalidArgument("temperature", f"must be >= 0, got {request.temperature}")
+    if request.HasField("top_p") and not 0 < request.top_p <= 1:
+        raise InvalidArgument("top_p", f"must be in (0, 1], got {request.top_p}")
+    if request.top_k < 0:
+        raise InvalidArgument("top_k", f"must be >= 0 (0 turns it off), got {request.top_k}")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}")
+    for stop in request.stop:
+        if not 0 < len(stop) <= MAX_STOP_LENGTH:
+            raise InvalidArgument("stop", f"each sequence must be 1..{MAX_STOP_LENGTH} characters")
+
+
+def _scalar(request: service_pb2.ModelInferRequest, name: str, datatype: str, raw: bytes) -> None:
+    entry = request.inputs.add()
+    entry.name, entry.datatype = name, datatype
+    entry.shape.append(1)
+    request.raw_input_contents.append(raw)
+
+
+def to_triton_stream_request(model: LoadedModel, request: inference_pb2.GenerateRequest
+                             ) -> service_pb2.ModelInferRequest:
+    triton = service_pb2.ModelInferRequest(
+        model_name=model.info.name, model_version=str(model.info.version)
+    )
+    _scalar(triton, "prompt", "BYTES", encode_bytes([request.prompt.encode("utf-8")]))
+    _scalar(triton, "max_tokens", "INT32", struct.pack("<i", request.max_tokens))
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    _scalar(triton, "temperature", "FP32", struct.pack("<f", temperature))
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    _scalar(triton, "top_p", "FP32", struct.pack("<f", top_p))
+    _scalar(triton, "top_k", "INT32", struct.pack("<i", request.top_k))
+    if request.HasField("seed"):
+        _scalar(triton, "seed", "UINT64", struct.pack("<Q", request.seed))
+    if request.stop:
+        triton.inputs.add(name="stop", datatype="BYTES", shape=[len(request.stop)])
+        triton.raw_input_contents.append(encode_bytes(s.encode("utf-8") for s in request.stop))
+    return triton
+
+
+def to_chunk(label: str, response: service_pb2.ModelInferResponse) -> inference_pb2.GenerateChunk:
+    """One Triton response as a chunk; finish reason and usage only on the last."""
+    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents, strict=True))
+    chunk = inference_pb2.GenerateChunk(model=label)
+    text = decode_bytes(raw.get("text", b""))
+    if text:
+        chunk.text = text[0].decode("utf-8", errors="replace")
+    token_ids = raw.get("token_ids", b"")
+    if token_ids:
+        chunk.token_ids.extend(np.frombuffer(token_ids, dtype="<i4").tolist())
+    reason = decode_bytes(raw.get("finish_reason", b""))
+    if reason and reason[0]:
+        chunk.finish_reason = FINISH_REASONS.get(
+            reason[0], inference_pb2.FINISH_REASON_UNSPECIFIED
+        )
+        chunk.usage.prompt_tokens = _int32(raw.get("prompt_tokens", b""))
+        chunk.usage.completion_tokens = _int32(raw.get("completion_tokens", b""))
+    return chunk
+
+
+def _int32(raw: bytes) -> int:
+    return int(np.frombuffer(raw, dtype="<i4")[0]) if raw else 0

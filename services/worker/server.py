@@ -1,0 +1,111 @@
+"""Builds and runs the worker: Triton (bundled or remote), its models, and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from services.runtime.logging import configure_logging
+from services.runtime.metrics import ServiceMetrics
+from services.runtime.server import GrpcService, wait_for_signal
+from services.runtime.settings import load_settings
+from services.worker.catalog import ModelCatalog, loaded_model
+from services.worker.servicer import InferenceWorkerServicer
+from services.worker.settings import WorkerSettings
+from services.worker.triton_client import TritonConnection
+from services.worker.triton_process import BundledTriton
+from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = structlog.get_logger("tensorgate.worker")
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
+
+
+@dataclass
+class Worker:
+    """A running worker: its gRPC service, its Triton connection, maybe its own Triton."""
+
+    service: GrpcService
+    triton: TritonConnection
+    bundled: BundledTriton | None
+    catalog: ModelCatalog
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    async def stop(self) -> None:
+        try:
+            await self.service.stop()
+        finally:
+            await self.triton.close()
+            if self.bundled is not None:
+                await self.bundled.stop()
+
+
+async def load_catalog(triton: TritonConnection, models: Sequence[str]) -> ModelCatalog:
+    for name in models:
+        await triton.load_model(name)
+    ready = await triton.ready_versions()
+    loaded = []
+    for name, versions in ready.items():
+        for version in versions:
+            loaded.append(loaded_model(version, await triton.model_config(name, version)))
+    return ModelCatalog(loaded)
+
+
+async def start_worker(settings: WorkerSettings) -> Worker:
+    """Starts Triton if needed, loads the models, and starts serving gRPC."""
+    bundled: BundledTriton | None = None
+    url = settings.triton_url
+    if not url:
+        bundled = BundledTriton(settings.model_repository, settings.data_dir,
+                                threads=settings.triton_threads)
+        await bundled.start(settings.triton_start_timeout)
+        url = bundled.grpc_url
+    triton = TritonConnection(url)
+    try:
+        await triton.wait_ready(settings.triton_start_timeout)
+        catalog = await load_catalog(triton, settings.models)
+        metrics = ServiceMetrics("worker")
+        servicer = InferenceWorkerServicer(catalog, triton)
+        service = GrpcService(
+            settings,
+            name="worker",
+            service_names=[SERVICE_NAME],
+            register=lambda server: worker_pb2_grpc.add_InferenceWorkerServicer_to_server(
+                servicer, server
+            ),
+            metrics=metrics,
+        )
+        await service.start()
+    except BaseException:
+        await triton.close()
+        if bundled is not None:
+            await bundled.stop()
+        raise
+    log.info("worker ready", models=[m.label for m in catalog.models()], triton=url)
+    return Worker(service=service, triton=triton, bundled=bundled, catalog=catalog)
+
+
+async def serve(settings: WorkerSettings) -> None:
+    worker = await start_worker(settings)
+    try:
+        await wait_for_signal()
+    finally:
+        await worker.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(WorkerSettings, argv, prog="tensorgate-worker")
+    configure_logging(level=settings.log_level, fmt=settings.log_format)  # type: ignore[arg-type]
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

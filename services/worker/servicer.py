@@ -1,0 +1,76 @@
+"""InferenceWorker: forwards Generate and Infer to this worker's Triton."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+
+from services.runtime.errors import InvalidArgument
+from services.worker.catalog import ModelCatalog
+from services.worker.generation import check_generate, to_chunk, to_triton_stream_request
+from services.worker.tensors import check_input, from_triton_response, to_triton_request
+from services.worker.triton_client import TritonConnection
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.worker.v1 import worker_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
+    def __init__(self, catalog: ModelCatalog, triton: TritonConnection) -> None:
+        self._catalog = catalog
+        self._triton = triton
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        model = self._catalog.resolve(request.model)
+        check_generate(model, request)
+        triton_request = to_triton_stream_request(model, request)
+        last: inference_pb2.GenerateChunk | None = None
+        async for response in self._triton.stream(triton_request, context.time_remaining()):
+            last = to_chunk(model.label, response)
+            yield last
+        if last is not None:
+            structlog.contextvars.bind_contextvars(
+                resolved=model.label,
+                finish_reason=inference_pb2.FinishReason.Name(last.finish_reason),
+                prompt_tokens=last.usage.prompt_tokens,
+                completion_tokens=last.usage.completion_tokens,
+            )
+
+    async def Infer(  # noqa: N802
+        self, request: inference_pb2.InferRequest, context: Context
+    ) -> inference_pb2.InferResponse:
+        model = self._catalog.resolve(request.model)
+        if model.decoupled:
+            raise InvalidArgument("model", f"{model.label} is a {model.info.task!r} model that "
+                                           "streams; call Generate for it")
+        given = {t.name for t in request.inputs}
+        for index, tensor in enumerate(request.inputs):
+            spec = model.input_spec(tensor.name)
+            if spec is None:
+                known = ", ".join(s.name for s in model.info.inputs)
+                raise InvalidArgument(f"inputs[{index}]", f"{model.label} has no input "
+                                                          f"{tensor.name!r} (inputs: {known})")
+            check_input(tensor, spec, model.info.max_batch_size, f"inputs[{index}]")
+        missing = [s.name for s in model.info.inputs if not s.optional and s.name not in given]
+        if missing:
+            raise InvalidArgument("inputs", f"{model.label} needs input(s) {', '.join(missing)}")
+        known_outputs = {s.name for s in model.info.outputs}
+        for name in request.outputs:
+            if name not in known_outputs:
+                raise InvalidArgument("outputs", f"{model.label} has no output {name!r} "
+                                                 f"(outputs: {', '.join(sorted(known_outputs))})")
+        structlog.contextvars.bind_contextvars(resolved=model.label)
+        triton_request = to_triton_request(model.info.name, model.info.version, request)
+        response = await self._triton.infer(triton_request, context.time_remaining())
+        return from_triton_response(model.label, response)
+
+    async def ListModels(  # noqa: N802
+        self, request: inference_pb2.ListModelsRequest, context: Context
+    ) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse(models=[m.info for m in self._catalog.models()])

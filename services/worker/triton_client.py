@@ -1,0 +1,139 @@
+"""The worker's connection to Triton: one long-lived channel, errors mapped once.
+
+Control calls (load, config, readiness) go through tritonclient's asyncio
+client. The data plane uses tritonclient's generated KServe v2 stub directly,
+so request and response tensors travel as raw bytes without a numpy round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from services.runtime.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    TensorgateError,
+    Unavailable,
+)
+
+log = structlog.get_logger("tensorgate.triton")
+
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+)
+
+
+class TritonError(TensorgateError):
+    """Triton failed in a way that is not the caller's fault (logged, INTERNAL)."""
+
+
+def map_triton_error(exc: grpc.aio.AioRpcError, model: str) -> TensorgateError:
+    """The most specific domain error for a failed Triton data-plane call."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument("inputs", details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"deadline passed while {model} was running")
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled(f"call to {model} was cancelled")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+        return Unavailable(f"model {model} is not available on this worker: {details}")
+    return TritonError(f"Triton failed on {model}: {code.name} {details}")
+
+
+class TritonConnection:
+    """A Triton server reached over gRPC at `url` (host:port)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._control = triton_aio.InferenceServerClient(url)
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._control.close()
+        await self._channel.close()
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_error = ""
+        while time.monotonic() < deadline:
+            try:
+                if await self._control.is_server_ready():
+                    return
+            except InferenceServerException as exc:
+                last_error = str(exc)
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"Triton at {self.url} not ready after {timeout}s {last_error}")
+
+    async def load_model(self, name: str) -> None:
+        started = time.perf_counter()
+        try:
+            await self._control.load_model(name)
+        except InferenceServerException as exc:
+            raise RuntimeError(f"Triton could not load {name}: {exc}") from exc
+        log.info("model loaded", model=name, seconds=round(time.perf_counter() - started, 2))
+
+    async def ready_versions(self) -> dict[str, list[int]]:
+        """Model name -> versions in state READY, from Triton's repository index."""
+        index = await self._control.get_model_repository_index()
+        ready: dict[str, list[int]] = {}
+        for entry in index.models:
+            if entry.state == "READY" and entry.version:
+                ready.setdefault(entry.name, []).append(int(entry.version))
+        return ready
+
+    async def model_config(self, name: str, version: int) -> model_config_pb2.ModelConfig:
+        response = await self._control.get_model_config(name, str(version))
+        config: model_config_pb2.ModelConfig = response.config
+        return config
+
+    async def infer(
+        self, request: service_pb2.ModelInferRequest, timeout: float | None
+    ) -> service_pb2.ModelInferResponse:
+        try:
+            response: service_pb2.ModelInferResponse = await self._stub.ModelInfer(
+                request, timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise map_triton_error(exc, _label(request)) from exc
+        return response
+
+    async def stream(
+        self, request: service_pb2.ModelInferRequest, timeout: float | None
+    ) -> AsyncIterator[service_pb2.ModelInferResponse]:
+        """Streams a decoupled model's responses until Triton marks one final.
+
+        Leaving the iteration early (the caller was cancelled, or stopped
+        reading) cancels the gRPC stream, which cancels the request in Triton.
+        """
+        call = self._stub.ModelStreamInfer(timeout=timeout)
+        try:
+            await call.write(request)
+            async for message in call:
+                if message.error_message:
+                    raise TritonError(f"{_label(request)} failed: {message.error_message}")
+                yield message.infer_response
+                if message.infer_response.parameters["triton_final_response"].bool_param:
+                    return
+            raise TritonError(f"{_label(request)} ended its stream without a final response")
+        except grpc.aio.AioRpcError as exc:
+            raise map_triton_error(exc, _label(request)) from exc
+        finally:
+            if not call.done():
+                call.cancel()
+
+
+def _label(request: service_pb2.ModelInferRequest) -> str:
+    return f"{request.model_name}:{request.model_version}" if request.model_version else request.model_name
