@@ -37,9 +37,11 @@ class Gateway:
 
 
 async def start_gateway(settings: GatewaySettings) -> Gateway:
-    pool = WorkerPool(StaticDiscovery(list(settings.workers)),
-                      refresh_seconds=settings.refresh_seconds,
-                      eject_seconds=settings.eject_seconds)
+    pool = WorkerPool(
+        StaticDiscovery(list(settings.workers)),
+        refresh_seconds=settings.refresh_seconds,
+        eject_seconds=settings.eject_seconds,
+    )
     await pool.start()
     servicer = InferenceGatewayServicer(pool, upstream_timeout=settings.upstream_timeout)
     service = GrpcService(

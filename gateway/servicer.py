@@ -33,7 +33,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
             worker.eject(self._pool.eject_seconds)
         return UpstreamError(exc)
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         ref = ModelRef.parse(request.model)
@@ -49,8 +49,9 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
             structlog.contextvars.bind_contextvars(resolved=forwarded.model, worker=worker.address)
             chunks = 0
             with worker.track():
-                call = worker.stub.Generate(forwarded, timeout=self._timeout(context),
-                                            metadata=metadata)
+                call = worker.stub.Generate(
+                    forwarded, timeout=self._timeout(context), metadata=metadata
+                )
                 try:
                     async for chunk in call:
                         chunks += 1
@@ -72,7 +73,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                     if not call.done():
                         call.cancel()
 
-    async def Infer(  # noqa: N802
+    async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         ref = ModelRef.parse(request.model)
@@ -101,7 +102,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
             worker, _ = await self._pool.route(ref, exclude=worker)
         raise AssertionError("unreachable")
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(models=self._pool.models())

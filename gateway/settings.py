@@ -27,4 +27,6 @@ class GatewaySettings(ServiceSettings):
             if not host or not port.isdigit():
                 raise SettingsError(f"workers: {address!r} is not host:port")
         if self.refresh_seconds <= 0 or self.eject_seconds < 0 or self.upstream_timeout <= 0:
-            raise SettingsError("refresh_seconds and upstream_timeout must be > 0, eject_seconds >= 0")
+            raise SettingsError(
+                "refresh_seconds and upstream_timeout must be > 0, eject_seconds >= 0"
+            )

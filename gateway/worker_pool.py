@@ -86,7 +86,9 @@ class WorkerEndpoint:
 class WorkerPool:
     """All known workers, refreshed from discovery on a timer and on a miss."""
 
-    def __init__(self, discovery: Discovery, *, refresh_seconds: float, eject_seconds: float) -> None:
+    def __init__(
+        self, discovery: Discovery, *, refresh_seconds: float, eject_seconds: float
+    ) -> None:
         self._discovery = discovery
         self._refresh_seconds = refresh_seconds
         self.eject_seconds = eject_seconds
@@ -136,25 +138,33 @@ class WorkerPool:
     def _versions(self, name: str) -> set[int]:
         return {v for w in self._workers.values() if w.serving for (n, v) in w.models if n == name}
 
-    async def route(self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None
-                    ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo]:
+    async def route(
+        self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None
+    ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo]:
         """The least busy available worker with `ref` loaded, and the version it means."""
         if ref.alias is not None:
-            raise NotFound(f"model {ref}: alias {ref.alias!r} is unknown (aliases are resolved "
-                           "by the model registry, which this gateway does not use yet)")
+            raise NotFound(
+                f"model {ref}: alias {ref.alias!r} is unknown (aliases are resolved "
+                "by the model registry, which this gateway does not use yet)"
+            )
         if not self._versions(ref.name) and time.monotonic() - self._last_refresh > 1.0:
             await self.refresh()  # a model may have been loaded since the last refresh
         versions = self._versions(ref.name)
         if not versions:
-            raise NotFound(f"model {ref.name!r} is not served here "
-                           f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})")
+            raise NotFound(
+                f"model {ref.name!r} is not served here "
+                f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})"
+            )
         version = ref.version if ref.version is not None else max(versions)
         if version not in versions:
-            raise NotFound(f"model {ref.name!r} has no version {version} loaded "
-                           f"(loaded: {', '.join(map(str, sorted(versions)))})")
+            raise NotFound(
+                f"model {ref.name!r} has no version {version} loaded "
+                f"(loaded: {', '.join(map(str, sorted(versions)))})"
+            )
         now = time.monotonic()
         candidates = [
-            w for w in self._workers.values()
+            w
+            for w in self._workers.values()
             if w is not exclude and w.available(now) and (ref.name, version) in w.models
         ]
         if not candidates:

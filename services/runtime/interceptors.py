@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextvars import ContextVar
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -42,8 +42,13 @@ def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class _Call:
     """Book-keeping for one call: binds its context, then logs and counts its end."""
 
-    def __init__(self, metrics: ServiceMetrics, method: str, request: Any,
-                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
         self.metrics = metrics
         self.method = method
         self.context = context
@@ -74,8 +79,13 @@ class _Call:
         level = "info" if code in _EXPECTED_CODES else "warning"
         if code == grpc.StatusCode.INTERNAL:
             level = "error"
-        log.log(_LEVELS[level], "rpc", status=code.name, duration_ms=round(seconds * 1000, 3),
-                peer=self.context.peer())
+        log.log(
+            _LEVELS[level],
+            "rpc",
+            status=code.name,
+            duration_ms=round(seconds * 1000, 3),
+            peer=self.context.peer(),
+        )
 
 
 _LEVELS = {"info": 20, "warning": 30, "error": 40}
@@ -89,8 +99,9 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _wrap_unary(metrics: ServiceMetrics, method: str,
-                behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+def _wrap_unary(
+    metrics: ServiceMetrics, method: str, behavior: Callable[[Any, Any], Awaitable[Any]]
+) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(metrics, method, request, context)
         code = grpc.StatusCode.OK
@@ -111,10 +122,12 @@ def _wrap_unary(metrics: ServiceMetrics, method: str,
     return handle
 
 
-def _wrap_stream(metrics: ServiceMetrics, method: str,
-                 behavior: Callable[[Any, Any], AsyncIterator[Any]]
-                 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
-    async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+def _wrap_stream(
+    metrics: ServiceMetrics, method: str, behavior: Callable[[Any, Any], AsyncIterator[Any]]
+) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def handle(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         call = _Call(metrics, method, request, context)
         code = grpc.StatusCode.OK
         try:

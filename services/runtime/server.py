@@ -80,8 +80,12 @@ class GrpcService:
                 self.metrics.registry, self.settings.host, self.settings.metrics_port
             )
         await self.set_serving(True)
-        log.info("serving", service=self.name, address=self.address,
-                 metrics_port=self.metrics_endpoint.port if self.metrics_endpoint else None)
+        log.info(
+            "serving",
+            service=self.name,
+            address=self.address,
+            metrics_port=self.metrics_endpoint.port if self.metrics_endpoint else None,
+        )
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -99,8 +103,12 @@ class GrpcService:
         await asyncio.shield(self._stopping)
 
     async def _stop(self, on_draining: Callable[[], Awaitable[None]] | None) -> None:
-        log.info("shutting down", service=self.name, drain_s=self.settings.drain_seconds,
-                 grace_s=self.settings.grace_seconds)
+        log.info(
+            "shutting down",
+            service=self.name,
+            drain_s=self.settings.drain_seconds,
+            grace_s=self.settings.grace_seconds,
+        )
         await self.health.enter_graceful_shutdown()
         if on_draining is not None:
             await on_draining()
@@ -112,13 +120,13 @@ class GrpcService:
 
 
 async def wait_for_signal() -> None:
-    """Returns on the first SIGINT or SIGTERM."""
+    """Returns on the first SIGINT or SIGTERM.
+
+    The handlers stay installed: a second signal during the graceful shutdown
+    must not kill the process before it has stopped what it started (Triton).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    await stop.wait()

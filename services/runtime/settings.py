@@ -24,7 +24,7 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot start with."""
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def setting(default: Any, help: str) -> Any:
     """A settings field with its help text (shown by --help)."""
     if isinstance(default, list | tuple):
         return field(default_factory=lambda: tuple(default), metadata={"help": help})
@@ -51,9 +51,13 @@ class ServiceSettings:
         if not -1 <= self.metrics_port <= 65535:
             raise SettingsError(f"metrics_port must be -1..65535, got {self.metrics_port}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
-            raise SettingsError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+            raise SettingsError(
+                f"log_level must be debug, info, warning or error, got {self.log_level!r}"
+            )
         if self.log_format not in {"auto", "console", "json"}:
-            raise SettingsError(f"log_format must be auto, console or json, got {self.log_format!r}")
+            raise SettingsError(
+                f"log_format must be auto, console or json, got {self.log_format!r}"
+            )
         if self.drain_seconds < 0 or self.grace_seconds < 0:
             raise SettingsError("drain_seconds and grace_seconds must be >= 0")
 
@@ -83,7 +87,9 @@ def load_settings(
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (env {env_name})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(flag, default=None, help=help_text, metavar=f.name.upper())
     namespace = parser.parse_args(argv)

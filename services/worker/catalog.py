@@ -38,11 +38,14 @@ def _datatype(data_type: int) -> str:
     return "BYTES" if name == "STRING" else name
 
 
-def _specs(entries: Iterable[model_config_pb2.ModelInput] | Iterable[model_config_pb2.ModelOutput]
-           ) -> list[inference_pb2.TensorSpec]:
+def _specs(
+    entries: Iterable[model_config_pb2.ModelInput] | Iterable[model_config_pb2.ModelOutput],
+) -> list[inference_pb2.TensorSpec]:
     return [
         inference_pb2.TensorSpec(
-            name=e.name, datatype=_datatype(e.data_type), shape=list(e.dims),
+            name=e.name,
+            datatype=_datatype(e.data_type),
+            shape=list(e.dims),
             optional=getattr(e, "optional", False),
         )
         for e in entries

@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2
 
 from services.runtime.errors import InvalidArgument
 from services.worker.catalog import LoadedModel
-from services.worker.tensors import decode_bytes, encode_bytes
+from tensorgate._tensors import decode_bytes, encode_bytes
 from tensorgate.inference.v1 import inference_pb2
 
 MAX_STOP_SEQUENCES = 8
@@ -42,19 +42,27 @@ def count_prompt_tokens(model: LoadedModel, prompt: str) -> int:
 def check_generate(model: LoadedModel, request: inference_pb2.GenerateRequest) -> None:
     """Raises InvalidArgument naming the first bad field."""
     if model.info.task != "generate" or not model.decoupled:
-        raise InvalidArgument("model", f"{model.label} is a {model.info.task!r} model; "
-                                       "call Infer for it, Generate needs a generate model")
+        raise InvalidArgument(
+            "model",
+            f"{model.label} is a {model.info.task!r} model; "
+            "call Infer for it, Generate needs a generate model",
+        )
     if not request.prompt:
         raise InvalidArgument("prompt", "must not be empty")
     context = model.info.context_length
     prompt_tokens = count_prompt_tokens(model, request.prompt)
     if context and prompt_tokens >= context:
-        raise InvalidArgument("prompt", f"is {prompt_tokens} tokens; {model.label} has a context "
-                                        f"of {context} tokens, so at most {context - 1} fit")
+        raise InvalidArgument(
+            "prompt",
+            f"is {prompt_tokens} tokens; {model.label} has a context "
+            f"of {context} tokens, so at most {context - 1} fit",
+        )
     room = context - prompt_tokens if context else None
     if request.max_tokens < 1 or (room is not None and request.max_tokens > room):
         limit = f"between 1 and {room}" if room is not None else "at least 1"
-        why = f" (context {context} minus {prompt_tokens} prompt tokens)" if room is not None else ""
+        why = (
+            f" (context {context} minus {prompt_tokens} prompt tokens)" if room is not None else ""
+        )
         raise InvalidArgument("max_tokens", f"must be {limit}{why}, got {request.max_tokens}")
     if request.HasField("temperature") and not (
         math.isfinite(request.temperature) and request.temperature >= 0
@@ -65,7 +73,9 @@ def check_generate(model: LoadedModel, request: inference_pb2.GenerateRequest) -
     if request.top_k < 0:
         raise InvalidArgument("top_k", f"must be >= 0 (0 turns it off), got {request.top_k}")
     if len(request.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}")
+        raise InvalidArgument(
+            "stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}"
+        )
     for stop in request.stop:
         if not 0 < len(stop) <= MAX_STOP_LENGTH:
             raise InvalidArgument("stop", f"each sequence must be 1..{MAX_STOP_LENGTH} characters")
@@ -78,8 +88,9 @@ def _scalar(request: service_pb2.ModelInferRequest, name: str, datatype: str, ra
     request.raw_input_contents.append(raw)
 
 
-def to_triton_stream_request(model: LoadedModel, request: inference_pb2.GenerateRequest
-                             ) -> service_pb2.ModelInferRequest:
+def to_triton_stream_request(
+    model: LoadedModel, request: inference_pb2.GenerateRequest
+) -> service_pb2.ModelInferRequest:
     triton = service_pb2.ModelInferRequest(
         model_name=model.info.name, model_version=str(model.info.version)
     )
@@ -110,9 +121,7 @@ def to_chunk(label: str, response: service_pb2.ModelInferResponse) -> inference_
         chunk.token_ids.extend(np.frombuffer(token_ids, dtype="<i4").tolist())
     reason = decode_bytes(raw.get("finish_reason", b""))
     if reason and reason[0]:
-        chunk.finish_reason = FINISH_REASONS.get(
-            reason[0], inference_pb2.FINISH_REASON_UNSPECIFIED
-        )
+        chunk.finish_reason = FINISH_REASONS.get(reason[0], inference_pb2.FINISH_REASON_UNSPECIFIED)
         chunk.usage.prompt_tokens = _int32(raw.get("prompt_tokens", b""))
         chunk.usage.completion_tokens = _int32(raw.get("completion_tokens", b""))
     return chunk

@@ -63,8 +63,9 @@ async def start_worker(settings: WorkerSettings) -> Worker:
     bundled: BundledTriton | None = None
     url = settings.triton_url
     if not url:
-        bundled = BundledTriton(settings.model_repository, settings.data_dir,
-                                threads=settings.triton_threads)
+        bundled = BundledTriton(
+            settings.model_repository, settings.data_dir, threads=settings.triton_threads
+        )
         await bundled.start(settings.triton_start_timeout)
         url = bundled.grpc_url
     triton = TritonConnection(url)

@@ -24,7 +24,7 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         self._catalog = catalog
         self._triton = triton
 
-    async def Generate(  # noqa: N802 - gRPC method name
+    async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         model = self._catalog.resolve(request.model)
@@ -42,20 +42,24 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 completion_tokens=last.usage.completion_tokens,
             )
 
-    async def Infer(  # noqa: N802
+    async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         model = self._catalog.resolve(request.model)
         if model.decoupled:
-            raise InvalidArgument("model", f"{model.label} is a {model.info.task!r} model that "
-                                           "streams; call Generate for it")
+            raise InvalidArgument(
+                "model",
+                f"{model.label} is a {model.info.task!r} model that streams; call Generate for it",
+            )
         given = {t.name for t in request.inputs}
         for index, tensor in enumerate(request.inputs):
             spec = model.input_spec(tensor.name)
             if spec is None:
                 known = ", ".join(s.name for s in model.info.inputs)
-                raise InvalidArgument(f"inputs[{index}]", f"{model.label} has no input "
-                                                          f"{tensor.name!r} (inputs: {known})")
+                raise InvalidArgument(
+                    f"inputs[{index}]",
+                    f"{model.label} has no input {tensor.name!r} (inputs: {known})",
+                )
             check_input(tensor, spec, model.info.max_batch_size, f"inputs[{index}]")
         missing = [s.name for s in model.info.inputs if not s.optional and s.name not in given]
         if missing:
@@ -63,14 +67,17 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         known_outputs = {s.name for s in model.info.outputs}
         for name in request.outputs:
             if name not in known_outputs:
-                raise InvalidArgument("outputs", f"{model.label} has no output {name!r} "
-                                                 f"(outputs: {', '.join(sorted(known_outputs))})")
+                raise InvalidArgument(
+                    "outputs",
+                    f"{model.label} has no output {name!r} "
+                    f"(outputs: {', '.join(sorted(known_outputs))})",
+                )
         structlog.contextvars.bind_contextvars(resolved=model.label)
         triton_request = to_triton_request(model.info.name, model.info.version, request)
         response = await self._triton.infer(triton_request, context.time_remaining())
         return from_triton_response(model.label, response)
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(models=[m.info for m in self._catalog.models()])

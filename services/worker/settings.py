@@ -20,10 +20,18 @@ class WorkerSettings(ServiceSettings):
     model_repository: Path = setting(
         REPO_ROOT / "models" / "repository", "Triton model repository (explicit model control)"
     )
-    models: tuple[str, ...] = setting(("tinylm", "digits"), "comma-separated models to load at start")
-    data_dir: Path = setting(Path(".data/worker"), "where the bundled Triton keeps its backends and log")
-    triton_start_timeout: float = setting(120.0, "seconds to wait for the bundled Triton to be ready")
-    triton_threads: int = setting(0, "CPU threads for the bundled Triton's models; 0 = Triton's default")
+    models: tuple[str, ...] = setting(
+        ("tinylm", "digits"), "comma-separated models to load at start"
+    )
+    data_dir: Path = setting(
+        Path(".data/worker"), "where the bundled Triton keeps its backends and log"
+    )
+    triton_start_timeout: float = setting(
+        120.0, "seconds to wait for the bundled Triton to be ready"
+    )
+    triton_threads: int = setting(
+        0, "CPU threads for the bundled Triton's models; 0 = Triton's default"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

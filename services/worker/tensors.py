@@ -7,72 +7,80 @@ Triton as they came, and Triton's raw outputs come back the same way.
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from tritonclient.grpc import service_pb2
 
 from services.runtime.errors import InvalidArgument
+from tensorgate._tensors import decode_bytes
 from tensorgate.inference.v1 import inference_pb2
 
 ELEMENT_SIZE = {
-    "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
-    "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
+    "BOOL": 1,
+    "UINT8": 1,
+    "INT8": 1,
+    "UINT16": 2,
+    "INT16": 2,
+    "FP16": 2,
+    "BF16": 2,
+    "UINT32": 4,
+    "INT32": 4,
+    "FP32": 4,
+    "UINT64": 8,
+    "INT64": 8,
+    "FP64": 8,
 }
-_LENGTH = struct.Struct("<I")
 
 
-def encode_bytes(items: Iterable[bytes]) -> bytes:
-    """BYTES tensor contents: each element prefixed with its 4-byte little-endian length."""
-    return b"".join(_LENGTH.pack(len(item)) + item for item in items)
-
-
-def decode_bytes(raw: bytes) -> list[bytes]:
-    items, offset = [], 0
-    while offset < len(raw):
-        (length,) = _LENGTH.unpack_from(raw, offset)
-        offset += _LENGTH.size
-        items.append(raw[offset : offset + length])
-        offset += length
-    return items
-
-
-def check_input(tensor: inference_pb2.Tensor, spec: inference_pb2.TensorSpec,
-                max_batch_size: int, field: str) -> None:
+def check_input(
+    tensor: inference_pb2.Tensor, spec: inference_pb2.TensorSpec, max_batch_size: int, field: str
+) -> None:
     """Raises InvalidArgument unless `tensor` fits `spec` (datatype, shape, byte size)."""
     if tensor.datatype != spec.datatype:
-        raise InvalidArgument(field, f"datatype of {spec.name!r} must be {spec.datatype}, "
-                                     f"got {tensor.datatype or 'none'}")
+        raise InvalidArgument(
+            field,
+            f"datatype of {spec.name!r} must be {spec.datatype}, got {tensor.datatype or 'none'}",
+        )
     expected = list(spec.shape)
     if max_batch_size > 0:
         expected = [-1, *expected]
     shape = list(tensor.shape)
-    if len(shape) != len(expected) or any(
-        e != -1 and s != e for s, e in zip(shape, expected, strict=True)
-    ) or any(s < 0 for s in shape):
-        raise InvalidArgument(field, f"shape of {spec.name!r} must be {_shape(expected)}, "
-                                     f"got {_shape(shape)}")
+    if (
+        len(shape) != len(expected)
+        or any(e != -1 and s != e for s, e in zip(shape, expected, strict=True))
+        or any(s < 0 for s in shape)
+    ):
+        raise InvalidArgument(
+            field, f"shape of {spec.name!r} must be {_shape(expected)}, got {_shape(shape)}"
+        )
     if max_batch_size > 0 and not 1 <= shape[0] <= max_batch_size:
-        raise InvalidArgument(field, f"batch size of {spec.name!r} must be 1..{max_batch_size}, "
-                                     f"got {shape[0]}")
+        raise InvalidArgument(
+            field, f"batch size of {spec.name!r} must be 1..{max_batch_size}, got {shape[0]}"
+        )
     count = math.prod(shape)
     if tensor.datatype == "BYTES":
         if len(decode_bytes(tensor.raw_contents)) != count:
-            raise InvalidArgument(field, f"{spec.name!r} must hold {count} length-prefixed elements")
+            raise InvalidArgument(
+                field, f"{spec.name!r} must hold {count} length-prefixed elements"
+            )
         return
     size = count * ELEMENT_SIZE[tensor.datatype]
     if len(tensor.raw_contents) != size:
-        raise InvalidArgument(field, f"{spec.name!r} with shape {_shape(shape)} and datatype "
-                                     f"{tensor.datatype} needs {size} bytes, got "
-                                     f"{len(tensor.raw_contents)}")
+        raise InvalidArgument(
+            field,
+            f"{spec.name!r} with shape {_shape(shape)} and datatype "
+            f"{tensor.datatype} needs {size} bytes, got "
+            f"{len(tensor.raw_contents)}",
+        )
 
 
 def _shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
 
 
-def to_triton_request(model: str, version: int, request: inference_pb2.InferRequest
-                      ) -> service_pb2.ModelInferRequest:
+def to_triton_request(
+    model: str, version: int, request: inference_pb2.InferRequest
+) -> service_pb2.ModelInferRequest:
     triton = service_pb2.ModelInferRequest(model_name=model, model_version=str(version))
     for tensor in request.inputs:
         entry = triton.inputs.add()
@@ -85,10 +93,12 @@ def to_triton_request(model: str, version: int, request: inference_pb2.InferRequ
     return triton
 
 
-def from_triton_response(label: str, response: service_pb2.ModelInferResponse
-                         ) -> inference_pb2.InferResponse:
+def from_triton_response(
+    label: str, response: service_pb2.ModelInferResponse
+) -> inference_pb2.InferResponse:
     result = inference_pb2.InferResponse(model=label)
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        result.outputs.add(name=output.name, datatype=output.datatype,
-                           shape=output.shape, raw_contents=raw)
+        result.outputs.add(
+            name=output.name, datatype=output.datatype, shape=output.shape, raw_contents=raw
+        )
     return result

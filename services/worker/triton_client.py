@@ -136,4 +136,8 @@ class TritonConnection:
 
 
 def _label(request: service_pb2.ModelInferRequest) -> str:
-    return f"{request.model_name}:{request.model_version}" if request.model_version else request.model_name
+    return (
+        f"{request.model_name}:{request.model_version}"
+        if request.model_version
+        else request.model_name
+    )

@@ -10,6 +10,7 @@ stops the whole group, stub processes included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -111,9 +112,7 @@ class BundledTriton:
         )
         # Python-backend models import torch and numpy from this environment.
         purelib = sysconfig.get_paths()["purelib"]
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (purelib, env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (purelib, env.get("PYTHONPATH", "")) if p)
         if self.threads > 0:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
@@ -150,8 +149,13 @@ class BundledTriton:
             )
         finally:
             log_file.close()
-        log.info("triton starting", pid=self._process.pid, grpc_port=self.grpc_port,
-                 metrics_port=self.metrics_port, log=str(self.log_path))
+        log.info(
+            "triton starting",
+            pid=self._process.pid,
+            grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port,
+            log=str(self.log_path),
+        )
         await self._wait_listening(timeout)
 
     async def _wait_listening(self, timeout: float) -> None:
@@ -171,7 +175,9 @@ class BundledTriton:
             await writer.wait_closed()
             return
         await self.stop()
-        raise RuntimeError(f"bundled Triton did not listen within {timeout}s; log tail:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"bundled Triton did not listen within {timeout}s; log tail:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -197,7 +203,5 @@ class BundledTriton:
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass

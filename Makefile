@@ -1,0 +1,41 @@
+# tensorgate: `make demo` and `make test` set everything up from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup demo up test lint typecheck protos check-protos bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tensorgate demo
+
+up: setup
+	$(VENV)/bin/tensorgate up
+
+test: setup lint
+	$(PY) -m pytest -ra
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy services gateway tensorgate tools bench tests
+
+protos: setup
+	$(PY) tools/gen_protos.py
+
+bench: setup
+	$(PY) -m bench
+
+models: setup
+	$(PY) models/training/train_tinylm.py
+	$(PY) models/training/train_digits.py
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
