@@ -25,6 +25,7 @@ test: setup lint
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services gateway tensorgate tools bench tests
 
 protos: setup

@@ -80,7 +80,7 @@ class WorkerEndpoint:
         self.models = {(m.name, m.version): m for m in listing.models}
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
 
 
 class WorkerPool:

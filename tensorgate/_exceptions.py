@@ -17,9 +17,16 @@ class TensorgateClientError(Exception):
         self.request_id = request_id
 
 
+def metadata_value(metadata: object, key: str) -> str | bytes | None:
+    """The value of `key` in call metadata (a sequence of key/value pairs), if present."""
+    for item_key, value in metadata or ():  # type: ignore[attr-defined]
+        if item_key == key:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> TensorgateClientError:
-    request_id = ""
-    for key, value in exc.trailing_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str):
-            request_id = value
-    return TensorgateClientError(exc.code(), exc.details() or "", request_id)
+    request_id = metadata_value(exc.trailing_metadata(), "x-request-id")
+    return TensorgateClientError(
+        exc.code(), exc.details() or "", request_id if isinstance(request_id, str) else ""
+    )

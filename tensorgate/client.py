@@ -43,7 +43,7 @@ class GatewayClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def generate(
         self,

@@ -15,6 +15,10 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tensorgate._exceptions import metadata_value
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
 
 class TensorgateError(Exception):
     """A failure the caller should hear about, with the status code it maps to."""
@@ -36,7 +40,7 @@ class TensorgateError(Exception):
             return ()
         status = status_pb2.Status(code=getattr(code_pb2, self.code.name), message=self.message)
         for detail in details:
-            status.details.add().Pack(detail)  # type: ignore[arg-type]
+            status.details.add().Pack(detail)
         return tuple(rpc_status.to_status(status).trailing_metadata)
 
 
@@ -46,10 +50,9 @@ class UpstreamError(TensorgateError):
     def __init__(self, exc: grpc.aio.AioRpcError) -> None:
         super().__init__(exc.details() or exc.code().name)
         self.code = exc.code()
-        self._trailers = tuple(
-            (key, value)
-            for key, value in (exc.trailing_metadata() or ())
-            if key == rpc_status.GRPC_DETAILS_METADATA_KEY
+        details = metadata_value(exc.trailing_metadata(), _DETAILS_KEY)
+        self._trailers: tuple[tuple[str, str | bytes], ...] = (
+            ((_DETAILS_KEY, details),) if details is not None else ()
         )
 
     def trailers(self) -> tuple[tuple[str, str | bytes], ...]:

@@ -53,7 +53,8 @@ class GrpcService:
         self.settings = settings
         self.name = name
         self.metrics = metrics
-        self.health = health.aio.HealthServicer()
+        # grpc-stubs predates the asyncio health servicer.
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._service_names = tuple(service_names)
         self.server = grpc.aio.server(
             interceptors=[ServiceInterceptor(metrics)], options=list(SERVER_OPTIONS)

