@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from services.runtime.errors import TensorgateError
+from services.runtime.errors import InvalidArgument, TensorgateError
 from services.runtime.metrics import ServiceMetrics
 
 REQUEST_ID_KEY = "x-request-id"
@@ -39,6 +39,33 @@ def request_id_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call can say so."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc answers UNKNOWN when deserializing fails; catching it here lets the
+    # call answer INVALID_ARGUMENT through the same path as every other error.
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument("request", f"is not a valid message for {method}: {request.error}")
+
+
 class _Call:
     """Book-keeping for one call: binds its context, then logs and counts its end."""
 
@@ -54,6 +81,11 @@ class _Call:
         self.context = context
         self.request_id = request_id_of(context)
         self.started = time.perf_counter()
+        # Read what is needed from the context now: grpc.aio may crash on a
+        # context touched after its call ended (seen with an expired deadline).
+        self.peer = context.peer()
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else self.started + remaining
         current_request_id.set(self.request_id)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=self.request_id, method=method)
@@ -73,6 +105,13 @@ class _Call:
             grpc.StatusCode.INTERNAL, f"internal error (request id {self.request_id})"
         )
 
+    def cancelled_code(self) -> grpc.StatusCode:
+        # grpc.aio cancels the handler both when the caller cancels and when the
+        # deadline passes; only the clock tells them apart.
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
     def finish(self, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - self.started
         self.metrics.observe(self.method, code.name, seconds)
@@ -84,12 +123,14 @@ class _Call:
             "rpc",
             status=code.name,
             duration_ms=round(seconds * 1000, 3),
-            peer=self.context.peer(),
+            peer=self.peer,
         )
 
 
 _LEVELS = {"info": 20, "warning": 30, "error": 40}
 _EXPECTED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+
+
 
 
 def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
@@ -106,9 +147,10 @@ def _wrap_unary(
         call = _Call(metrics, method, request, context)
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request, method)
             return await behavior(request, context)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = call.cancelled_code()
             raise
         except grpc.aio.AbortError:
             code = _final_code(context)
@@ -131,10 +173,11 @@ def _wrap_stream(
         call = _Call(metrics, method, request, context)
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request, method)
             async for response in behavior(request, context):
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+            code = call.cancelled_code()
             raise
         except grpc.aio.AbortError:
             code = _final_code(context)
@@ -174,7 +217,7 @@ class ServiceInterceptor(_Interceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(self._metrics, method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -182,7 +225,7 @@ class ServiceInterceptor(_Interceptor):
                 # In grpc.aio a streaming behavior is an async generator; the
                 # (sync-era) stubs type it as returning an Iterator.
                 _wrap_stream(self._metrics, method, handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -119,15 +119,18 @@ class TritonConnection:
         reading) cancels the gRPC stream, which cancels the request in Triton.
         """
         call = self._stub.ModelStreamInfer(timeout=timeout)
+        final = False
         try:
             await call.write(request)
+            # Half-close: Triton then ends the stream once the final response is out.
+            await call.done_writing()
             async for message in call:
                 if message.error_message:
                     raise TritonError(f"{_label(request)} failed: {message.error_message}")
                 yield message.infer_response
-                if message.infer_response.parameters["triton_final_response"].bool_param:
-                    return
-            raise TritonError(f"{_label(request)} ended its stream without a final response")
+                final = message.infer_response.parameters["triton_final_response"].bool_param
+            if not final:
+                raise TritonError(f"{_label(request)} ended its stream without a final response")
         except grpc.aio.AioRpcError as exc:
             raise map_triton_error(exc, _label(request)) from exc
         finally:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
+import pytest
+from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from gateway.server import Gateway
@@ -37,7 +40,7 @@ async def test_cancel_mid_stream_stops_generation_in_triton(
         code="CANCELLED",
     )
 
-    with capture_logs() as logs:
+    with capture_logs(processors=[merge_contextvars]) as logs:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
             call = stub.Generate(
@@ -92,3 +95,42 @@ async def test_service_still_serves_after_a_cancel(gateway: Gateway) -> None:
             )
         ]
     assert chunks[-1].finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+
+
+async def test_deadline_reaches_triton(gateway: Gateway, triton: BundledTriton) -> None:
+    models = {m.name: m for m in gateway.pool.models()}
+    prompt = "ROMEO:\n"
+    request = inference_pb2.GenerateRequest(
+        model="tinylm",
+        prompt=prompt,
+        max_tokens=models["tinylm"].context_length - len(prompt),
+        temperature=0.0,
+    )
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
+        started = time.perf_counter()
+        chunks = [c async for c in stub.Generate(request)]
+        full = time.perf_counter() - started
+        assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+
+        before = await scrape(triton.metrics_url)
+        # A deadline that lands mid-generation: a third of what the whole one took.
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in stub.Generate(request, timeout=full / 3):
+                pass
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    name = "tinylm_requests_finished_total"
+    for _ in range(100):
+        after = await scrape(triton.metrics_url)
+        if metric_value(after, name, finish_reason="cancelled") > metric_value(
+            before, name, finish_reason="cancelled"
+        ):
+            break
+        await asyncio.sleep(0.1)
+    assert metric_value(after, name, finish_reason="cancelled") == (
+        metric_value(before, name, finish_reason="cancelled") + 1
+    )
+    assert metric_value(after, name, finish_reason="length") == metric_value(
+        before, name, finish_reason="length"
+    )

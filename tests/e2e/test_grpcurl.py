@@ -52,7 +52,7 @@ async def test_describes_the_request_message(gateway: Gateway) -> None:
 
 
 async def test_generate_with_a_json_body(gateway: Gateway) -> None:
-    body = json.dumps({"model": "tinylm", "prompt": "ROMEO:", "maxTokens": 12, "seed": "3"})
+    body = json.dumps({"model": "tinylm", "prompt": "ROMEO:", "max_tokens": 12, "seed": "3"})
     code, out, err = await _grpcurl("-d", body, gateway.address, GENERATE)
     assert code == 0, err
     chunks = _json_stream(out)
@@ -60,14 +60,15 @@ async def test_generate_with_a_json_body(gateway: Gateway) -> None:
     last = chunks[-1]
     usage = last["usage"]
     assert isinstance(usage, dict)
-    streamed = sum(len(c.get("tokenIds", [])) for c in chunks)  # type: ignore[arg-type, misc]
-    assert int(usage["completionTokens"]) == streamed
-    if last["finishReason"] == "FINISH_REASON_LENGTH":
+    # grpcurl prints the proto field names.
+    streamed = sum(len(c.get("token_ids", [])) for c in chunks)  # type: ignore[arg-type, misc]
+    assert int(usage["completion_tokens"]) == streamed
+    if last["finish_reason"] == "FINISH_REASON_LENGTH":
         assert streamed == 12
 
 
 async def test_errors_come_back_readable(gateway: Gateway) -> None:
-    body = json.dumps({"model": "nosuchmodel", "prompt": "x", "maxTokens": 1})
+    body = json.dumps({"model": "nosuchmodel", "prompt": "x", "max_tokens": 1})
     code, _, err = await _grpcurl("-d", body, gateway.address, GENERATE)
     assert code != 0
     assert "NotFound" in err and "nosuchmodel" in err
