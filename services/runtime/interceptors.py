@@ -131,8 +131,6 @@ _LEVELS = {"info": 20, "warning": 30, "error": 40}
 _EXPECTED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
 
 
-
-
 def _final_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     code = context.code()
     if isinstance(code, grpc.StatusCode):

@@ -111,11 +111,10 @@ class BundledTriton:
             p for p in (libdir, str(paths.libs), env.get("LD_LIBRARY_PATH", "")) if p
         )
         # Python-backend models import torch and numpy from this environment. The
-        # stub's embedded interpreter finds its prefix through the first `python3`
-        # on PATH (a venv's pyvenv.cfg), so this interpreter's directory goes first.
+        # stub's embedded interpreter ignores PYTHONPATH; it finds its prefix (and
+        # so site-packages) through the first `python3` on PATH, via the venv's
+        # pyvenv.cfg, so this interpreter's directory goes first.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-        purelib = sysconfig.get_paths()["purelib"]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (purelib, env.get("PYTHONPATH", "")) if p)
         if self.threads > 0:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env

@@ -161,6 +161,9 @@ class TritonPythonModel:
     def finalize(self) -> None:
         # Let running generations finish so that every request gets its final response.
         self.pool.shutdown(wait=True)
+        # The backend wants each Metric deleted before its MetricFamily.
+        del self.tokens_metric, self.finished
+        del self.tokens_family, self.finished_family
 
     def _count(self, metric: Any) -> None:
         with self.metrics_lock:
@@ -178,6 +181,10 @@ class TritonPythonModel:
                 return
             self._generate(request, sender, params)
         except Exception as exc:  # any failure must still end the stream
+            if request.is_cancelled():
+                # A send can fail once the client has cancelled; that is a cancellation.
+                self._count(self.finished["cancelled"])
+                return
             pb_utils.Logger.log_error(f"tinylm: generation failed: {exc!r}")
             self._count(self.finished["error"])
             try:
