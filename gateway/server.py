@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.discovery import StaticDiscovery
+from gateway.metrics import GatewayMetrics
 from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
 from services.runtime.logging import configure_logging
-from services.runtime.metrics import ServiceMetrics
 from services.runtime.server import GrpcService, wait_for_signal
 from services.runtime.settings import load_settings
 from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -43,7 +43,8 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
         eject_seconds=settings.eject_seconds,
     )
     await pool.start()
-    servicer = InferenceGatewayServicer(pool, upstream_timeout=settings.upstream_timeout)
+    metrics = GatewayMetrics()
+    servicer = InferenceGatewayServicer(pool, metrics, upstream_timeout=settings.upstream_timeout)
     service = GrpcService(
         settings,
         name="gateway",
@@ -51,7 +52,7 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
         register=lambda server: gateway_pb2_grpc.add_InferenceGatewayServicer_to_server(
             servicer, server
         ),
-        metrics=ServiceMetrics("gateway"),
+        metrics=metrics,
     )
     try:
         await service.start()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import structlog
 
+from gateway.metrics import GatewayMetrics
 from gateway.model_ref import ModelRef
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
 from services.runtime.errors import UpstreamError
@@ -20,8 +22,11 @@ log = structlog.get_logger("tensorgate.gateway")
 
 
 class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
-    def __init__(self, pool: WorkerPool, *, upstream_timeout: float) -> None:
+    def __init__(
+        self, pool: WorkerPool, metrics: GatewayMetrics, *, upstream_timeout: float
+    ) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._upstream_timeout = upstream_timeout
 
     def _timeout(self, context: Context) -> float:
@@ -36,6 +41,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        started = time.perf_counter()
         ref = ModelRef.parse(request.model)
         metadata = ((REQUEST_ID_KEY, current_request_id.get()),)
         exclude: WorkerEndpoint | None = None
@@ -54,8 +60,15 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                 )
                 try:
                     async for chunk in call:
+                        if not chunks:
+                            self._metrics.time_to_first_token.labels(info.name).observe(
+                                time.perf_counter() - started
+                            )
                         chunks += 1
                         if chunk.finish_reason:
+                            self._metrics.completion_tokens.labels(info.name).inc(
+                                chunk.usage.completion_tokens
+                            )
                             structlog.contextvars.bind_contextvars(
                                 finish_reason=inference_pb2.FinishReason.Name(chunk.finish_reason),
                                 prompt_tokens=chunk.usage.prompt_tokens,
@@ -68,6 +81,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                     if attempt == 2 or chunks or exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise error from exc
                     log.warning("retrying on another worker", worker=worker.address)
+                    self._metrics.retries.labels("Generate").inc()
                     exclude = worker
                 finally:
                     if not call.done():
@@ -99,6 +113,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                     if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise error from exc
             log.warning("retrying on another worker", worker=worker.address)
+            self._metrics.retries.labels("Infer").inc()
             worker, _ = await self._pool.route(ref, exclude=worker)
         raise AssertionError("unreachable")
 

@@ -136,7 +136,9 @@ class WorkerPool:
         return [seen[key] for key in sorted(seen)]
 
     def _versions(self, name: str) -> set[int]:
-        return {v for w in self._workers.values() if w.serving for (n, v) in w.models if n == name}
+        # Every worker's last known models, reachable or not: a model whose workers
+        # are all down is UNAVAILABLE, not unknown.
+        return {v for w in self._workers.values() for (n, v) in w.models if n == name}
 
     async def route(
         self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None

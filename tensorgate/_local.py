@@ -45,6 +45,7 @@ class LocalPlatform:
         gateway_port: int = 50051,
         data_dir: Path = Path(".data"),
         log_file: Path | None = None,
+        metrics_port: int = -1,
         worker_args: tuple[str, ...] = (),
     ) -> None:
         self.gateway_port = gateway_port or free_port()
@@ -52,6 +53,8 @@ class LocalPlatform:
         self.data_dir = data_dir
         self.log_file = log_file
         self.worker_args = worker_args
+        # Gateway on `metrics_port`, worker on the next one; -1 turns them off.
+        self.metrics_port = metrics_port
         self._processes: list[tuple[str, asyncio.subprocess.Process]] = []
         self._log: IO[bytes] | None = None
 
@@ -81,11 +84,14 @@ class LocalPlatform:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_file.open("ab")
         log_format = ("--log-format", "json") if self._log is not None else ()
+        worker_metrics = self.metrics_port + 1 if self.metrics_port > 0 else self.metrics_port
         await self._spawn(
             "worker",
             "services.worker",
             "--port",
             str(self.worker_port),
+            "--metrics-port",
+            str(worker_metrics),
             "--data-dir",
             str(self.data_dir / "worker"),
             *log_format,
@@ -96,6 +102,8 @@ class LocalPlatform:
             "gateway",
             "--port",
             str(self.gateway_port),
+            "--metrics-port",
+            str(self.metrics_port),
             "--workers",
             f"127.0.0.1:{self.worker_port}",
             *log_format,

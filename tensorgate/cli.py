@@ -26,17 +26,25 @@ from tensorgate.client import GatewayClient
 from tensorgate.inference.v1 import inference_pb2
 
 DEFAULT_GATEWAY = os.environ.get("TENSORGATE_GATEWAY", "127.0.0.1:50051")
-DEMO_PROMPT = "ROMEO:\nWhat light"
+DEMO_PROMPT = "ROMEO:\n"
 EXAMPLES = Path(__file__).resolve().parent.parent / "models" / "examples"
 
 
 async def _up(args: argparse.Namespace) -> int:
-    platform = LocalPlatform(gateway_port=args.port, data_dir=args.data_dir)
+    platform = LocalPlatform(
+        gateway_port=args.port, data_dir=args.data_dir, metrics_port=args.metrics_port
+    )
     print("starting the worker (bundled Triton) and the gateway...", file=sys.stderr)
     models = await platform.start()
+    metrics = (
+        f" Metrics: http://127.0.0.1:{args.metrics_port}/metrics (gateway), "
+        f"http://127.0.0.1:{args.metrics_port + 1}/metrics (worker)."
+        if args.metrics_port > 0
+        else ""
+    )
     print(
-        f"tensorgate is up: gateway {platform.gateway_address}, models {', '.join(models)}. "
-        "Ctrl-C stops everything.",
+        f"tensorgate is up: gateway {platform.gateway_address}, models {', '.join(models)}."
+        f"{metrics} Ctrl-C stops everything.",
         file=sys.stderr,
     )
     loop = asyncio.get_running_loop()
@@ -173,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start every service in the foreground")
     up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     up.add_argument("--data-dir", type=Path, default=Path(".data"))
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="gateway /metrics port; the worker's is the next one; -1 turns them off",
+    )
 
     def generation_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="tinylm")
@@ -206,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--data-dir", type=Path, default=Path(".data"))
     generation_flags(demo)
-    demo.set_defaults(seed=7, max_tokens=200)
+    demo.set_defaults(seed=4, temperature=0.8, max_tokens=200)
     return parser
 
 

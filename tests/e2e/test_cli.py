@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from tensorgate._local import free_port
+from tests.helpers import metric_value, scrape
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,6 +53,19 @@ def _exe(pid: int) -> str:
         return "?"
 
 
+def _two_free_ports() -> int:
+    """A port whose next one is free too (the worker's metrics take port + 1)."""
+    while True:
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
 async def _run(*args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -67,7 +82,7 @@ async def _run(*args: str) -> tuple[int, str, str]:
 
 
 async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), _two_free_ports()
     up = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -77,6 +92,8 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
         str(port),
         "--data-dir",
         str(tmp_path),
+        "--metrics-port",
+        str(metrics_port),
         stderr=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
         cwd=REPO,
@@ -113,6 +130,13 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
 
         code, out, err = await _run("generate", "x", "--model", "nosuch", "--gateway", gateway)
         assert code == 1 and "NOT_FOUND" in err
+
+        gateway_metrics = await scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        generate = "/tensorgate.gateway.v1.InferenceGateway/Generate"
+        assert metric_value(gateway_metrics, "tensorgate_rpc_requests_total", method=generate) == 2
+        worker_metrics = await scrape(f"http://127.0.0.1:{metrics_port + 1}/metrics")
+        infer = "/tensorgate.worker.v1.InferenceWorker/Infer"
+        assert metric_value(worker_metrics, "tensorgate_rpc_requests_total", method=infer) == 1
     finally:
         if up.returncode is None:
             up.send_signal(signal.SIGINT)

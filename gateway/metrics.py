@@ -1,0 +1,33 @@
+"""The gateway's own metrics beyond the per-RPC ones: what streams look like to callers."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from services.runtime.metrics import ServiceMetrics
+
+_TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class GatewayMetrics(ServiceMetrics):
+    def __init__(self) -> None:
+        super().__init__("gateway")
+        self.time_to_first_token = Histogram(
+            "tensorgate_generate_time_to_first_token_seconds",
+            "From the Generate call's arrival to its first chunk leaving the gateway",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "tensorgate_generate_completion_tokens_total",
+            "Tokens streamed to callers",
+            ["model"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "tensorgate_upstream_retries_total",
+            "Calls retried on another worker after UNAVAILABLE",
+            ["method"],
+            registry=self.registry,
+        )
