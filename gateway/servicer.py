@@ -49,14 +49,14 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         # that the caller has seen tokens and a retry would repeat or change them.
         for attempt in (1, 2):
             worker, info = await self._pool.route(ref, exclude=exclude)
-            forwarded = inference_pb2.GenerateRequest()
-            forwarded.CopyFrom(request)
-            forwarded.model = f"{info.name}:{info.version}"
-            structlog.contextvars.bind_contextvars(resolved=forwarded.model, worker=worker.address)
+            # The request is ours to change: forward it with the model resolved
+            # rather than copying it (the caller's ref is already in the log context).
+            request.model = f"{info.name}:{info.version}"
+            structlog.contextvars.bind_contextvars(resolved=request.model, worker=worker.address)
             chunks = 0
             with worker.track():
                 call = worker.stub.Generate(
-                    forwarded, timeout=self._timeout(context), metadata=metadata
+                    request, timeout=self._timeout(context), metadata=metadata
                 )
                 try:
                     async for chunk in call:
@@ -94,18 +94,14 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         metadata = ((REQUEST_ID_KEY, current_request_id.get()),)
         worker, info = await self._pool.route(ref)
         resolved = f"{info.name}:{info.version}"
-        forwarded = request
-        if request.model != resolved:
-            forwarded = inference_pb2.InferRequest()
-            forwarded.CopyFrom(request)
-            forwarded.model = resolved
+        request.model = resolved  # forwarded as it came otherwise: no copy of the tensors
         structlog.contextvars.bind_contextvars(resolved=resolved)
         for attempt in (1, 2):
             structlog.contextvars.bind_contextvars(worker=worker.address)
             with worker.track():
                 try:
                     response: inference_pb2.InferResponse = await worker.stub.Infer(
-                        forwarded, timeout=self._timeout(context), metadata=metadata
+                        request, timeout=self._timeout(context), metadata=metadata
                     )
                     return response
                 except grpc.aio.AioRpcError as exc:
