@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from gateway import server as gateway_server
 from gateway.settings import GatewaySettings
 from services.worker import server as worker_server
 from services.worker.triton_client import TritonConnection
 from services.worker.triton_process import BundledTriton
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
 from tests.conftest import worker_settings
 from tests.helpers import health_status
 
@@ -41,3 +45,24 @@ async def test_serving_then_not_serving_during_shutdown(triton: BundledTriton) -
         await connection.wait_ready(timeout=5)
     finally:
         await connection.close()
+
+
+async def test_in_flight_stream_finishes_during_graceful_shutdown(triton: BundledTriton) -> None:
+    worker = await worker_server.start_worker(worker_settings(triton, grace_seconds=30.0))
+    gateway = await gateway_server.start_gateway(
+        GatewaySettings(workers=(worker.address,), drain_seconds=0.0, grace_seconds=30.0)
+    )
+    prompt = "ROMEO:\n"
+    request = inference_pb2.GenerateRequest(
+        model="tinylm", prompt=prompt, max_tokens=200, temperature=0.0
+    )
+    chunks: list[inference_pb2.GenerateChunk] = []
+    stopping: list[asyncio.Task[None]] = []
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        async for chunk in gateway_pb2_grpc.InferenceGatewayStub(channel).Generate(request):
+            chunks.append(chunk)
+            if not stopping:  # the stream is under way: shut both down while it runs
+                stopping = [asyncio.create_task(gateway.stop()), asyncio.create_task(worker.stop())]
+        await asyncio.gather(*stopping)
+    assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert sum(len(c.token_ids) for c in chunks) == 200
