@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,9 +11,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
-from services.runtime.logging import configure_logging
-from services.runtime.server import GrpcService, wait_for_signal
-from services.runtime.settings import load_settings
+from services.runtime.main import run_service
+from services.runtime.server import GrpcService
 from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
@@ -62,19 +60,8 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
     return Gateway(service=service, pool=pool)
 
 
-async def serve(settings: GatewaySettings) -> None:
-    gateway = await start_gateway(settings)
-    try:
-        await wait_for_signal()
-    finally:
-        await gateway.stop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(GatewaySettings, argv, prog="tensorgate-gateway")
-    configure_logging(level=settings.log_level, fmt=settings.log_format)  # type: ignore[arg-type]
-    asyncio.run(serve(settings))
-    return 0
+    return run_service(GatewaySettings, start_gateway, argv, prog="tensorgate-gateway")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.runtime.logging import LogFormat
+
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot start with."""
@@ -39,7 +41,9 @@ class ServiceSettings:
     port: int = setting(0, "gRPC port; 0 picks a free one")
     metrics_port: int = setting(-1, "Prometheus /metrics port; 0 picks a free one, -1 turns it off")
     log_level: str = setting("info", "debug, info, warning or error")
-    log_format: str = setting("auto", "auto (console on a terminal, else json), console or json")
+    log_format: LogFormat = setting(
+        "auto", "auto (console on a terminal, else json), console or json"
+    )
     drain_seconds: float = setting(
         1.0, "on shutdown, seconds between reporting NOT_SERVING and refusing new calls"
     )

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from services.runtime.logging import configure_logging
+from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
-from services.runtime.server import GrpcService, wait_for_signal
-from services.runtime.settings import load_settings
+from services.runtime.server import GrpcService
 from services.worker.catalog import ModelCatalog, loaded_model
 from services.worker.servicer import InferenceWorkerServicer
 from services.worker.settings import WorkerSettings
@@ -93,19 +91,8 @@ async def start_worker(settings: WorkerSettings) -> Worker:
     return Worker(service=service, triton=triton, bundled=bundled, catalog=catalog)
 
 
-async def serve(settings: WorkerSettings) -> None:
-    worker = await start_worker(settings)
-    try:
-        await wait_for_signal()
-    finally:
-        await worker.stop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = load_settings(WorkerSettings, argv, prog="tensorgate-worker")
-    configure_logging(level=settings.log_level, fmt=settings.log_format)  # type: ignore[arg-type]
-    asyncio.run(serve(settings))
-    return 0
+    return run_service(WorkerSettings, start_worker, argv, prog="tensorgate-worker")
 
 
 if __name__ == "__main__":
