@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ class Gateway:
     @property
     def address(self) -> str:
         return self.service.address
+
+    async def wait_failed(self) -> str:
+        """The gateway has no part whose loss stops it: workers come and go."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     async def stop(self) -> None:
         try:

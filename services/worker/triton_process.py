@@ -87,6 +87,10 @@ class BundledTriton:
         self._process: asyncio.subprocess.Process | None = None
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
@@ -180,6 +184,13 @@ class BundledTriton:
         raise RuntimeError(
             f"bundled Triton did not listen within {timeout}s; log tail:\n{self.log_tail()}"
         )
+
+    async def wait_exited(self) -> int:
+        """Triton's exit code, once it has exited (for whatever reason)."""
+        process = self._process
+        if process is None:
+            raise RuntimeError("bundled Triton is not running")
+        return await process.wait()
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tensorgate._local import free_port
-from tests.helpers import metric_value, scrape
+from tests.helpers import metric_value, process_alive, process_command, scrape
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,21 +36,6 @@ def _children(pid: int) -> set[int]:
             found.add(child)
             stack.append(child)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _exe(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe").rsplit("/", 1)[-1]
-    except OSError:
-        return "?"
 
 
 def _two_free_ports() -> int:
@@ -107,7 +92,7 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
             assert line, f"`tensorgate up` ended before it was up: {banner}"
             banner += line.decode()
         descendants = _children(up.pid)
-        names = {_exe(pid) for pid in descendants if _alive(pid)}
+        names = {process_command(pid).split()[0] for pid in descendants if process_alive(pid)}
         assert "tritonserver" in names and "triton_python_backend_stub" in names
 
         gateway = f"127.0.0.1:{port}"
@@ -144,8 +129,8 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
 
     assert returncode == 0
     for _ in range(50):
-        if not any(_alive(pid) for pid in descendants):
+        if not any(process_alive(pid) for pid in descendants):
             break
         await asyncio.sleep(0.1)
-    leftovers = {pid: _exe(pid) for pid in descendants if _alive(pid)}
+    leftovers = {pid: process_command(pid) for pid in descendants if process_alive(pid)}
     assert not leftovers, f"processes left behind: {leftovers}"

@@ -1,0 +1,41 @@
+"""A worker with its own bundled Triton: it notices Triton's death, and a failed start
+leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from services.worker.server import start_worker
+from services.worker.settings import WorkerSettings
+from tests.helpers import health_status, process_alive, process_command
+
+
+async def test_worker_reports_failure_when_its_triton_dies(tmp_path: Path) -> None:
+    worker = await start_worker(
+        WorkerSettings(models=("digits",), data_dir=tmp_path, drain_seconds=0, grace_seconds=1)
+    )
+    try:
+        assert worker.bundled is not None
+        pid = worker.bundled.pid
+        assert pid is not None and await health_status(worker.address) == "SERVING"
+        os.kill(pid, signal.SIGKILL)
+        reason = await asyncio.wait_for(worker.wait_failed(), timeout=30)
+        assert "bundled Triton exited with code -9" in reason
+        assert await health_status(worker.address) == "NOT_SERVING"
+    finally:
+        await worker.stop()
+
+
+async def test_a_model_that_cannot_load_stops_the_start_cleanly(tmp_path: Path) -> None:
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    with pytest.raises(RuntimeError, match="could not load nosuchmodel"):
+        await start_worker(WorkerSettings(models=("nosuchmodel",), data_dir=tmp_path))
+    started = {int(p) for p in os.listdir("/proc") if p.isdigit()} - {int(p) for p in before}
+    leftovers = [process_command(pid) for pid in started if process_alive(pid)]
+    leftovers = [command for command in leftovers if "triton" in command]
+    assert not leftovers
