@@ -11,6 +11,9 @@ from services.runtime.settings import ServiceSettings, SettingsError, setting
 class GatewaySettings(ServiceSettings):
     """Gateway: the public gRPC front door; routes each call to a worker with the model."""
 
+    metrics_port: int = setting(
+        9400, "Prometheus /metrics port; 0 picks a free one, -1 turns it off"
+    )
     workers: tuple[str, ...] = setting((), "comma-separated host:port of the inference workers")
     refresh_seconds: float = setting(5.0, "how often to re-read what each worker has loaded")
     eject_seconds: float = setting(10.0, "how long a failing worker gets no calls")

@@ -33,6 +33,7 @@ async def triton(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Bund
 def worker_settings(triton: BundledTriton, **overrides: object) -> WorkerSettings:
     values: dict[str, object] = {
         "triton_url": triton.grpc_url,
+        "metrics_port": 0,
         "models": ("tinylm", "digits"),
         "drain_seconds": 0.0,
         "grace_seconds": 2.0,

@@ -14,6 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 class WorkerSettings(ServiceSettings):
     """Inference worker: forwards Generate and Infer to one NVIDIA Triton server."""
 
+    metrics_port: int = setting(
+        9401, "Prometheus /metrics port; 0 picks a free one, -1 turns it off"
+    )
     triton_url: str = setting(
         "", "host:port of a running Triton's gRPC endpoint; empty launches the bundled CPU Triton"
     )

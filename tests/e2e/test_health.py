@@ -23,7 +23,9 @@ async def test_serving_then_not_serving_during_shutdown(triton: BundledTriton) -
         worker_settings(triton, models=("digits",), drain_seconds=1.5)
     )
     gateway = await gateway_server.start_gateway(
-        GatewaySettings(workers=(worker.address,), drain_seconds=1.5, grace_seconds=1.0)
+        GatewaySettings(
+            workers=(worker.address,), metrics_port=0, drain_seconds=1.5, grace_seconds=1.0
+        )
     )
     services = [
         (gateway.address, gateway_server.SERVICE_NAME),
@@ -50,7 +52,9 @@ async def test_serving_then_not_serving_during_shutdown(triton: BundledTriton) -
 async def test_in_flight_stream_finishes_during_graceful_shutdown(triton: BundledTriton) -> None:
     worker = await worker_server.start_worker(worker_settings(triton, grace_seconds=30.0))
     gateway = await gateway_server.start_gateway(
-        GatewaySettings(workers=(worker.address,), drain_seconds=0.0, grace_seconds=30.0)
+        GatewaySettings(
+            workers=(worker.address,), metrics_port=0, drain_seconds=0.0, grace_seconds=30.0
+        )
     )
     prompt = "ROMEO:\n"
     request = inference_pb2.GenerateRequest(

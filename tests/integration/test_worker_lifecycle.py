@@ -17,7 +17,13 @@ from tests.helpers import health_status, process_alive, process_command
 
 async def test_worker_reports_failure_when_its_triton_dies(tmp_path: Path) -> None:
     worker = await start_worker(
-        WorkerSettings(models=("digits",), data_dir=tmp_path, drain_seconds=0, grace_seconds=1)
+        WorkerSettings(
+            models=("digits",),
+            data_dir=tmp_path,
+            metrics_port=0,
+            drain_seconds=0,
+            grace_seconds=1,
+        )
     )
     try:
         assert worker.bundled is not None
@@ -34,7 +40,9 @@ async def test_worker_reports_failure_when_its_triton_dies(tmp_path: Path) -> No
 async def test_a_model_that_cannot_load_stops_the_start_cleanly(tmp_path: Path) -> None:
     before = {p for p in os.listdir("/proc") if p.isdigit()}
     with pytest.raises(RuntimeError, match="could not load nosuchmodel"):
-        await start_worker(WorkerSettings(models=("nosuchmodel",), data_dir=tmp_path))
+        await start_worker(
+            WorkerSettings(models=("nosuchmodel",), data_dir=tmp_path, metrics_port=0)
+        )
     started = {int(p) for p in os.listdir("/proc") if p.isdigit()} - {int(p) for p in before}
     leftovers = [process_command(pid) for pid in started if process_alive(pid)]
     leftovers = [command for command in leftovers if "triton" in command]
