@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+NODE_CLIENT := tests/node/node_modules/.package-lock.json
+
+$(NODE_CLIENT): tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --silent --no-audit --no-fund
+
 setup: $(STAMP)
 
 demo: setup
@@ -20,7 +25,7 @@ demo: setup
 up: setup
 	$(VENV)/bin/tensorgate up
 
-test: setup lint
+test: setup lint $(NODE_CLIENT)
 	$(PY) -m pytest -ra
 
 lint: setup
