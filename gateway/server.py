@@ -49,16 +49,16 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
     await pool.start()
     metrics = GatewayMetrics()
     servicer = InferenceGatewayServicer(pool, metrics, upstream_timeout=settings.upstream_timeout)
-    service = GrpcService(
-        settings,
-        name="gateway",
-        service_names=[SERVICE_NAME],
-        register=lambda server: gateway_pb2_grpc.add_InferenceGatewayServicer_to_server(
-            servicer, server
-        ),
-        metrics=metrics,
-    )
     try:
+        service = GrpcService(
+            settings,
+            name="gateway",
+            service_names=[SERVICE_NAME],
+            register=lambda server: gateway_pb2_grpc.add_InferenceGatewayServicer_to_server(
+                servicer, server
+            ),
+            metrics=metrics,
+        )
         await service.start()
     except BaseException:
         await pool.close()

@@ -38,7 +38,11 @@ def run_service(
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
     async def serve() -> int:
-        running = await start(settings)
+        try:
+            running = await start(settings)
+        except (OSError, RuntimeError) as exc:  # a taken port, a Triton that will not start
+            log.error("could not start", service=prog, reason=str(exc))
+            return 1
         signalled = asyncio.ensure_future(wait_for_signal())
         failed = asyncio.ensure_future(running.wait_failed())
         try:

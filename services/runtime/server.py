@@ -33,6 +33,9 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # grpc sets SO_REUSEPORT by default, so a second server on a taken port would
+    # silently share it; a taken port must be an error at start instead.
+    ("grpc.so_reuseport", 0),
 )
 
 Register = Callable[[grpc.aio.Server], None]
@@ -64,9 +67,12 @@ class GrpcService:
         reflection.enable_server_reflection(
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(settings.address)
+        try:
+            self.port = self.server.add_insecure_port(settings.address)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            raise OSError(f"{name}: cannot listen on {settings.address}: {exc}") from None
         if self.port == 0:
-            raise OSError(f"{name}: cannot bind {settings.address}")
+            raise OSError(f"{name}: cannot listen on {settings.address}")
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._stopping: asyncio.Task[None] | None = None
 

@@ -117,3 +117,14 @@ async def test_every_call_is_counted_by_status(service: GrpcService) -> None:
         assert await channel.unary_unary("/test.Svc/Echo", None, None)(b"hi") == b"hi"
     await _call(service, "Boom")
     assert (count("Echo", "OK"), count("Boom", "INTERNAL")) == (ok + 1, internal + 1)
+
+
+async def test_a_taken_port_is_refused_at_start(service: GrpcService) -> None:
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{service.port}"):
+        GrpcService(
+            ServiceSettings(port=service.port),
+            name="second",
+            service_names=["test.Svc"],
+            register=_register,
+            metrics=ServiceMetrics("t2"),
+        )
