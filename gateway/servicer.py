@@ -12,12 +12,19 @@ import structlog
 from gateway.metrics import GatewayMetrics
 from gateway.model_ref import ModelRef
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
-from services.runtime.errors import UpstreamError
+from services.runtime.errors import Cancelled, DeadlineExceeded, Unavailable, UpstreamError
 from services.runtime.interceptors import REQUEST_ID_KEY, current_request_id
+from tensorgate._exceptions import metadata_value
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class WorkerFailure(RuntimeError):
+    """A worker broke a call in a way no status explains (logged; INTERNAL to the caller)."""
+
+
 log = structlog.get_logger("tensorgate.gateway")
 
 
@@ -33,10 +40,26 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         remaining = context.time_remaining()
         return self._upstream_timeout if remaining is None else remaining
 
-    def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError) -> UpstreamError:
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+    def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str) -> Exception:
+        """What the caller hears of a failed forward; a worker that cannot be reached is ejected.
+
+        A status the worker chose carries its request id trailer and is passed on as
+        it came. Anything else came from the transport: it is told in our words, so
+        worker addresses and gRPC internals stay out of the caller's view.
+        """
+        if metadata_value(exc.trailing_metadata(), REQUEST_ID_KEY) is not None:
+            return UpstreamError(exc)
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
             worker.eject(self._pool.eject_seconds)
-        return UpstreamError(exc)
+            return Unavailable(f"model {model} is unavailable: its worker cannot be reached")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(f"deadline passed while {model} was running")
+        if code == grpc.StatusCode.CANCELLED:
+            return Cancelled(f"the call to {model} was cancelled")
+        return WorkerFailure(
+            f"worker {worker.address} failed on {model}: {code.name} {exc.details()}"
+        )
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
@@ -77,7 +100,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                         yield chunk
                     return
                 except grpc.aio.AioRpcError as exc:
-                    error = self._failed(worker, exc)
+                    error = self._failed(worker, exc, request.model)
                     if attempt == 2 or chunks or exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise error from exc
                     log.warning("retrying on another worker", worker=worker.address)
@@ -105,7 +128,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                     )
                     return response
                 except grpc.aio.AioRpcError as exc:
-                    error = self._failed(worker, exc)
+                    error = self._failed(worker, exc, resolved)
                     if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
                         raise error from exc
             log.warning("retrying on another worker", worker=worker.address)

@@ -9,6 +9,7 @@ UNAVAILABLE is ejected for a while.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +79,8 @@ class WorkerEndpoint:
             return
         self.serving = health.status == health_pb2.HealthCheckResponse.SERVING
         self.models = {(m.name, m.version): m for m in listing.models}
+        if self.serving:
+            self.ejected_until = 0.0  # reachable and serving again
 
     async def close(self) -> None:
         await self.channel.close(None)
@@ -104,6 +107,8 @@ class WorkerPool:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         for worker in self._workers.values():
             await worker.close()
 
@@ -115,8 +120,12 @@ class WorkerPool:
             except Exception:  # a refresh must never end the loop
                 log.exception("worker refresh failed")
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, unless_newer_than: float | None = None) -> None:
+        """Re-reads discovery and every worker; skipped if a refresh finished after
+        `unless_newer_than` (so concurrent misses share one refresh)."""
         async with self._refresh_lock:
+            if unless_newer_than is not None and self._last_refresh > unless_newer_than:
+                return
             addresses = await self._discovery.worker_addresses()
             for address in addresses:
                 if address not in self._workers:
@@ -150,7 +159,8 @@ class WorkerPool:
                 "by the model registry, which this gateway does not use yet)"
             )
         if not self._versions(ref.name) and time.monotonic() - self._last_refresh > 1.0:
-            await self.refresh()  # a model may have been loaded since the last refresh
+            # A model may have been loaded since the last refresh.
+            await self.refresh(unless_newer_than=time.monotonic() - 1.0)
         versions = self._versions(ref.name)
         if not versions:
             raise NotFound(
@@ -164,11 +174,13 @@ class WorkerPool:
                 f"(loaded: {', '.join(map(str, sorted(versions)))})"
             )
         now = time.monotonic()
-        candidates = [
+        having = [
             w
             for w in self._workers.values()
-            if w is not exclude and w.available(now) and (ref.name, version) in w.models
+            if w is not exclude and w.serving and (ref.name, version) in w.models
         ]
+        # Ejection is a preference: with only ejected workers left, try them anyway.
+        candidates = [w for w in having if w.available(now)] or having
         if not candidates:
             raise Unavailable(f"no healthy worker has model {ref.name}:{version} loaded right now")
         worker = min(candidates, key=lambda w: w.outstanding)

@@ -57,8 +57,17 @@ class Worker:
 
 
 async def load_catalog(triton: TritonConnection, models: Sequence[str]) -> ModelCatalog:
+    """Loads the models Triton does not have ready yet, then describes all it has ready.
+
+    A model that is already ready is left alone: asking Triton to load it again
+    reloads it when its files changed (the Python backend writes __pycache__ into
+    the model folder), which disturbs calls in flight and, with Triton 2.51's
+    Python-backend custom metrics, was seen to crash the server.
+    """
+    ready = await triton.ready_versions()
     for name in models:
-        await triton.load_model(name)
+        if name not in ready:
+            await triton.load_model(name)
     ready = await triton.ready_versions()
     loaded = []
     for name, versions in ready.items():

@@ -21,7 +21,6 @@ from services.runtime.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
-    TensorgateError,
     Unavailable,
 )
 
@@ -34,11 +33,12 @@ CHANNEL_OPTIONS = (
 )
 
 
-class TritonError(TensorgateError):
-    """Triton failed in a way that is not the caller's fault (logged, INTERNAL)."""
+class TritonError(RuntimeError):
+    """Triton failed in a way that is not the caller's fault: logged, and the caller gets
+    INTERNAL with the request id only (so it is deliberately not a TensorgateError)."""
 
 
-def map_triton_error(exc: grpc.aio.AioRpcError, model: str) -> TensorgateError:
+def map_triton_error(exc: grpc.aio.AioRpcError, model: str) -> Exception:
     """The most specific domain error for a failed Triton data-plane call."""
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
