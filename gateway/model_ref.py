@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, shown
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_VERSION = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,17 @@ class ModelRef:
             raise InvalidArgument("model", "is required: 'name', 'name:version' or 'name@alias'")
         name, at, alias = text.partition("@")
         name, colon, version = name.partition(":")
-        if not _NAME.match(name):
-            raise InvalidArgument("model", f"{text!r} does not start with a valid model name")
+        if not _NAME.fullmatch(name):
+            raise InvalidArgument("model", f"{shown(text)} does not start with a valid model name")
         if at:
-            if colon or not _NAME.match(alias):
-                raise InvalidArgument("model", f"{text!r}: write 'name@alias' with a valid alias")
+            if colon or not _NAME.fullmatch(alias):
+                raise InvalidArgument(
+                    "model", f"{shown(text)}: write 'name@alias' with a valid alias"
+                )
             return cls(name, alias=alias)
         if colon:
-            if not version.isdigit() or int(version) < 1:
-                raise InvalidArgument("model", f"{text!r}: version must be a positive integer")
+            if not _VERSION.fullmatch(version) or int(version) < 1:
+                raise InvalidArgument("model", f"{shown(text)}: version must be a positive integer")
             return cls(name, version=int(version))
         return cls(name)
 

@@ -20,6 +20,11 @@ from tensorgate._exceptions import metadata_value
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's value as an error message quotes it: repr'd, and cut to `limit`."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
+
+
 class TensorgateError(Exception):
     """A failure the caller should hear about, with the status code it maps to."""
 

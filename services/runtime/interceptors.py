@@ -91,7 +91,8 @@ class _Call:
         structlog.contextvars.bind_contextvars(request_id=self.request_id, method=method)
         model = getattr(request, "model", None)
         if isinstance(model, str) and model:
-            structlog.contextvars.bind_contextvars(model=model)
+            # A caller's string: bounded, so a huge one cannot flood the logs.
+            structlog.contextvars.bind_contextvars(model=model[:128])
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     async def fail(self, exc: BaseException) -> None:

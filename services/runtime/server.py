@@ -81,11 +81,18 @@ class GrpcService:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> None:
-        await self.server.start()
-        if self.settings.metrics_port >= 0:
-            self.metrics_endpoint = MetricsEndpoint(
-                self.metrics.registry, self.settings.host, self.settings.metrics_port
-            )
+        """Starts serving; on failure (a taken metrics port, ...) nothing is left listening."""
+        try:
+            if self.settings.metrics_port >= 0:
+                self.metrics_endpoint = MetricsEndpoint(
+                    self.metrics.registry, self.settings.host, self.settings.metrics_port
+                )
+            await self.server.start()
+        except BaseException:
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
+            await self.server.stop(None)
+            raise
         await self.set_serving(True)
         log.info(
             "serving",

@@ -7,12 +7,13 @@ tokenizer, description) come from the config's `parameters`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tritonclient.grpc import model_config_pb2
 
-from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.errors import InvalidArgument, NotFound, shown
 from tensorgate.inference.v1 import inference_pb2
 
 
@@ -85,12 +86,12 @@ class ModelCatalog:
             raise InvalidArgument("model", "must name a model, e.g. 'tinylm' or 'tinylm:1'")
         versions = self._by_name.get(name)
         if not versions:
-            raise NotFound(f"model {name!r} is not loaded on this worker")
+            raise NotFound(f"model {shown(name)} is not loaded on this worker")
         if not version_text:
             return versions[max(versions)]
-        if not version_text.isdigit():
-            raise InvalidArgument("model", f"version in {ref!r} must be a positive integer")
+        if not re.fullmatch(r"[0-9]{1,18}", version_text):
+            raise InvalidArgument("model", f"version in {shown(ref)} must be a positive integer")
         model = versions.get(int(version_text))
         if model is None:
-            raise NotFound(f"model {name!r} has no loaded version {version_text}")
+            raise NotFound(f"model {shown(name)} has no loaded version {version_text}")
         return model

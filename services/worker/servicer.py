@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 import structlog
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, shown
 from services.worker.catalog import ModelCatalog
 from services.worker.generation import check_generate, to_chunk, to_triton_stream_request
 from services.worker.tensors import check_input, from_triton_response, to_triton_request
@@ -58,7 +58,7 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 known = ", ".join(s.name for s in model.info.inputs)
                 raise InvalidArgument(
                     f"inputs[{index}]",
-                    f"{model.label} has no input {tensor.name!r} (inputs: {known})",
+                    f"{model.label} has no input {shown(tensor.name)} (inputs: {known})",
                 )
             check_input(tensor, spec, model.info.max_batch_size, f"inputs[{index}]")
         missing = [s.name for s in model.info.inputs if not s.optional and s.name not in given]
@@ -69,7 +69,7 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
             if name not in known_outputs:
                 raise InvalidArgument(
                     "outputs",
-                    f"{model.label} has no output {name!r} "
+                    f"{model.label} has no output {shown(name)} "
                     f"(outputs: {', '.join(sorted(known_outputs))})",
                 )
         structlog.contextvars.bind_contextvars(resolved=model.label)

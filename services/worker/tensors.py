@@ -59,7 +59,11 @@ def check_input(
         )
     count = math.prod(shape)
     if tensor.datatype == "BYTES":
-        if len(decode_bytes(tensor.raw_contents)) != count:
+        try:
+            elements = len(decode_bytes(tensor.raw_contents))
+        except ValueError as exc:
+            raise InvalidArgument(field, f"{spec.name!r}: {exc}") from None
+        if elements != count:
             raise InvalidArgument(
                 field, f"{spec.name!r} must hold {count} length-prefixed elements"
             )

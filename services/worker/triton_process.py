@@ -103,8 +103,10 @@ class BundledTriton:
         python = backends / "python"
         python.mkdir(parents=True, exist_ok=True)
         for source in [*paths.python_backend.iterdir(), paths.stub]:
-            if source.is_file() and not (python / source.name).exists():
-                shutil.copy2(source, python / source.name)
+            target = python / source.name
+            # Copied again when the wheel (or the Python version) changed under a kept data dir.
+            if source.is_file() and not _same_file(source, target):
+                shutil.copy2(source, target)
         return backends
 
     def _environment(self, paths: TritonPaths) -> dict[str, str]:
@@ -213,6 +215,13 @@ class BundledTriton:
         _signal_group(process.pid, signal.SIGKILL)
         await process.wait()
         log.info("triton stopped", pid=process.pid, returncode=process.returncode)
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    if not target.exists():
+        return False
+    a, b = source.stat(), target.stat()
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

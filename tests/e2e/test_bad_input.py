@@ -130,6 +130,31 @@ async def test_every_service_still_serves_after_bad_input(
             inference_pb2.GenerateRequest(model="tinylm", prompt="Hi", max_tokens=3)
         )
     ]
-    assert chunks[-1].usage.completion_tokens == 3 or chunks[-1].finish_reason != (
-        inference_pb2.FINISH_REASON_LENGTH
-    )
+    assert chunks[-1].finish_reason in {
+        inference_pb2.FINISH_REASON_LENGTH,
+        inference_pb2.FINISH_REASON_EOS,
+        inference_pb2.FINISH_REASON_STOP,
+    }
+    assert chunks[-1].usage.completion_tokens == sum(len(c.token_ids) for c in chunks)
+
+
+@pytest.mark.parametrize("model", ["tinylm:\u00b2", "tinylm:\u0661", "tinylm\n", "x" * 20_000])
+async def test_odd_model_refs_are_invalid_argument_with_a_short_message(
+    stub: gateway_pb2_grpc.InferenceGatewayAsyncStub, model: str
+) -> None:
+    error = await _generate_error(stub, model=model)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error.details() or "") < 200
+
+
+async def test_a_tiny_temperature_is_near_greedy_not_an_error(
+    stub: gateway_pb2_grpc.InferenceGatewayAsyncStub,
+) -> None:
+    def request(temperature: float) -> inference_pb2.GenerateRequest:
+        return inference_pb2.GenerateRequest(
+            model="tinylm", prompt="ROMEO:", max_tokens=20, temperature=temperature
+        )
+
+    tiny = [c async for c in stub.Generate(request(1e-40))]
+    greedy = [c async for c in stub.Generate(request(0.0))]
+    assert [list(c.token_ids) for c in tiny] == [list(c.token_ids) for c in greedy]

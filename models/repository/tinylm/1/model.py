@@ -30,6 +30,7 @@ import triton_python_backend_utils as pb_utils
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
 MAX_STOP_STRINGS = 16
+MIN_TEMPERATURE = 1e-4
 
 
 def _load_arch(version_dir: Path) -> ModuleType:
@@ -165,9 +166,10 @@ class TritonPythonModel:
         del self.tokens_metric, self.finished
         del self.tokens_family, self.finished_family
 
-    def _count(self, metric: Any) -> None:
-        with self.metrics_lock:
-            metric.increment(1)
+    def _count(self, metric: Any, amount: int = 1) -> None:
+        if amount:
+            with self.metrics_lock:
+                metric.increment(amount)
 
     def _serve(self, request: Any) -> None:
         sender = request.get_response_sender()
@@ -248,7 +250,9 @@ class TritonPythonModel:
         )
 
     def _sample(self, logits: torch.Tensor, p: Params, gen: torch.Generator) -> int:
-        if p.temperature == 0:
+        # Sampling tends to argmax as the temperature falls; below this, dividing by it
+        # overflows float32 logits to inf, so it is greedy.
+        if p.temperature < MIN_TEMPERATURE:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
         if 0 < p.top_k < logits.numel():
@@ -274,40 +278,44 @@ class TritonPythonModel:
         n_prompt = len(p.prompt)
         tokens = torch.tensor([list(p.prompt)], dtype=torch.long)
         past = None
-        for completion in range(1, p.max_tokens + 1):
-            if request.is_cancelled():
-                self._finish_cancelled(sender, matcher, decoder, n_prompt, completion - 1)
-                return
-            logits, past = self.model(tokens, past)
-            token = self._sample(logits[0, -1], p, gen)
-            self._count(self.tokens_metric)
-            if token == self.eos:
-                text = matcher.flush() + decoder.decode(b"", final=True)
-                self._send_final(sender, text, [token], "eos", n_prompt, completion)
-                return
-            text, stopped = matcher.push(decoder.decode(bytes([token])))
-            if stopped:
-                self._send_final(sender, text, [token], "stop", n_prompt, completion)
-                return
-            if completion == p.max_tokens:
-                text += matcher.flush() + decoder.decode(b"", final=True)
-                self._send_final(sender, text, [token], "length", n_prompt, completion)
-                return
-            sender.send(_response(text, [token], "", n_prompt, completion))
-            tokens = torch.tensor([[token]], dtype=torch.long)
-
-    def _send_final(
-        self, sender: Any, text: str, ids: list[int], finish: str, prompt: int, completion: int
-    ) -> None:
-        self._count(self.finished[finish])
-        sender.send(_response(text, ids, finish, prompt, completion), flags=FINAL)
-
-    def _finish_cancelled(
-        self, sender: Any, matcher: StopMatcher, decoder: Any, prompt: int, completion: int
-    ) -> None:
-        self._count(self.finished["cancelled"])
-        text = matcher.flush() + decoder.decode(b"", final=True)
+        generated, finish, text, last = 0, "", "", []
         try:
-            sender.send(_response(text, [], "cancelled", prompt, completion), flags=FINAL)
+            for completion in range(1, p.max_tokens + 1):
+                if request.is_cancelled():
+                    finish, last = "cancelled", []
+                    break
+                logits, past = self.model(tokens, past)
+                token = self._sample(logits[0, -1], p, gen)
+                generated, last = completion, [token]
+                if token == self.eos:
+                    finish = "eos"
+                    break
+                text, stopped = matcher.push(decoder.decode(bytes([token])))
+                if stopped:
+                    finish = "stop"
+                    break
+                if completion == p.max_tokens:
+                    finish = "length"
+                    break
+                sender.send(_response(text, last, "", n_prompt, completion))
+                tokens = torch.tensor([[token]], dtype=torch.long)
+        except BaseException:
+            self._count(self.tokens_metric, generated)
+            raise
+        if finish in ("eos", "cancelled"):
+            text = ""  # neither produced text of its own; only what was held back goes out
+        if finish != "stop":
+            text += matcher.flush() + decoder.decode(b"", final=True)
+        # Tokens are counted once per request, not per token (each update is a round
+        # trip to Triton, under a lock the generation threads share), and before the
+        # finish, so whoever sees the finish counted also sees its tokens.
+        self._count(self.tokens_metric, generated)
+        self._count(self.finished[finish])
+        final = _response(text, last, finish, n_prompt, generated)
+        if finish != "cancelled":
+            sender.send(final, flags=FINAL)
+            return
+        try:
+            sender.send(final, flags=FINAL)
         except Exception as exc:  # the client is usually gone by now
             pb_utils.Logger.log_verbose(f"tinylm: final response after cancel not sent: {exc!r}")
