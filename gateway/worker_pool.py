@@ -48,6 +48,19 @@ class WorkerEndpoint:
         self.serving = False
         self.outstanding = 0
         self.ejected_until = 0.0
+        self._watch = asyncio.create_task(self._watch_health(), name=f"health-watch-{address}")
+
+    async def _watch_health(self) -> None:
+        # Follows the worker's health stream, so a worker that starts draining
+        # (NOT_SERVING) stops getting calls at once rather than at the next refresh.
+        request = health_pb2.HealthCheckRequest()
+        while True:
+            try:
+                async for response in self._health.Watch(request):
+                    self.serving = response.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                self.serving = False
+            await asyncio.sleep(1.0)
 
     def available(self, now: float) -> bool:
         return self.serving and now >= self.ejected_until
@@ -83,6 +96,9 @@ class WorkerEndpoint:
             self.ejected_until = 0.0  # reachable and serving again
 
     async def close(self) -> None:
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
         await self.channel.close(None)
 
 

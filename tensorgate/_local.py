@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -20,13 +19,8 @@ from pathlib import Path
 from typing import IO
 
 from tensorgate._exceptions import TensorgateClientError
+from tensorgate._process import die_with_parent
 from tensorgate.client import GatewayClient
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -66,15 +60,12 @@ class LocalPlatform:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         output: IO[bytes] | None = self._log
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            *args,
+            *die_with_parent([sys.executable, "-m", *args]),
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=output,
             stderr=output,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         self._processes.append((name, process))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import os
 import shutil
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("tensorgate.triton")
+from tensorgate._process import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+log = structlog.get_logger("tensorgate.triton")
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if the worker dies without cleaning up,
-    # the kernel sends Triton SIGTERM instead of leaving it orphaned.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class BundledTriton:
@@ -146,14 +139,14 @@ class BundledTriton:
         ]
         log_file = self.log_path.open("ab")
         try:
+            # Dies with the worker even if the worker is killed without cleaning up.
             self._process = await asyncio.create_subprocess_exec(
-                *args,
+                *die_with_parent(args),
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self._environment(paths),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log_file.close()

@@ -1,0 +1,17 @@
+"""Child processes that do not outlive their parent."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` wrapped so that the kernel sends it SIGTERM if this process dies first.
+
+    util-linux's setpriv sets PR_SET_PDEATHSIG and then execs the command, so no
+    Python code runs in the forked child (a preexec_fn would, which is unsafe in a
+    process that has gRPC's threads). Without setpriv the command runs unwrapped.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
