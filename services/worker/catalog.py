@@ -24,6 +24,7 @@ class LoadedModel:
     info: inference_pb2.ModelInfo
     decoupled: bool
     tokenizer: str
+    output_names: frozenset[str]
 
     @property
     def label(self) -> str:
@@ -66,7 +67,12 @@ def loaded_model(version: int, config: model_config_pb2.ModelConfig) -> LoadedMo
         max_batch_size=config.max_batch_size,
         context_length=int(params.get("context_length", "0") or 0),
     )
-    return LoadedModel(info=info, decoupled=decoupled, tokenizer=params.get("tokenizer", ""))
+    return LoadedModel(
+        info=info,
+        decoupled=decoupled,
+        tokenizer=params.get("tokenizer", ""),
+        output_names=frozenset(o.name for o in config.output),
+    )
 
 
 class ModelCatalog:

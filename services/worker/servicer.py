@@ -64,13 +64,12 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         missing = [s.name for s in model.info.inputs if not s.optional and s.name not in given]
         if missing:
             raise InvalidArgument("inputs", f"{model.label} needs input(s) {', '.join(missing)}")
-        known_outputs = {s.name for s in model.info.outputs}
         for name in request.outputs:
-            if name not in known_outputs:
+            if name not in model.output_names:
                 raise InvalidArgument(
                     "outputs",
                     f"{model.label} has no output {shown(name)} "
-                    f"(outputs: {', '.join(sorted(known_outputs))})",
+                    f"(outputs: {', '.join(sorted(model.output_names))})",
                 )
         structlog.contextvars.bind_contextvars(resolved=model.label)
         triton_request = to_triton_request(model.info.name, model.info.version, request)

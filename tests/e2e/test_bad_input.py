@@ -158,3 +158,17 @@ async def test_a_tiny_temperature_is_near_greedy_not_an_error(
     tiny = [c async for c in stub.Generate(request(1e-40))]
     greedy = [c async for c in stub.Generate(request(0.0))]
     assert [list(c.token_ids) for c in tiny] == [list(c.token_ids) for c in greedy]
+
+
+async def test_an_unknown_output_is_invalid_argument_and_a_known_one_is_returned_alone(
+    stub: gateway_pb2_grpc.InferenceGatewayAsyncStub,
+) -> None:
+    image = to_tensor("image", np.zeros((1, 64), np.float32))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Infer(inference_pb2.InferRequest(model="digits", inputs=[image], outputs=["x"]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has no output 'x' (outputs: label, probabilities)" in (error.value.details() or "")
+    response = await stub.Infer(
+        inference_pb2.InferRequest(model="digits", inputs=[image], outputs=["label"])
+    )
+    assert [t.name for t in response.outputs] == ["label"]
