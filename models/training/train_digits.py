@@ -10,29 +10,16 @@ accuracy and writes `models/repository/digits/1/digits.pt`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from arch import load_arch  # the sibling models/training/arch.py
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 MODELS = Path(__file__).resolve().parents[1]
-ARCH_PATH = MODELS / "repository" / "digits" / "1" / "digits_arch.py"
 OUT = MODELS / "repository" / "digits" / "1" / "digits.pt"
-
-
-def load_arch() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("digits_arch", ARCH_PATH)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {ARCH_PATH}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["digits_arch"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -42,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
 
-    arch = load_arch()
+    arch = load_arch("digits")
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     digits = load_digits()

@@ -14,34 +14,20 @@ model learns to stop after a speech: generation can finish with "eos".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from arch import load_arch  # the sibling models/training/arch.py
 
 MODELS = Path(__file__).resolve().parents[1]
-ARCH_PATH = MODELS / "repository" / "tinylm" / "1" / "tinylm_arch.py"
 CORPUS = MODELS / "data" / "corpus.txt"
 OUT = MODELS / "repository" / "tinylm" / "1" / "tinylm.pt"
 
 
-def load_arch() -> ModuleType:
-    """Import the one architecture module by path (the repository is not a package)."""
-    spec = importlib.util.spec_from_file_location("tinylm_arch", ARCH_PATH)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {ARCH_PATH}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tinylm_arch"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-arch = load_arch()
+arch = load_arch("tinylm")
 
 
 def encode_corpus(text: str) -> torch.Tensor:
