@@ -31,7 +31,7 @@ test: setup lint $(NODE_CLIENT)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway tensorgate tools bench tests
+	$(VENV)/bin/mypy services gateway tensorgate tools bench tests models/training
 
 protos: setup
 	$(PY) tools/gen_protos.py
