@@ -16,7 +16,7 @@ import datetime as dt
 import platform
 import sys
 import tempfile
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -54,27 +54,14 @@ async def bench_unary(
     ):
         triton_stub = service_pb2_grpc.GRPCInferenceServiceStub(triton)
         gateway_stub = gateway_pb2_grpc.InferenceGatewayStub(front)
+        calls = {
+            "direct": lambda: triton_stub.ModelInfer(direct_request),
+            "gateway": lambda: gateway_stub.Infer(gateway_request),
+        }
         for concurrency in (1, 16):
-            rows.append(
-                (
-                    "direct",
-                    await unary_load(
-                        lambda: triton_stub.ModelInfer(direct_request),
-                        concurrency=concurrency,
-                        seconds=seconds,
-                    ),
-                )
-            )
-            rows.append(
-                (
-                    "gateway",
-                    await unary_load(
-                        lambda: gateway_stub.Infer(gateway_request),
-                        concurrency=concurrency,
-                        seconds=seconds,
-                    ),
-                )
-            )
+            for path, call in calls.items():
+                result = await unary_load(call, concurrency=concurrency, seconds=seconds)
+                rows.append((path, result))
     return rows
 
 
@@ -86,26 +73,19 @@ async def bench_stream(
     )
     direct_request = to_triton_stream_request(catalog.resolve("tinylm"), request)
 
-    async def direct() -> tuple[float, float, int]:
-        started, first, count = time.perf_counter(), 0.0, 0
+    async def direct() -> AsyncIterator[inference_pb2.GenerateChunk]:
+        # The same decoding the worker does, so both paths count tokens alike.
         async for response in triton.stream(direct_request, timeout=120):
-            count += len(to_chunk("tinylm:1", response).token_ids)
-            first = first or time.perf_counter() - started
-        return first, time.perf_counter() - started, count
+            yield to_chunk("tinylm:1", response)
 
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
-
-        async def through_gateway() -> tuple[float, float, int]:
-            started, first, count = time.perf_counter(), 0.0, 0
-            async for chunk in stub.Generate(request, timeout=120):
-                count += len(chunk.token_ids)
-                first = first or time.perf_counter() - started
-            return first, time.perf_counter() - started, count
-
         return [
             ("direct", await stream_load(direct, streams=streams)),
-            ("gateway", await stream_load(through_gateway, streams=streams)),
+            (
+                "gateway",
+                await stream_load(lambda: stub.Generate(request, timeout=120), streams=streams),
+            ),
         ]
 
 

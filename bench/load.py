@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from tensorgate.inference.v1 import inference_pb2
 
 
 @dataclass(frozen=True)
@@ -58,14 +60,23 @@ class StreamResult:
     tokens: int
 
 
+async def _timed(chunks: AsyncIterable[inference_pb2.GenerateChunk]) -> tuple[float, float, int]:
+    """(seconds to the first chunk, seconds in all, tokens) of one generation."""
+    started, first, count = time.perf_counter(), 0.0, 0
+    async for chunk in chunks:
+        count += len(chunk.token_ids)
+        first = first or time.perf_counter() - started
+    return first, time.perf_counter() - started, count
+
+
 async def stream_load(
-    stream: Callable[[], Awaitable[tuple[float, float, int]]], *, streams: int
+    stream: Callable[[], AsyncIterable[inference_pb2.GenerateChunk]], *, streams: int
 ) -> StreamResult:
-    """`stream` runs one generation and returns (first token s, total s, tokens)."""
-    await stream()  # warm-up
+    """Runs `streams` generations one after another, after one to warm up."""
+    await _timed(stream())
     firsts, rates, tokens = [], [], 0
     for _ in range(streams):
-        first, total, count = await stream()
+        first, total, count = await _timed(stream())
         firsts.append(first * 1000)
         rates.append(count / total)
         tokens += count

@@ -12,22 +12,14 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import IO
 
 from tensorgate._exceptions import TensorgateClientError
-from tensorgate._process import die_with_parent
+from tensorgate._process import die_with_parent, free_port
 from tensorgate.client import GatewayClient
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class LocalPlatform:

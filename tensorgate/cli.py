@@ -22,6 +22,7 @@ import numpy as np
 
 from tensorgate._exceptions import TensorgateClientError
 from tensorgate._local import LocalPlatform
+from tensorgate._tensors import NUMPY_TYPES
 from tensorgate.client import GatewayClient
 from tensorgate.inference.v1 import inference_pb2
 
@@ -120,10 +121,7 @@ async def _infer(args: argparse.Namespace) -> int:
         arrays = {}
         for name, value in _parse_inputs(args.input).items():
             spec = next((s for s in info.inputs if s.name == name), None) if info else None
-            dtype = {"FP32": np.float32, "INT32": np.int32, "INT64": np.int64}.get(
-                spec.datatype if spec else ""
-            )
-            arrays[name] = np.asarray(value, dtype=dtype)
+            arrays[name] = np.asarray(value, dtype=NUMPY_TYPES.get(spec.datatype) if spec else None)
         outputs = await client.infer(args.model, arrays)
     print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
     return 0

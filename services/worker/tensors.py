@@ -12,24 +12,11 @@ from collections.abc import Sequence
 from tritonclient.grpc import service_pb2
 
 from services.runtime.errors import InvalidArgument
-from tensorgate._tensors import decode_bytes
+from tensorgate._tensors import NUMPY_TYPES, decode_bytes
 from tensorgate.inference.v1 import inference_pb2
 
-ELEMENT_SIZE = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "INT8": 1,
-    "UINT16": 2,
-    "INT16": 2,
-    "FP16": 2,
-    "BF16": 2,
-    "UINT32": 4,
-    "INT32": 4,
-    "FP32": 4,
-    "UINT64": 8,
-    "INT64": 8,
-    "FP64": 8,
-}
+# BF16 has no numpy type; every other numeric datatype's size is its numpy itemsize.
+ELEMENT_SIZE = {datatype: dtype.itemsize for datatype, dtype in NUMPY_TYPES.items()} | {"BF16": 2}
 
 
 def check_input(

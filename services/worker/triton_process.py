@@ -15,7 +15,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import sys
 import sysconfig
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from tensorgate._process import die_with_parent
+from tensorgate._process import die_with_parent, free_port
 
 log = structlog.get_logger("tensorgate.triton")
 
@@ -58,13 +57,6 @@ class TritonPaths:
             if not path.exists():
                 raise RuntimeError(f"bundled Triton is incomplete: {path} is missing")
         return paths
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class BundledTriton:

@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tensorgate._local import free_port
+from tensorgate._process import free_port
 from tests.helpers import metric_value, process_alive, process_command, scrape
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+
 from tensorgate import GatewayClient
 from tensorgate.inference.v1 import inference_pb2
 
@@ -69,11 +74,6 @@ async def test_explicit_version_and_sampling_filters(client: GatewayClient) -> N
 
 
 async def test_unary_infer_through_the_gateway(client: GatewayClient) -> None:
-    import json
-    from pathlib import Path
-
-    import numpy as np
-
     rows = json.loads((Path(__file__).parents[2] / "models/examples/digits.json").read_text())
     outputs = await client.infer("digits", {"image": np.asarray(rows, dtype=np.float32)})
     assert outputs["label"].ravel().tolist() == [0, 1, 2, 3]

@@ -7,33 +7,21 @@ Dynamic batching may hand `execute` several requests at once: they run as one te
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+# The Python backend puts this version folder on sys.path: the one architecture
+# definition, shared with models/training, sits beside this file.
+import digits_arch
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 
-def _load_arch(version_dir: Path) -> ModuleType:
-    """Import the sibling digits_arch.py by path: the stub does not put this folder on sys.path."""
-    path = version_dir / "digits_arch.py"
-    spec = importlib.util.spec_from_file_location("digits_arch", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["digits_arch"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.model = _load_arch(version_dir).load_checkpoint(version_dir / "digits.pt")
+        self.model = digits_arch.load_checkpoint(version_dir / "digits.pt")
         torch.set_num_threads(1)
 
     def execute(self, requests: list[Any]) -> list[Any]:

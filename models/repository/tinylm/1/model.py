@@ -12,18 +12,19 @@ returns at once and a long generation does not hold back the requests behind it.
 from __future__ import annotations
 
 import codecs
-import importlib.util
 import json
 import math
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+# The Python backend puts this version folder on sys.path: the one architecture
+# definition, shared with models/training, sits beside this file.
+import tinylm_arch
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -31,18 +32,6 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
 MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE = 1e-4
-
-
-def _load_arch(version_dir: Path) -> ModuleType:
-    """Import the sibling tinylm_arch.py by path: the stub does not put this folder on sys.path."""
-    path = version_dir / "tinylm_arch.py"
-    spec = importlib.util.spec_from_file_location("tinylm_arch", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tinylm_arch"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class RequestError(ValueError):
@@ -116,7 +105,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.arch = _load_arch(version_dir)
+        self.arch = tinylm_arch
         self.model = self.arch.load_checkpoint(version_dir / "tinylm.pt")
         self.context_length = int(params["context_length"])
         if self.context_length != self.model.cfg.context_length:
