@@ -3,13 +3,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sdk/pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: setup demo up test lint typecheck protos check-protos bench models clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ./sdk -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 NODE_CLIENT := tests/node/node_modules/.package-lock.json
@@ -31,7 +31,7 @@ test: setup lint $(NODE_CLIENT)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway tensorgate tools bench tests models/training
+	$(VENV)/bin/mypy services gateway launcher sdk/tensorgate tools bench tests models/training
 
 protos: setup
 	$(PY) tools/gen_protos.py

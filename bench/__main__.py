@@ -21,18 +21,18 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from tensorgate import to_tensor
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench.load import StreamResult, UnaryResult, stream_load, unary_load
+from launcher.local import LocalPlatform
 from services.worker.catalog import ModelCatalog
 from services.worker.generation import to_chunk, to_triton_stream_request
 from services.worker.server import load_catalog
 from services.worker.triton_client import TritonConnection
 from services.worker.triton_process import BundledTriton
-from tensorgate import to_tensor
-from tensorgate._local import LocalPlatform
-from tensorgate.gateway.v1 import gateway_pb2_grpc
-from tensorgate.inference.v1 import inference_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "ROMEO:\n"

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
-
 from tensorgate.inference.v1 import inference_pb2
 
 

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
 from gateway.discovery import StaticDiscovery
 from gateway.metrics import GatewayMetrics
 from gateway.servicer import InferenceGatewayServicer
@@ -14,7 +16,6 @@ from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
 from services.runtime.main import run_service
 from services.runtime.server import GrpcService
-from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
 

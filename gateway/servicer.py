@@ -8,15 +8,15 @@ from typing import Any
 
 import grpc
 import structlog
+from tensorgate.errors import metadata_value
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.model_ref import ModelRef
 
 from gateway.metrics import GatewayMetrics
-from gateway.model_ref import ModelRef
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
 from services.runtime.errors import Cancelled, DeadlineExceeded, Unavailable, UpstreamError
 from services.runtime.interceptors import REQUEST_ID_KEY, current_request_id
-from tensorgate._exceptions import metadata_value
-from tensorgate.gateway.v1 import gateway_pb2_grpc
-from tensorgate.inference.v1 import inference_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

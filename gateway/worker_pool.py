@@ -17,12 +17,12 @@ from contextlib import contextmanager
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.model_ref import ModelRef
+from tensorgate.worker.v1 import worker_pb2_grpc
 
 from gateway.discovery import Discovery
-from gateway.model_ref import ModelRef
 from services.runtime.errors import NotFound, Unavailable
-from tensorgate.inference.v1 import inference_pb2
-from tensorgate.worker.v1 import worker_pb2_grpc
 
 log = structlog.get_logger("tensorgate.gateway.pool")
 

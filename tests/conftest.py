@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tensorgate import AsyncGatewayClient
 
 from gateway.server import Gateway, start_gateway
 from gateway.settings import GatewaySettings
@@ -14,7 +15,6 @@ from services.runtime.logging import configure_logging
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
 from services.worker.triton_process import BundledTriton
-from tensorgate.client import GatewayClient
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO / "models" / "repository"
@@ -61,6 +61,6 @@ async def gateway(worker: Worker) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture(scope="session")
-async def client(gateway: Gateway) -> AsyncIterator[GatewayClient]:
-    async with GatewayClient(gateway.address) as connected:
+async def client(gateway: Gateway) -> AsyncIterator[AsyncGatewayClient]:
+    async with AsyncGatewayClient(gateway.address) as connected:
         yield connected

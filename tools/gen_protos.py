@@ -1,6 +1,7 @@
 """Generates the Python code for every .proto under protos/ (one command: `make protos`).
 
-The generated modules land under tensorgate/<service>/v1/ so that users import
+The generated modules land under sdk/tensorgate/<service>/v1/ (the SDK carries the
+contract) so that users import
 `tensorgate.gateway.v1.gateway_pb2_grpc`. They are committed, never edited by
 hand, and tests/unit/test_proto_drift.py fails when they differ from what this
 script produces.
@@ -18,6 +19,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
+SDK = ROOT / "sdk"
 
 
 def proto_files() -> list[Path]:
@@ -65,7 +67,7 @@ def generated_files(root: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: repo root)")
+    parser.add_argument("--out", type=Path, default=SDK, help="output root (default: sdk/)")
     args = parser.parse_args()
     files = generate(args.out)
     print(f"generated {len(files)} files from {len(proto_files())} protos under {args.out}")

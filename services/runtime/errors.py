@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
-from tensorgate._exceptions import metadata_value
+from tensorgate.errors import metadata_value
+from tensorgate.model_ref import InvalidModelRef
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
@@ -137,3 +137,16 @@ class ResourceExhausted(TensorgateError):
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
         return (quota, retry)
+
+
+def as_domain_error(exc: BaseException) -> TensorgateError | None:
+    """`exc` as the most specific domain error, or None if it is a bug (-> INTERNAL).
+
+    The one table for foreign errors whose meaning is known: the contract's
+    helpers raise plain ValueErrors so that they need nothing from the services.
+    """
+    if isinstance(exc, TensorgateError):
+        return exc
+    if isinstance(exc, InvalidModelRef):
+        return InvalidArgument("model", str(exc))
+    return None

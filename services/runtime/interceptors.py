@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from services.runtime.errors import InvalidArgument, TensorgateError
+from services.runtime.errors import InvalidArgument, as_domain_error
 from services.runtime.metrics import ServiceMetrics
 
 REQUEST_ID_KEY = "x-request-id"
@@ -97,7 +97,9 @@ class _Call:
 
     async def fail(self, exc: BaseException) -> None:
         """Maps `exc` to a status and aborts the call with it (abort raises)."""
-        if isinstance(exc, TensorgateError):
+        domain = as_domain_error(exc)
+        if domain is not None:
+            exc = domain
             trailers = ((REQUEST_ID_KEY, self.request_id), *exc.trailers())
             self.context.set_trailing_metadata(trailers)
             await self.context.abort(exc.code, exc.message)
@@ -155,7 +157,8 @@ def _wrap_unary(
             code = _final_code(context)
             raise
         except Exception as exc:
-            code = exc.code if isinstance(exc, TensorgateError) else grpc.StatusCode.INTERNAL
+            domain = as_domain_error(exc)
+            code = domain.code if domain is not None else grpc.StatusCode.INTERNAL
             await call.fail(exc)
         finally:
             call.finish(code)
@@ -182,7 +185,8 @@ def _wrap_stream(
             code = _final_code(context)
             raise
         except Exception as exc:
-            code = exc.code if isinstance(exc, TensorgateError) else grpc.StatusCode.INTERNAL
+            domain = as_domain_error(exc)
+            code = domain.code if domain is not None else grpc.StatusCode.INTERNAL
             await call.fail(exc)
         finally:
             call.finish(code)

@@ -7,14 +7,14 @@ tokenizer, description) come from the config's `parameters`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.model_ref import ModelRef
 from tritonclient.grpc import model_config_pb2
 
 from services.runtime.errors import InvalidArgument, NotFound, shown
-from tensorgate.inference.v1 import inference_pb2
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,16 @@ class ModelCatalog:
         return [m for versions in self._by_name.values() for _, m in sorted(versions.items())]
 
     def resolve(self, ref: str) -> LoadedModel:
-        name, _, version_text = ref.partition(":")
-        if not name:
-            raise InvalidArgument("model", "must name a model, e.g. 'tinylm' or 'tinylm:1'")
-        versions = self._by_name.get(name)
+        """The loaded version `ref` names ("name" means the newest loaded version)."""
+        parsed = ModelRef.parse(ref)
+        if parsed.alias is not None:
+            raise InvalidArgument("model", "aliases are resolved by the gateway; send name:version")
+        versions = self._by_name.get(parsed.name)
         if not versions:
-            raise NotFound(f"model {shown(name)} is not loaded on this worker")
-        if not version_text:
+            raise NotFound(f"model {shown(parsed.name)} is not loaded on this worker")
+        if parsed.version is None:
             return versions[max(versions)]
-        if not re.fullmatch(r"[0-9]{1,18}", version_text):
-            raise InvalidArgument("model", f"version in {shown(ref)} must be a positive integer")
-        model = versions.get(int(version_text))
+        model = versions.get(parsed.version)
         if model is None:
-            raise NotFound(f"model {shown(name)} has no loaded version {version_text}")
+            raise NotFound(f"model {shown(parsed.name)} has no loaded version {parsed.version}")
         return model

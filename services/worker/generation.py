@@ -13,12 +13,12 @@ import math
 import struct
 
 import numpy as np
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.tensors import decode_bytes, encode_bytes
 from tritonclient.grpc import service_pb2
 
 from services.runtime.errors import InvalidArgument
 from services.worker.catalog import LoadedModel
-from tensorgate._tensors import decode_bytes, encode_bytes
-from tensorgate.inference.v1 import inference_pb2
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_LENGTH = 64

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
+from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
@@ -17,7 +18,6 @@ from services.worker.servicer import InferenceWorkerServicer
 from services.worker.settings import WorkerSettings
 from services.worker.triton_client import TritonConnection
 from services.worker.triton_process import BundledTriton
-from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger("tensorgate.worker")
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import grpc
 import structlog
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.worker.v1 import worker_pb2_grpc
 
 from services.runtime.errors import InvalidArgument, shown
 from services.worker.catalog import ModelCatalog
 from services.worker.generation import check_generate, to_chunk, to_triton_stream_request
 from services.worker.tensors import check_input, from_triton_response, to_triton_request
 from services.worker.triton_client import TritonConnection
-from tensorgate.inference.v1 import inference_pb2
-from tensorgate.worker.v1 import worker_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.tensors import NUMPY_TYPES, decode_bytes
 from tritonclient.grpc import service_pb2
 
 from services.runtime.errors import InvalidArgument
-from tensorgate._tensors import NUMPY_TYPES, decode_bytes
-from tensorgate.inference.v1 import inference_pb2
 
 # BF16 has no numpy type; every other numeric datatype's size is its numpy itemsize.
 ELEMENT_SIZE = {datatype: dtype.itemsize for datatype, dtype in NUMPY_TYPES.items()} | {"BF16": 2}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from tensorgate._process import die_with_parent, free_port
+from services.runtime.process import die_with_parent, free_port
 
 log = structlog.get_logger("tensorgate.triton")
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
-from gateway.server import SERVICE_NAME, Gateway
-from services.worker.server import Worker
 from tensorgate import to_tensor
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
+
+from gateway.server import SERVICE_NAME, Gateway
+from services.worker.server import Worker
 from tests.helpers import health_status
 
 

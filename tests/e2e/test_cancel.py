@@ -9,11 +9,11 @@ import grpc
 import pytest
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
 
 from gateway.server import Gateway
 from services.worker.triton_process import BundledTriton
-from tensorgate.gateway.v1 import gateway_pb2_grpc
-from tensorgate.inference.v1 import inference_pb2
 from tests.helpers import metric_value, scrape
 
 GENERATE = "/tensorgate.gateway.v1.InferenceGateway/Generate"

@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tensorgate._process import free_port
+from services.runtime.process import free_port
 from tests.helpers import metric_value, process_alive, process_command, scrape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ async def _run(*args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tensorgate.cli",
+        "launcher.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -71,7 +71,7 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
     up = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tensorgate.cli",
+        "launcher.cli",
         "up",
         "--port",
         str(port),

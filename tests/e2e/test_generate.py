@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from tensorgate import GatewayClient
+from tensorgate import AsyncGatewayClient
 from tensorgate.inference.v1 import inference_pb2
 
 PROMPT = "ROMEO:\nBut soft"
@@ -19,12 +18,12 @@ FINISHED = {
 
 
 async def _collect(
-    client: GatewayClient, prompt: str = PROMPT, **kwargs: object
+    client: AsyncGatewayClient, prompt: str = PROMPT, **kwargs: object
 ) -> list[inference_pb2.GenerateChunk]:
     return [chunk async for chunk in client.generate("tinylm", prompt, **kwargs)]  # type: ignore[arg-type]
 
 
-async def test_stream_usage_matches_what_was_streamed(client: GatewayClient) -> None:
+async def test_stream_usage_matches_what_was_streamed(client: AsyncGatewayClient) -> None:
     chunks = await _collect(client, max_tokens=48, temperature=0.8, seed=11)
     last = chunks[-1]
     assert last.finish_reason in FINISHED
@@ -41,7 +40,7 @@ async def test_stream_usage_matches_what_was_streamed(client: GatewayClient) -> 
     assert {c.model for c in chunks} == {"tinylm:1"}
 
 
-async def test_same_seed_same_text_other_seed_other_text(client: GatewayClient) -> None:
+async def test_same_seed_same_text_other_seed_other_text(client: AsyncGatewayClient) -> None:
     def text(chunks: list[inference_pb2.GenerateChunk]) -> str:
         return "".join(c.text for c in chunks)
 
@@ -52,7 +51,9 @@ async def test_same_seed_same_text_other_seed_other_text(client: GatewayClient) 
     assert first != other
 
 
-async def test_stop_sequence_ends_generation_without_the_stop_text(client: GatewayClient) -> None:
+async def test_stop_sequence_ends_generation_without_the_stop_text(
+    client: AsyncGatewayClient,
+) -> None:
     greedy = await _collect(client, max_tokens=60, temperature=0.0)
     full = "".join(c.text for c in greedy)
     assert len(full) > 12
@@ -62,7 +63,7 @@ async def test_stop_sequence_ends_generation_without_the_stop_text(client: Gatew
     assert "".join(c.text for c in stopped) == full[: full.index(stop)]
 
 
-async def test_explicit_version_and_sampling_filters(client: GatewayClient) -> None:
+async def test_explicit_version_and_sampling_filters(client: AsyncGatewayClient) -> None:
     chunks = [
         c
         async for c in client.generate(
@@ -73,12 +74,12 @@ async def test_explicit_version_and_sampling_filters(client: GatewayClient) -> N
     assert chunks[-1].model == "tinylm:1"
 
 
-async def test_unary_infer_through_the_gateway(client: GatewayClient) -> None:
+async def test_unary_infer_through_the_gateway(client: AsyncGatewayClient) -> None:
     rows = json.loads((Path(__file__).parents[2] / "models/examples/digits.json").read_text())
     outputs = await client.infer("digits", {"image": np.asarray(rows, dtype=np.float32)})
     assert outputs["label"].ravel().tolist() == [0, 1, 2, 3]
 
 
-async def test_list_models_through_the_gateway(client: GatewayClient) -> None:
+async def test_list_models_through_the_gateway(client: AsyncGatewayClient) -> None:
     names = {(m.name, m.version, m.task) for m in await client.list_models()}
     assert {("tinylm", 1, "generate"), ("digits", 1, "infer")} <= names

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
 
 from gateway import server as gateway_server
 from gateway.settings import GatewaySettings
 from services.worker import server as worker_server
 from services.worker.triton_client import TritonConnection
 from services.worker.triton_process import BundledTriton
-from tensorgate.gateway.v1 import gateway_pb2_grpc
-from tensorgate.inference.v1 import inference_pb2
 from tests.conftest import worker_settings
 from tests.helpers import health_status
 

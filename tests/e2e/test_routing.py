@@ -10,13 +10,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from tensorgate import AsyncGatewayClient, TensorgateClientError
 
 from gateway.server import start_gateway
 from gateway.settings import GatewaySettings
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
 from services.worker.triton_process import BundledTriton
-from tensorgate import GatewayClient, TensorgateClientError
 from tests.conftest import worker_settings
 from tests.helpers import metric_value, scrape
 
@@ -43,7 +43,7 @@ async def test_unary_call_is_retried_on_another_worker(worker: Worker, tmp_path:
         assert doomed.bundled is not None and doomed.bundled.pid is not None
         os.kill(doomed.bundled.pid, signal.SIGKILL)
         await doomed.bundled.wait_exited()
-        async with GatewayClient(gateway.address) as client:
+        async with AsyncGatewayClient(gateway.address) as client:
             outputs = await client.infer("digits", {"image": np.zeros((1, 64), np.float32)})
         assert outputs["label"].shape == (1, 1)
         assert gateway.service.metrics_endpoint is not None
@@ -62,7 +62,7 @@ async def test_model_whose_only_worker_is_down_is_unavailable(triton: BundledTri
     gateway = await start_gateway(_gateway_settings(doomed.address))
     try:
         await doomed.stop()
-        async with GatewayClient(gateway.address) as client:
+        async with AsyncGatewayClient(gateway.address) as client:
             with pytest.raises(TensorgateClientError) as error:
                 await client.infer("digits", {"image": np.zeros((1, 64), np.float32)})
             assert error.value.code == grpc.StatusCode.UNAVAILABLE
@@ -81,7 +81,7 @@ async def test_a_draining_worker_gets_no_new_calls(triton: BundledTriton) -> Non
     try:
         stopping = asyncio.create_task(draining.stop())
         await asyncio.sleep(0.5)  # inside the drain: the worker still answers, but says NOT_SERVING
-        async with GatewayClient(gateway.address) as client:
+        async with AsyncGatewayClient(gateway.address) as client:
             with pytest.raises(TensorgateClientError) as error:
                 await client.infer("digits", {"image": np.zeros((1, 64), np.float32)})
         assert error.value.code == grpc.StatusCode.UNAVAILABLE

@@ -8,11 +8,11 @@ import grpc
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
-
-from services.worker.server import SERVICE_NAME, Worker
 from tensorgate import from_tensor, to_tensor
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.worker.v1 import worker_pb2_grpc
+
+from services.worker.server import SERVICE_NAME, Worker
 from tests.helpers import health_status
 
 

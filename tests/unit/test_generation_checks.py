@@ -5,13 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.tensors import encode_bytes
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from services.runtime.errors import InvalidArgument
 from services.worker.catalog import ModelCatalog, loaded_model
 from services.worker.generation import check_generate, to_chunk, to_triton_stream_request
-from tensorgate._tensors import encode_bytes
-from tensorgate.inference.v1 import inference_pb2
 
 
 def _config(name: str, *, decoupled: bool, task: str) -> model_config_pb2.ModelConfig:

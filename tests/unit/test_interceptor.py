@@ -9,12 +9,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from tensorgate.errors import metadata_value
 
 from services.runtime.errors import InvalidArgument, ResourceExhausted
 from services.runtime.metrics import ServiceMetrics
 from services.runtime.server import GrpcService
 from services.runtime.settings import ServiceSettings
-from tensorgate._exceptions import metadata_value
 
 
 async def _boom(request: bytes, context: Any) -> bytes:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from gateway.model_ref import ModelRef
-from services.runtime.errors import InvalidArgument
+from tensorgate.model_ref import InvalidModelRef, ModelRef
 
 
 @pytest.mark.parametrize(
@@ -37,6 +35,6 @@ def test_parses(text: str, expected: ModelRef) -> None:
     ],
 )
 def test_refuses_malformed(text: str) -> None:
-    with pytest.raises(InvalidArgument) as error:
+    with pytest.raises(InvalidModelRef) as error:
         ModelRef.parse(text)
-    assert error.value.violations[0].field == "model"
+    assert str(error.value)

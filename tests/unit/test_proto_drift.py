@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SDK = REPO / "sdk"
 sys.path.insert(0, str(REPO / "tools"))
 
 import gen_protos  # noqa: E402
@@ -19,14 +20,14 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     stale = [
         str(rel)
         for rel in files
-        if not (REPO / rel).exists() or (REPO / rel).read_bytes() != (tmp_path / rel).read_bytes()
+        if not (SDK / rel).exists() or (SDK / rel).read_bytes() != (tmp_path / rel).read_bytes()
     ]
     assert not stale, f"generated code is stale; run `make protos`: {stale}"
 
 
 def test_every_committed_module_has_a_proto() -> None:
-    expected = {str(rel) for rel in gen_protos.generated_files(REPO)}
-    committed = {str(p.relative_to(REPO)) for p in (REPO / "tensorgate").rglob("*_pb2*.py*")}
+    expected = {str(rel) for rel in gen_protos.generated_files(SDK)}
+    committed = {str(p.relative_to(SDK)) for p in (SDK / "tensorgate").rglob("*_pb2*.py*")}
     orphans = committed - expected
     assert not orphans, f"generated modules without a proto (delete them): {sorted(orphans)}"
 

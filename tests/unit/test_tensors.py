@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tensorgate import from_tensor, to_tensor
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.tensors import decode_bytes, encode_bytes
 
 from services.runtime.errors import InvalidArgument
 from services.worker.tensors import check_input
-from tensorgate import from_tensor, to_tensor
-from tensorgate._tensors import decode_bytes, encode_bytes
-from tensorgate.inference.v1 import inference_pb2
 
 IMAGE = inference_pb2.TensorSpec(name="image", datatype="FP32", shape=[64])
 

@@ -1,14 +1,24 @@
-"""Model references as callers write them: "name", "name:3" or "name@alias"."""
+"""Model references as callers write them: "name", "name:3" or "name@alias".
+
+The one grammar every part uses (SDK, gateway, worker, CLI). A malformed reference
+raises `InvalidModelRef`, whose message says what to write instead.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from services.runtime.errors import InvalidArgument, shown
-
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _VERSION = re.compile(r"[0-9]{1,18}")
+
+
+class InvalidModelRef(ValueError):
+    """The text is not a model reference; the message is for the caller."""
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
 
 
 @dataclass(frozen=True)
@@ -20,20 +30,18 @@ class ModelRef:
     @classmethod
     def parse(cls, text: str) -> ModelRef:
         if not text:
-            raise InvalidArgument("model", "is required: 'name', 'name:version' or 'name@alias'")
+            raise InvalidModelRef("is required: 'name', 'name:version' or 'name@alias'")
         name, at, alias = text.partition("@")
         name, colon, version = name.partition(":")
         if not _NAME.fullmatch(name):
-            raise InvalidArgument("model", f"{shown(text)} does not start with a valid model name")
+            raise InvalidModelRef(f"{_shown(text)} does not start with a valid model name")
         if at:
             if colon or not _NAME.fullmatch(alias):
-                raise InvalidArgument(
-                    "model", f"{shown(text)}: write 'name@alias' with a valid alias"
-                )
+                raise InvalidModelRef(f"{_shown(text)}: write 'name@alias' with a valid alias")
             return cls(name, alias=alias)
         if colon:
             if not _VERSION.fullmatch(version) or int(version) < 1:
-                raise InvalidArgument("model", f"{shown(text)}: version must be a positive integer")
+                raise InvalidModelRef(f"{_shown(text)}: version must be a positive integer")
             return cls(name, version=int(version))
         return cls(name)
 

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import IO
 
-from tensorgate._exceptions import TensorgateClientError
-from tensorgate._process import die_with_parent, free_port
-from tensorgate.client import GatewayClient
+from tensorgate import AsyncGatewayClient
+from tensorgate.errors import TensorgateClientError
+
+from services.runtime.process import die_with_parent, free_port
 
 
 class LocalPlatform:
@@ -99,7 +100,7 @@ class LocalPlatform:
 
     async def _wait_ready(self, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
-        async with GatewayClient(self.gateway_address) as client:
+        async with AsyncGatewayClient(self.gateway_address) as client:
             while time.monotonic() < deadline:
                 for name, process in self._processes:
                     if process.returncode is not None:

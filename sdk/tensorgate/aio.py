@@ -1,4 +1,4 @@
-"""GatewayClient: the asyncio client for the gateway's Generate, Infer and ListModels."""
+"""AsyncGatewayClient: the asyncio client for the gateway's Generate, Infer and ListModels."""
 
 from __future__ import annotations
 
@@ -9,29 +9,45 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from tensorgate._exceptions import from_rpc_error
-from tensorgate._tensors import from_tensor, to_tensor
+from tensorgate._requests import (
+    CHANNEL_OPTIONS,
+    call_metadata,
+    credentials,
+    generate_request,
+    infer_request,
+)
+from tensorgate.errors import from_rpc_error
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
-
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-)
+from tensorgate.tensors import from_tensor
 
 
-class GatewayClient:
-    """One channel to a gateway; use as `async with GatewayClient(address) as client`."""
+class AsyncGatewayClient:
+    """One channel to a gateway; use as `async with AsyncGatewayClient(address) as client`.
 
-    def __init__(self, address: str, *, api_key: str | None = None) -> None:
+    `api_key` travels as `authorization: Bearer ...`; `tls=True` (or a CA in
+    `root_certificates`) connects over TLS. Failed calls raise `tensorgate.errors`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = gateway_pb2_grpc.InferenceGatewayStub(self._channel)
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        creds = credentials(tls, root_certificates)
+        self._channel = (
+            grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+            if creds is not None
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         )
+        self._stub = gateway_pb2_grpc.InferenceGatewayStub(self._channel)
+        self._metadata = call_metadata(api_key)
 
-    async def __aenter__(self) -> GatewayClient:
+    async def __aenter__(self) -> AsyncGatewayClient:
         return self
 
     async def __aexit__(
@@ -58,15 +74,18 @@ class GatewayClient:
         seed: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        """Yields chunks as they are produced; the last has finish_reason and usage."""
-        request = inference_pb2.GenerateRequest(
-            model=model,
-            prompt=prompt,
+        """Yields chunks as they are produced; the last has finish_reason and usage.
+
+        Leaving the loop early cancels the generation (on the model too).
+        """
+        request = generate_request(
+            model,
+            prompt,
             max_tokens=max_tokens,
-            top_k=top_k,
-            stop=list(stop),
             temperature=temperature,
             top_p=top_p,
+            top_k=top_k,
+            stop=stop,
             seed=seed,
         )
         call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
@@ -88,11 +107,7 @@ class GatewayClient:
         timeout: float | None = None,
     ) -> dict[str, npt.NDArray[np.generic]]:
         """One unary call; returns the outputs by name as numpy arrays."""
-        request = inference_pb2.InferRequest(
-            model=model,
-            inputs=[to_tensor(name, value) for name, value in inputs.items()],
-            outputs=list(outputs),
-        )
+        request = infer_request(model, inputs, outputs)
         try:
             response = await self._stub.Infer(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:

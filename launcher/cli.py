@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from tensorgate._exceptions import TensorgateClientError
-from tensorgate._local import LocalPlatform
-from tensorgate._tensors import NUMPY_TYPES
-from tensorgate.client import GatewayClient
+from tensorgate import AsyncGatewayClient
+from tensorgate.errors import TensorgateClientError
 from tensorgate.inference.v1 import inference_pb2
+from tensorgate.tensors import NUMPY_TYPES
+
+from launcher.local import LocalPlatform
 
 DEFAULT_GATEWAY = os.environ.get("TENSORGATE_GATEWAY", "127.0.0.1:50051")
 DEMO_PROMPT = "ROMEO:\n"
@@ -67,7 +67,7 @@ async def _up(args: argparse.Namespace) -> int:
     return code
 
 
-async def _stream(client: GatewayClient, args: argparse.Namespace) -> None:
+async def _stream(client: AsyncGatewayClient, args: argparse.Namespace) -> None:
     started = time.perf_counter()
     first: float | None = None
     last = inference_pb2.GenerateChunk()
@@ -98,7 +98,7 @@ async def _stream(client: GatewayClient, args: argparse.Namespace) -> None:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    async with GatewayClient(args.gateway) as client:
+    async with AsyncGatewayClient(args.gateway) as client:
         await _stream(client, args)
     return 0
 
@@ -115,7 +115,7 @@ def _parse_inputs(specs: Sequence[str]) -> dict[str, object]:
 
 
 async def _infer(args: argparse.Namespace) -> int:
-    async with GatewayClient(args.gateway) as client:
+    async with AsyncGatewayClient(args.gateway) as client:
         models = {m.name: m for m in await client.list_models()}
         info = models.get(args.model.partition(":")[0].partition("@")[0])
         arrays = {}
@@ -128,7 +128,7 @@ async def _infer(args: argparse.Namespace) -> int:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    async with GatewayClient(args.gateway) as client:
+    async with AsyncGatewayClient(args.gateway) as client:
         for m in await client.list_models():
             extra = f" context={m.context_length}" if m.context_length else ""
             print(f"{m.name}:{m.version}\t{m.task}{extra}\t{m.description}")
@@ -150,7 +150,7 @@ async def _demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        async with GatewayClient(platform.gateway_address) as client:
+        async with AsyncGatewayClient(platform.gateway_address) as client:
             print(
                 f"$ tensorgate generate {args.prompt!r} --max-tokens {args.max_tokens}",
                 file=sys.stderr,

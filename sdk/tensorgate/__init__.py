@@ -1,0 +1,49 @@
+"""tensorgate's Python SDK: gateway clients (asyncio and blocking), typed errors, tensors.
+
+    async with AsyncGatewayClient("127.0.0.1:50051", api_key=key) as client:
+        async for chunk in client.generate("tinylm", "ROMEO:", max_tokens=64):
+            print(chunk.text, end="")
+
+It depends only on the generated contract (tensorgate.<service>.v1, from protos/)
+and on grpcio, protobuf and numpy. Stubs for other languages come from the same protos.
+"""
+
+from tensorgate.aio import AsyncGatewayClient
+from tensorgate.client import GatewayClient
+from tensorgate.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TensorgateClientError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from tensorgate.model_ref import InvalidModelRef, ModelRef
+from tensorgate.tensors import from_tensor, to_tensor
+
+__all__ = [
+    "AsyncGatewayClient",
+    "CancelledError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "GatewayClient",
+    "InternalError",
+    "InvalidArgumentError",
+    "InvalidModelRef",
+    "ModelRef",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "TensorgateClientError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "from_tensor",
+    "to_tensor",
+]
