@@ -32,6 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services gateway launcher sdk/tensorgate tools bench tests models/training
+	$(VENV)/bin/lint-imports
 
 protos: setup
 	$(PY) tools/gen_protos.py

@@ -1,11 +1,15 @@
-"""Benchmarks the chain against Triton itself, in one run on one machine.
+"""Benchmarks the chain against Triton itself and against bare hops, in one run on one machine.
 
-Starts the bundled Triton, then a worker (connected to that Triton) and a gateway,
-each in its own process as in production, and drives the same models both straight
-at Triton (tritonclient's KServe v2 stub) and through the gateway:
-- unary: the digits model, batch 1, p50/p99 and calls/s at concurrency 1 and 16;
-- streaming: tinylm, greedy, time to first token and tokens/s.
-Prints a Markdown table and writes it to bench/results/.
+Starts the bundled CPU Triton, a worker and a gateway as in production, and two
+bare pass-through hops (bench/bare_hop.py), each in its own process, and drives:
+- unary: digits, batch 1, at concurrency 1 and 16, direct to Triton, through one
+  bare hop, through two bare hops in a chain, and through gateway -> worker;
+- streaming: the bench's no-compute model (bench/models/nocompute), one stream and
+  16 concurrent, direct, through two bare hops and through the gateway;
+- streaming: tinylm, greedy, one generation at a time, direct and through the gateway.
+Every measurement reads each process's CPU time from /proc before and after, so the
+report gives CPU per call and per token for every process, and judges DESIGN.md's
+hot-path budgets from this run. Prints Markdown and writes it to bench/results/.
 """
 
 from __future__ import annotations
@@ -13,150 +17,197 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import platform
+import os
+import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import grpc
-import numpy as np
-from tensorgate import to_tensor
-from tensorgate.gateway.v1 import gateway_pb2_grpc
-from tensorgate.inference.v1 import inference_pb2
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench.load import StreamResult, UnaryResult, stream_load, unary_load
-from launcher.local import LocalPlatform
-from services.worker.catalog import ModelCatalog
-from services.worker.generation import to_chunk, to_triton_stream_request
-from services.worker.server import load_catalog
-from services.worker.triton_client import TritonConnection
-from services.worker.triton_process import BundledTriton
+from bench import calls
+from bench.cpu import CpuMeter, group_members
+from bench.load import UnaryResult, stream_load, unary_load, warm_stream, warm_unary
+from bench.measure import (
+    CHAIN,
+    CLIENT,
+    DIRECT,
+    GATEWAY,
+    HOP_A,
+    HOP_B,
+    ONE_HOP,
+    STUBS,
+    TRITON,
+    TWO_HOPS,
+    WORKER,
+    Slice,
+    interleaved,
+    measure,
+)
+from bench.report import BUSY, M, Streamed, Unary, report
+from bench.stack import NOCOMPUTE, REPO, BenchStack
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPT = "ROMEO:\n"
+CONCURRENCY = (1, BUSY)
+# Room for the slowest start seen: tinylm loading torch on a busy machine.
+START_TIMEOUT = 300.0
+
+
+def _meter(stack: BenchStack) -> CpuMeter:
+    meter = CpuMeter()
+    meter.add_process(CLIENT, os.getpid())
+    for role in (HOP_A, HOP_B, GATEWAY, WORKER):
+        meter.add_process(role, stack.processes[role].pid)
+    meter.add_process(TRITON, stack.triton_pid)
+    # Triton leads its own process group; its backend stubs are the rest of it.
+    meter.add_group(STUBS, stack.triton_pid, leader=False)
+    return meter
 
 
 async def bench_unary(
-    triton_url: str, gateway: str, seconds: float
-) -> list[tuple[str, UnaryResult]]:
-    image = np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)
-    tensor = to_tensor("image", image)
-    direct_request = service_pb2.ModelInferRequest(model_name="digits", model_version="1")
-    direct_request.inputs.add(name="image", datatype="FP32", shape=[1, 64])
-    direct_request.raw_input_contents.append(tensor.raw_contents)
-    gateway_request = inference_pb2.InferRequest(model="digits", inputs=[tensor])
+    meter: CpuMeter, seconds: float, rounds: int, channels: dict[str, grpc.aio.Channel]
+) -> list[Unary]:
+    paths = {
+        DIRECT: calls.kserve_infer(channels[DIRECT]),
+        ONE_HOP: calls.kserve_infer(channels[ONE_HOP]),
+        TWO_HOPS: calls.kserve_infer(channels[TWO_HOPS]),
+        CHAIN: calls.gateway_infer(channels[CHAIN]),
+    }
+    for call in paths.values():
+        await warm_unary(call)
     rows = []
-    async with (
-        grpc.aio.insecure_channel(triton_url) as triton,
-        grpc.aio.insecure_channel(gateway) as front,
-    ):
-        triton_stub = service_pb2_grpc.GRPCInferenceServiceStub(triton)
-        gateway_stub = gateway_pb2_grpc.InferenceGatewayStub(front)
-        calls = {
-            "direct": lambda: triton_stub.ModelInfer(direct_request),
-            "gateway": lambda: gateway_stub.Infer(gateway_request),
+    for concurrency in CONCURRENCY:
+        slices = {
+            path: Slice(
+                partial(warm_unary, call, calls=10),
+                partial(unary_load, call, concurrency=concurrency, seconds=seconds / rounds),
+            )
+            for path, call in paths.items()
         }
-        for concurrency in (1, 16):
-            for path, call in calls.items():
-                result = await unary_load(call, concurrency=concurrency, seconds=seconds)
-                rows.append((path, result))
+        rows += _progress(await interleaved(meter, slices, rounds))
     return rows
 
 
-async def bench_stream(
-    triton: TritonConnection, catalog: ModelCatalog, gateway: str, streams: int, max_tokens: int
-) -> list[tuple[str, StreamResult]]:
-    request = inference_pb2.GenerateRequest(
-        model="tinylm", prompt=PROMPT, max_tokens=max_tokens, temperature=0.0
-    )
-    direct_request = to_triton_stream_request(catalog.resolve("tinylm"), request)
+async def bench_nocompute(
+    meter: CpuMeter,
+    seconds: float,
+    rounds: int,
+    tokens: int,
+    channels: dict[str, grpc.aio.Channel],
+) -> list[Streamed]:
+    paths = {
+        DIRECT: calls.kserve_stream(channels[DIRECT], NOCOMPUTE, PROMPT, tokens),
+        TWO_HOPS: calls.kserve_stream(channels[TWO_HOPS], NOCOMPUTE, PROMPT, tokens),
+        CHAIN: calls.gateway_stream(channels[CHAIN], NOCOMPUTE, PROMPT, tokens),
+    }
+    rows = []
+    for concurrency in CONCURRENCY:
+        for stream in paths.values():
+            await warm_stream(stream, concurrency=concurrency)
+        slices = {
+            path: Slice(
+                partial(warm_stream, stream),
+                partial(stream_load, stream, concurrency=concurrency, seconds=seconds / rounds),
+            )
+            for path, stream in paths.items()
+        }
+        rows += _progress(await interleaved(meter, slices, rounds))
+    return rows
 
-    async def direct() -> AsyncIterator[inference_pb2.GenerateChunk]:
-        # The same decoding the worker does, so both paths count tokens alike.
-        async for response in triton.stream(direct_request, timeout=120):
-            yield to_chunk("tinylm:1", response)
 
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
-        return [
-            ("direct", await stream_load(direct, streams=streams)),
-            (
-                "gateway",
-                await stream_load(lambda: stub.Generate(request, timeout=120), streams=streams),
-            ),
-        ]
+async def bench_tinylm(
+    meter: CpuMeter, generations: int, tokens: int, channels: dict[str, grpc.aio.Channel]
+) -> list[Streamed]:
+    paths = {
+        DIRECT: calls.kserve_stream(channels[DIRECT], "tinylm", PROMPT, tokens),
+        CHAIN: calls.gateway_stream(channels[CHAIN], "tinylm", PROMPT, tokens),
+    }
+    rows = []
+    for path, stream in paths.items():
+        await warm_stream(stream)
+        run = partial(stream_load, stream, generations=generations)
+        rows += _progress([await measure(meter, path, run)])
+    return rows
 
 
-def report(
-    unary: list[tuple[str, UnaryResult]], stream: list[tuple[str, StreamResult]], max_tokens: int
-) -> str:
-    lines = [
-        f"# tensorgate bench, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-        "",
-        f"Machine: {platform.machine()}, {_cores()} cores, Python {platform.python_version()}; "
-        "bundled CPU Triton 2.51; client, gateway, worker and Triton share the machine.",
-        "",
-        "## Unary Infer (digits, batch 1)",
-        "",
-        "| path | concurrency | calls | p50 ms | p99 ms | calls/s |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for path, r in unary:
-        lines.append(
-            f"| {path} | {r.concurrency} | {r.calls} | {r.p50_ms:.3f} | "
-            f"{r.p99_ms:.3f} | {r.per_second:.0f} |"
+def _progress(rows: list[M]) -> list[M]:
+    for row in rows:
+        r = row.result
+        unit = "calls" if isinstance(r, UnaryResult) else "tokens"
+        print(
+            f"  {row.path:<12} concurrency {r.concurrency:>2}: "
+            f"{row.units} {unit} in {r.seconds:.1f}s",
+            file=sys.stderr,
         )
-    lines += [
-        "",
-        f"## Streaming Generate (tinylm, greedy, {max_tokens} tokens, one stream at a time)",
-        "",
-        "| path | streams | time to first token p50 ms | tokens/s p50 |",
-        "|---|---:|---:|---:|",
-    ]
-    for path, s in stream:
-        lines.append(f"| {path} | {s.streams} | {s.ttft_p50_ms:.2f} | {s.tokens_per_second:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
+    return rows
 
 
 async def main_async(args: argparse.Namespace) -> str:
-    data_dir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
-    triton = BundledTriton(REPO / "models" / "repository", data_dir / "triton")
-    await triton.start(timeout=120)
-    local = LocalPlatform(
-        gateway_port=0,
-        data_dir=data_dir,
-        log_file=data_dir / "services.log",
-        worker_args=("--triton-url", triton.grpc_url),
-    )
-    connection = TritonConnection(triton.grpc_url)
+    work_dir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
+    stack = BenchStack(work_dir)
+    print(f"starting Triton, worker, gateway and bare hops (logs in {work_dir})", file=sys.stderr)
+    addresses = {
+        DIRECT: "",
+        ONE_HOP: stack.address("hop-b"),
+        TWO_HOPS: stack.address("hop-a"),
+        CHAIN: stack.address("gateway"),
+    }
     try:
-        await local.start()
-        catalog = await load_catalog(connection, ())
-        print("platform up; measuring...", file=sys.stderr)
-        unary = await bench_unary(triton.grpc_url, local.gateway_address, args.seconds)
-        stream = await bench_stream(
-            connection, catalog, local.gateway_address, args.streams, args.max_tokens
-        )
-    finally:
-        await local.stop()
-        await connection.close()
-        await triton.stop()
-    return report(unary, stream, args.max_tokens)
+        await stack.start(START_TIMEOUT)
+        addresses[DIRECT] = stack.triton.grpc_url
+        meter = _meter(stack)
+        triton_processes = len(group_members(stack.triton_pid))
+        # One long-lived channel per path, as every hop keeps one to its upstream.
+        channels = {path: grpc.aio.insecure_channel(a) for path, a in addresses.items()}
+        try:
+            print("measuring unary Infer...", file=sys.stderr)
+            unary = await bench_unary(meter, args.seconds, args.rounds, channels)
+            print("measuring no-compute streams...", file=sys.stderr)
+            nocompute = await bench_nocompute(
+                meter, args.stream_seconds, args.rounds, args.nocompute_tokens, channels
+            )
+            print("measuring tinylm...", file=sys.stderr)
+            tinylm = await bench_tinylm(meter, args.streams, args.max_tokens, channels)
+        finally:
+            for channel in channels.values():
+                await channel.close(None)
+    except BaseException:
+        print(f"bench failed; service logs kept in {work_dir}", file=sys.stderr)
+        await stack.stop()
+        raise
+    await stack.stop()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return report(
+        unary,
+        nocompute,
+        tinylm,
+        nocompute_tokens=args.nocompute_tokens,
+        tinylm_tokens=args.max_tokens,
+        triton_processes=triton_processes,
+        rounds=args.rounds,
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per unary measurement")
-    parser.add_argument("--streams", type=int, default=5, help="generations per path")
-    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="per unary measurement (path, concurrency)"
+    )
+    parser.add_argument(
+        "--stream-seconds", type=float, default=5.0, help="per no-compute stream measurement"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="slices each measurement is taken in, the paths in turn (fair on a shared machine)",
+    )
+    parser.add_argument(
+        "--nocompute-tokens", type=int, default=256, help="tokens per no-compute generation"
+    )
+    parser.add_argument("--streams", type=int, default=5, help="tinylm generations per path")
+    parser.add_argument("--max-tokens", type=int, default=200, help="tokens per tinylm generation")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     table = asyncio.run(main_async(args))

@@ -15,7 +15,8 @@ from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
 from services.runtime.main import run_service
-from services.runtime.server import GrpcService
+from services.runtime.server import GrpcService, ServiceBinding, build_server
+from services.runtime.tls import channel_credentials
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_name
 
@@ -46,18 +47,18 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
         StaticDiscovery(list(settings.workers)),
         refresh_seconds=settings.refresh_seconds,
         eject_seconds=settings.eject_seconds,
+        credentials=channel_credentials(
+            settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
+        ),
     )
     await pool.start()
     metrics = GatewayMetrics()
     servicer = InferenceGatewayServicer(pool, metrics, upstream_timeout=settings.upstream_timeout)
     try:
-        service = GrpcService(
+        service = build_server(
             settings,
+            [ServiceBinding.of(gateway_pb2_grpc.add_InferenceGatewayServicer_to_server, servicer)],
             name="gateway",
-            service_names=[SERVICE_NAME],
-            register=lambda server: gateway_pb2_grpc.add_InferenceGatewayServicer_to_server(
-                servicer, server
-            ),
             metrics=metrics,
         )
         await service.start()

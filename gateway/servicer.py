@@ -1,31 +1,36 @@
-"""InferenceGateway: resolves the model, picks a worker, forwards, and passes results back."""
+"""InferenceGateway: resolves the model, picks a worker, forwards, and passes results back.
+
+Responses come back from the worker as bytes and go to the caller as they came:
+the gateway never decodes and re-encodes tensors it only passes on. It parses a
+streamed chunk only to see whether it is the last one (finish reason and usage).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from functools import lru_cache
 from typing import Any
 
 import grpc
 import structlog
-from tensorgate.errors import metadata_value
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
 
 from gateway.metrics import GatewayMetrics
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
-from services.runtime.errors import Cancelled, DeadlineExceeded, Unavailable, UpstreamError
-from services.runtime.interceptors import REQUEST_ID_KEY, current_request_id
+from services.runtime import calls
+from services.runtime.errors import Unavailable, upstream_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-
-class WorkerFailure(RuntimeError):
-    """A worker broke a call in a way no status explains (logged; INTERNAL to the caller)."""
-
-
 log = structlog.get_logger("tensorgate.gateway")
+
+# Callers repeat the same few refs; parsing each once saves a regex per call.
+parse_ref = lru_cache(maxsize=4096)(ModelRef.parse)
+
+_FINAL_CHUNK = inference_pb2.GenerateChunk.FromString
 
 
 class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
@@ -36,101 +41,87 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         self._metrics = metrics
         self._upstream_timeout = upstream_timeout
 
-    def _timeout(self, context: Context) -> float:
-        remaining = context.time_remaining()
+    def _timeout(self) -> float:
+        call = calls.current()
+        remaining = call.remaining() if call is not None else None
         return self._upstream_timeout if remaining is None else remaining
 
     def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str) -> Exception:
-        """What the caller hears of a failed forward; a worker that cannot be reached is ejected.
-
-        A status the worker chose carries its request id trailer and is passed on as
-        it came. Anything else came from the transport: it is told in our words, so
-        worker addresses and gRPC internals stay out of the caller's view.
-        """
-        if metadata_value(exc.trailing_metadata(), REQUEST_ID_KEY) is not None:
-            return UpstreamError(exc)
-        code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE:
+        """What the caller hears of a failed forward; a worker that cannot be reached is ejected."""
+        error = upstream_error(exc, f"model {model}")
+        if isinstance(error, Unavailable):
+            # Not the worker's own answer (that would carry its request id): the
+            # transport failed, so the worker gets no calls for a while.
             worker.eject(self._pool.eject_seconds)
-            return Unavailable(f"model {model} is unavailable: its worker cannot be reached")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceeded(f"deadline passed while {model} was running")
-        if code == grpc.StatusCode.CANCELLED:
-            return Cancelled(f"the call to {model} was cancelled")
-        return WorkerFailure(
-            f"worker {worker.address} failed on {model}: {code.name} {exc.details()}"
-        )
+        return error
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
-    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    ) -> AsyncIterator[Any]:
         started = time.perf_counter()
-        ref = ModelRef.parse(request.model)
-        metadata = ((REQUEST_ID_KEY, current_request_id.get()),)
+        ref = parse_ref(request.model)
+        metadata = calls.outgoing_metadata()
         exclude: WorkerEndpoint | None = None
         # One retry on another worker, and only before the first chunk: after
         # that the caller has seen tokens and a retry would repeat or change them.
         for attempt in (1, 2):
             worker, info = await self._pool.route(ref, exclude=exclude)
             # The request is ours to change: forward it with the model resolved
-            # rather than copying it (the caller's ref is already in the log context).
-            request.model = f"{info.name}:{info.version}"
-            structlog.contextvars.bind_contextvars(resolved=request.model, worker=worker.address)
+            # rather than copying it (the caller's ref is already in the log line).
+            request.model = resolved = f"{info.name}:{info.version}"
+            calls.note(resolved=resolved, worker=worker.address)
             chunks = 0
-            with worker.track():
-                call = worker.stub.Generate(
-                    request, timeout=self._timeout(context), metadata=metadata
-                )
-                try:
-                    async for chunk in call:
-                        if not chunks:
-                            self._metrics.time_to_first_token.labels(info.name).observe(
-                                time.perf_counter() - started
-                            )
-                        chunks += 1
-                        if chunk.finish_reason:
-                            self._metrics.completion_tokens.labels(info.name).inc(
-                                chunk.usage.completion_tokens
-                            )
-                            structlog.contextvars.bind_contextvars(
-                                finish_reason=inference_pb2.FinishReason.Name(chunk.finish_reason),
-                                prompt_tokens=chunk.usage.prompt_tokens,
-                                completion_tokens=chunk.usage.completion_tokens,
-                            )
-                        yield chunk
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    error = self._failed(worker, exc, request.model)
-                    if attempt == 2 or chunks or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise error from exc
-                    log.warning("retrying on another worker", worker=worker.address)
-                    self._metrics.retries.labels("Generate").inc()
-                    exclude = worker
-                finally:
-                    if not call.done():
-                        call.cancel()
+            worker.outstanding += 1
+            call = worker.generate(request, timeout=self._timeout(), metadata=metadata)
+            try:
+                async for raw in call:
+                    if not chunks:
+                        self._metrics.time_to_first_token.labels(info.name).observe(
+                            time.perf_counter() - started
+                        )
+                    chunks += 1
+                    chunk = _FINAL_CHUNK(raw)
+                    if chunk.finish_reason:
+                        self._finished(info.name, chunk)
+                    yield raw
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = self._failed(worker, exc, resolved)
+                if attempt == 2 or chunks or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error from exc
+                log.warning("retrying on another worker", worker=worker.address)
+                self._metrics.retries.labels("Generate").inc()
+                exclude = worker
+            finally:
+                worker.outstanding -= 1
+                if not call.done():
+                    call.cancel()
 
-    async def Infer(
-        self, request: inference_pb2.InferRequest, context: Context
-    ) -> inference_pb2.InferResponse:
-        ref = ModelRef.parse(request.model)
-        metadata = ((REQUEST_ID_KEY, current_request_id.get()),)
+    def _finished(self, model: str, chunk: inference_pb2.GenerateChunk) -> None:
+        usage = chunk.usage
+        self._metrics.completion_tokens.labels(model).inc(usage.completion_tokens)
+        calls.note(finish_reason=inference_pb2.FinishReason.Name(chunk.finish_reason))
+        calls.note_usage(usage.prompt_tokens, usage.completion_tokens)
+
+    async def Infer(self, request: inference_pb2.InferRequest, context: Context) -> Any:
+        ref = parse_ref(request.model)
+        metadata = calls.outgoing_metadata()
         worker, info = await self._pool.route(ref)
         resolved = f"{info.name}:{info.version}"
         request.model = resolved  # forwarded as it came otherwise: no copy of the tensors
-        structlog.contextvars.bind_contextvars(resolved=resolved)
+        calls.note(resolved=resolved)
         for attempt in (1, 2):
-            structlog.contextvars.bind_contextvars(worker=worker.address)
-            with worker.track():
-                try:
-                    response: inference_pb2.InferResponse = await worker.stub.Infer(
-                        request, timeout=self._timeout(context), metadata=metadata
-                    )
-                    return response
-                except grpc.aio.AioRpcError as exc:
-                    error = self._failed(worker, exc, resolved)
-                    if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise error from exc
+            calls.note(worker=worker.address)
+            worker.outstanding += 1
+            try:
+                # Bytes in, bytes out: the response's tensors are not decoded here.
+                return await worker.infer(request, timeout=self._timeout(), metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                error = self._failed(worker, exc, resolved)
+                if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error from exc
+            finally:
+                worker.outstanding -= 1
             log.warning("retrying on another worker", worker=worker.address)
             self._metrics.retries.labels("Infer").inc()
             worker, _ = await self._pool.route(ref, exclude=worker)

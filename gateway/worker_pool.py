@@ -11,38 +11,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
-from tensorgate.worker.v1 import worker_pb2_grpc
+from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from gateway.discovery import Discovery
+from services.runtime.channels import open_channel
 from services.runtime.errors import NotFound, Unavailable
 
 log = structlog.get_logger("tensorgate.gateway.pool")
 
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
 _REFRESH_TIMEOUT_S = 2.0
+_WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
+_INFER = f"/{_WORKER_SERVICE}/Infer"
+_GENERATE = f"/{_WORKER_SERVICE}/Generate"
 
 
 class WorkerEndpoint:
     """One worker: its channel and stub, what it serves, and how busy it is."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(address, credentials)
         self.stub = worker_pb2_grpc.InferenceWorkerStub(self.channel)
+        # The data plane leaves responses as bytes: the gateway passes them on as
+        # they came instead of decoding and re-encoding their tensors.
+        self.infer = self.channel.unary_unary(
+            _INFER,
+            request_serializer=inference_pb2.InferRequest.SerializeToString,
+            response_deserializer=None,
+            _registered_method=True,  # type: ignore[call-arg]  # grpc-stubs predates it
+        )
+        self.generate = self.channel.unary_stream(
+            _GENERATE,
+            request_serializer=inference_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=None,
+            _registered_method=True,  # type: ignore[call-arg]
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.models: dict[tuple[str, int], inference_pb2.ModelInfo] = {}
         self.serving = False
@@ -68,14 +77,6 @@ class WorkerEndpoint:
     def eject(self, seconds: float) -> None:
         self.ejected_until = time.monotonic() + seconds
         log.warning("worker ejected", worker=self.address, seconds=seconds)
-
-    @contextmanager
-    def track(self) -> Iterator[None]:
-        self.outstanding += 1
-        try:
-            yield
-        finally:
-            self.outstanding -= 1
 
     async def refresh(self) -> None:
         try:
@@ -106,9 +107,15 @@ class WorkerPool:
     """All known workers, refreshed from discovery on a timer and on a miss."""
 
     def __init__(
-        self, discovery: Discovery, *, refresh_seconds: float, eject_seconds: float
+        self,
+        discovery: Discovery,
+        *,
+        refresh_seconds: float,
+        eject_seconds: float,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._discovery = discovery
+        self._credentials = credentials
         self._refresh_seconds = refresh_seconds
         self.eject_seconds = eject_seconds
         self._workers: dict[str, WorkerEndpoint] = {}
@@ -145,7 +152,7 @@ class WorkerPool:
             addresses = await self._discovery.worker_addresses()
             for address in addresses:
                 if address not in self._workers:
-                    self._workers[address] = WorkerEndpoint(address)
+                    self._workers[address] = WorkerEndpoint(address, self._credentials)
             for address in set(self._workers) - set(addresses):
                 await self._workers.pop(address).close()
             await asyncio.gather(*(w.refresh() for w in self._workers.values()))

@@ -4,23 +4,25 @@ a gateway, each in its own process, started and stopped together.
 Used by `tensorgate up`, `tensorgate demo` and the end-to-end tests. Each child
 runs in its own session so a terminal's Ctrl-C reaches only this process, which
 then stops the gateway first and the worker (and so Triton) after it.
+
+The children's output comes through this process: each child writes into pipes of
+its own, and only whole lines reach this process's stdout and stderr (under `up`)
+or the log file (under `demo`), so two services logging at once never mix a line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import IO
 
 from tensorgate import AsyncGatewayClient
 from tensorgate.errors import TensorgateClientError
 
-from services.runtime.process import die_with_parent, free_port
+from services.runtime.process import ChildProcess, LineSink, free_port
+from services.runtime.readiness import poll_until
 
 
 class LocalPlatform:
@@ -42,101 +44,110 @@ class LocalPlatform:
         self.worker_args = worker_args
         # Gateway on `metrics_port`, worker on the next one; -1 turns them off.
         self.metrics_port = metrics_port
-        self._processes: list[tuple[str, asyncio.subprocess.Process]] = []
+        self._children: list[ChildProcess] = []
         self._log: IO[bytes] | None = None
 
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
 
-    async def _spawn(self, name: str, *args: str) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        output: IO[bytes] | None = self._log
-        process = await asyncio.create_subprocess_exec(
-            *die_with_parent([sys.executable, "-m", *args]),
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            start_new_session=True,
+    def _sinks(self) -> tuple[LineSink, LineSink]:
+        """Where the children's stdout and stderr lines go."""
+        if self.log_file is None:
+            return LineSink.of_text(sys.stdout), LineSink.of_text(sys.stderr)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_file.open("ab")
+        log = LineSink(self._log)
+        return log, log
+
+    def _log_format(self) -> str:
+        # The children write into pipes, so they cannot see a terminal themselves.
+        return "console" if self.log_file is None and sys.stdout.isatty() else "json"
+
+    async def _spawn(self, name: str, sinks: tuple[LineSink, LineSink], *args: str) -> None:
+        child = await ChildProcess.spawn(
+            name,
+            [sys.executable, "-m", *args, "--log-format", self._log_format()],
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            stdout=sinks[0],
+            stderr=sinks[1],
         )
-        self._processes.append((name, process))
+        self._children.append(child)
 
     async def start(self, timeout: float = 300.0) -> list[str]:
         """Starts both services; returns the models the gateway serves once it serves any."""
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_file.open("ab")
-        log_format = ("--log-format", "json") if self._log is not None else ()
         worker_metrics = self.metrics_port + 1 if self.metrics_port > 0 else self.metrics_port
-        await self._spawn(
-            "worker",
-            "services.worker",
-            "--port",
-            str(self.worker_port),
-            "--metrics-port",
-            str(worker_metrics),
-            "--data-dir",
-            str(self.data_dir / "worker"),
-            *log_format,
-            *self.worker_args,
-        )
-        await self._spawn(
-            "gateway",
-            "gateway",
-            "--port",
-            str(self.gateway_port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--workers",
-            f"127.0.0.1:{self.worker_port}",
-            *log_format,
-        )
         try:
+            sinks = self._sinks()
+            await self._spawn(
+                "worker",
+                sinks,
+                "services.worker",
+                "--port",
+                str(self.worker_port),
+                "--metrics-port",
+                str(worker_metrics),
+                "--data-dir",
+                str(self.data_dir / "worker"),
+                *self.worker_args,
+            )
+            await self._spawn(
+                "gateway",
+                sinks,
+                "gateway",
+                "--port",
+                str(self.gateway_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--workers",
+                f"127.0.0.1:{self.worker_port}",
+            )
             return await self._wait_ready(timeout)
         except BaseException:
             await self.stop()
             raise
 
+    def _exited_child(self) -> str | None:
+        for child in self._children:
+            if child.returncode is not None:
+                where = f"; see {self.log_file}" if self.log_file else ""
+                return f"{child.name} exited with {child.returncode}{where}"
+        return None
+
     async def _wait_ready(self, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
         async with AsyncGatewayClient(self.gateway_address) as client:
-            while time.monotonic() < deadline:
-                for name, process in self._processes:
-                    if process.returncode is not None:
-                        raise RuntimeError(
-                            f"{name} exited with {process.returncode} during start"
-                            + (f"; see {self.log_file}" if self.log_file else "")
-                        )
-                with contextlib.suppress(TensorgateClientError):
-                    models = await client.list_models(timeout=2.0)
-                    if models:
-                        return [f"{m.name}:{m.version}" for m in models]
-                await asyncio.sleep(0.5)
-        raise TimeoutError(f"platform not ready within {timeout}s")
+
+            async def serving() -> list[str] | None:
+                models = await client.list_models(timeout=2.0)
+                return [f"{m.name}:{m.version}" for m in models] or None
+
+            return await poll_until(
+                serving,
+                timeout=timeout,
+                interval=0.5,
+                what=f"models at the gateway {self.gateway_address}",
+                expected=(TensorgateClientError,),
+                give_up=self._exited_child,
+            )
 
     async def wait(self) -> str:
         """Returns the name of the first child that exits."""
-        waits = {asyncio.ensure_future(p.wait()): name for name, p in self._processes}
+        waits = {asyncio.ensure_future(c.wait()): c.name for c in self._children}
         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         return waits[next(iter(done))]
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Gateway first (stops taking calls), then the worker (which stops Triton)."""
-        for name, process in reversed(self._processes):
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), timeout)
-                except TimeoutError:
-                    print(f"{name} did not stop within {timeout}s; killing it", file=sys.stderr)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    await process.wait()
-        self._processes.clear()
+        """Gateway first (stops taking calls), then the worker (which stops Triton).
+
+        Returns once every child is reaped and its last lines are written.
+        """
+        for child in reversed(self._children):
+            await child.stop(timeout)
+            if child.killed:
+                print(f"{child.name} did not stop within {timeout}s; killed it", file=sys.stderr)
+        self._children.clear()
         if self._log is not None:
             self._log.close()
             self._log = None

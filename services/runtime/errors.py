@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from tensorgate.errors import metadata_value
+from tensorgate.errors import REQUEST_ID_KEY, STATUS_DETAILS_KEY, metadata_value
 from tensorgate.model_ref import InvalidModelRef
 
-_DETAILS_KEY = "grpc-status-details-bin"
+_DETAILS_KEY = STATUS_DETAILS_KEY
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -150,3 +150,31 @@ def as_domain_error(exc: BaseException) -> TensorgateError | None:
     if isinstance(exc, InvalidModelRef):
         return InvalidArgument("model", str(exc))
     return None
+
+
+class UpstreamFailure(RuntimeError):
+    """An upstream failed in a way no status of ours explains: logged in full, and the
+    caller gets INTERNAL with the request id only (so deliberately not a TensorgateError)."""
+
+
+def upstream_error(exc: grpc.aio.AioRpcError, subject: str) -> Exception:
+    """What a failed call to an upstream (a worker, Triton) means for our caller.
+
+    The one upstream-error mapper. A status a tensorgate service chose carries its
+    request id trailer and is passed on as it came. Anything else (Triton's statuses,
+    transport failures) is told in our words about `subject` (e.g. "model digits:1"),
+    so upstream addresses and gRPC internals stay out of the caller's view.
+    """
+    if metadata_value(exc.trailing_metadata(), REQUEST_ID_KEY) is not None:
+        return UpstreamError(exc)
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        # Triton's own words on a tensor it refused are what the caller needs.
+        return InvalidArgument("inputs", details or f"{subject} refused the inputs")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"deadline passed while {subject} was running")
+    if code == grpc.StatusCode.CANCELLED:
+        return Cancelled(f"the call to {subject} was cancelled")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
+        return Unavailable(f"{subject} is unavailable right now; retry shortly")
+    return UpstreamFailure(f"{subject}: upstream answered {code.name}: {details}")

@@ -36,6 +36,8 @@ def run_service(
     """
     settings = load_settings(settings_type, argv, prog=prog)
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    # What this process runs with, in one line; secrets are masked by `loggable`.
+    log.info("starting", service=prog, settings=settings.loggable())
 
     async def serve() -> int:
         try:

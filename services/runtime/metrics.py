@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 # Wide enough for a sub-millisecond unary call and a minutes-long stream.
@@ -52,10 +53,23 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.service = service
+        # Label lookups take a lock and hash the label values; a call's method and
+        # code repeat, so their children are looked up once.
+        self._requests: dict[tuple[str, str], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(self.service, method, code).inc()
-        self.duration.labels(self.service, method).observe(seconds)
+    def observe(self, method: str, code: grpc.StatusCode | str, seconds: float) -> None:
+        name = code if isinstance(code, str) else code.name
+        counter = self._requests.get((method, name))
+        if counter is None:
+            counter = self._requests[(method, name)] = self.requests.labels(
+                self.service, method, name
+            )
+        counter.inc()
+        histogram = self._durations.get(method)
+        if histogram is None:
+            histogram = self._durations[method] = self.duration.labels(self.service, method)
+        histogram.observe(seconds)
 
 
 class MetricsEndpoint:

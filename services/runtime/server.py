@@ -1,36 +1,41 @@
-"""The gRPC server every service runs: health, reflection, interceptors, metrics, shutdown.
+"""The gRPC server every service runs: pipeline, health, reflection, metrics, TLS, shutdown.
 
-`GrpcService.start` gives a started server on the configured port (0 picks a
-free one) and `stop` shuts it down gracefully: health goes NOT_SERVING first,
-new calls are still taken for `drain_seconds` so load balancers and discovery
-notice, then in-flight calls get `grace_seconds` to finish. `serve_until_signalled`
-runs that on SIGINT/SIGTERM.
+`build_server(settings, bindings, metrics=...)` gives a `GrpcService` bound to its
+port (0 picks a free one) and `start` starts it; `stop` shuts it down gracefully:
+health goes NOT_SERVING first, new calls are still taken for `drain_seconds` so load
+balancers and discovery notice, then in-flight calls get `grace_seconds` to finish.
+A new service is its settings, its servicers (as `ServiceBinding`s) and a few lines
+that call `build_server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.runtime.interceptors import ServiceInterceptor
+from services.runtime.access import Authenticator, QuotaGate
+from services.runtime.channels import MAX_MESSAGE_BYTES
 from services.runtime.metrics import MetricsEndpoint, ServiceMetrics
+from services.runtime.pipeline import Pipeline
 from services.runtime.settings import ServiceSettings
+from services.runtime.tls import server_credentials
 
 log = structlog.get_logger("tensorgate.server")
 
-# Big enough for image batches; keepalive lets idle long-lived channels survive
-# middleboxes and notices dead peers.
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # Clients (channels.py) ping every 30 s, idle or not; allow that.
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     # grpc sets SO_REUSEPORT by default, so a second server on a taken port would
@@ -38,41 +43,88 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.so_reuseport", 0),
 )
 
-Register = Callable[[grpc.aio.Server], None]
+
+class _HandlerCapture:
+    """Stands in for a server while a generated `add_*Servicer_to_server` registers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Mapping[str, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers also arrive by name, below
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.services[service] = handlers
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service a server offers: its full name and its method handlers."""
+
+    name: str
+    handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+
+    @classmethod
+    def of(cls, add_to_server: Callable[[Any, Any], None], servicer: object) -> ServiceBinding:
+        """From generated code: `ServiceBinding.of(add_FooServicer_to_server, FooServicer())`."""
+        capture = _HandlerCapture()
+        add_to_server(servicer, capture)
+        ((name, handlers),) = capture.services.items()
+        return cls(name, handlers)
 
 
 class GrpcService:
-    """One service's gRPC server with its health, reflection and metrics."""
+    """One service's gRPC server with its pipeline, health, reflection and metrics."""
 
     def __init__(
         self,
         settings: ServiceSettings,
         *,
         name: str,
-        service_names: Sequence[str],
-        register: Register,
+        bindings: Sequence[ServiceBinding],
         metrics: ServiceMetrics,
+        authenticator: Authenticator | None = None,
+        quota: QuotaGate | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
         self.metrics = metrics
         # grpc-stubs predates the asyncio health servicer.
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._service_names = tuple(service_names)
-        self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(metrics)], options=list(SERVER_OPTIONS)
-        )
-        register(self.server)
+        self._service_names = tuple(b.name for b in bindings)
+        self.server = grpc.aio.server(options=list(SERVER_OPTIONS))
+        # The pipeline wraps each handler once, here, rather than intercepting per call;
+        # health and reflection stay outside it (infrastructure, no per-call line).
+        pipeline = Pipeline(metrics, authenticator=authenticator, quota=quota)
+        for binding in bindings:
+            wrapped = {
+                method: pipeline.wrap(f"/{binding.name}/{method}", handler)
+                for method, handler in binding.handlers.items()
+            }
+            self.server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(binding.name, wrapped),)
+            )
+            self.server.add_registered_method_handlers(binding.name, wrapped)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        credentials = server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
         try:
-            self.port = self.server.add_insecure_port(settings.address)
+            self.port = (
+                self.server.add_secure_port(settings.address, credentials)
+                if credentials is not None
+                else self.server.add_insecure_port(settings.address)
+            )
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"{name}: cannot listen on {settings.address}: {exc}") from None
         if self.port == 0:
             raise OSError(f"{name}: cannot listen on {settings.address}")
+        self.tls = credentials is not None
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -98,6 +150,7 @@ class GrpcService:
             "serving",
             service=self.name,
             address=self.address,
+            tls="mutual" if self.settings.tls_client_ca_file and self.tls else self.tls,
             metrics_port=self.metrics_endpoint.port if self.metrics_endpoint else None,
         )
 
@@ -144,3 +197,23 @@ async def wait_for_signal() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+def build_server(
+    settings: ServiceSettings,
+    bindings: Sequence[ServiceBinding],
+    *,
+    name: str,
+    metrics: ServiceMetrics,
+    authenticator: Authenticator | None = None,
+    quota: QuotaGate | None = None,
+) -> GrpcService:
+    """A service's server, bound to its port but not yet started (`await service.start()`)."""
+    return GrpcService(
+        settings,
+        name=name,
+        bindings=bindings,
+        metrics=metrics,
+        authenticator=authenticator,
+        quota=quota,
+    )

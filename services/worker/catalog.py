@@ -16,6 +16,10 @@ from tritonclient.grpc import model_config_pb2
 
 from services.runtime.errors import InvalidArgument, NotFound, shown
 
+# For a generate model whose config does not say (models/README.md has the contract).
+DEFAULT_MAX_STOP_SEQUENCES = 8
+DEFAULT_MAX_STOP_LENGTH = 64
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -25,6 +29,9 @@ class LoadedModel:
     decoupled: bool
     tokenizer: str
     output_names: frozenset[str]
+    # Limits on a generate model's `stop` input, from its config's parameters.
+    max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
+    max_stop_length: int = DEFAULT_MAX_STOP_LENGTH
 
     @property
     def label(self) -> str:
@@ -72,6 +79,8 @@ def loaded_model(version: int, config: model_config_pb2.ModelConfig) -> LoadedMo
         decoupled=decoupled,
         tokenizer=params.get("tokenizer", ""),
         output_names=frozenset(o.name for o in config.output),
+        max_stop_sequences=int(params.get("max_stop_sequences") or DEFAULT_MAX_STOP_SEQUENCES),
+        max_stop_length=int(params.get("max_stop_length") or DEFAULT_MAX_STOP_LENGTH),
     )
 
 
@@ -80,6 +89,9 @@ class ModelCatalog:
 
     def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
         self._by_name: dict[str, dict[int, LoadedModel]] = {}
+        # Resolved refs, so a call pays one dict lookup rather than a parse. Only refs
+        # that name a loaded model get in, so callers cannot grow it without bound.
+        self._resolved: dict[str, LoadedModel] = {}
         for model in models:
             self._by_name.setdefault(model.info.name, {})[model.info.version] = model
 
@@ -88,6 +100,12 @@ class ModelCatalog:
 
     def resolve(self, ref: str) -> LoadedModel:
         """The loaded version `ref` names ("name" means the newest loaded version)."""
+        model = self._resolved.get(ref)
+        if model is None:
+            model = self._resolved[ref] = self._resolve(ref)
+        return model
+
+    def _resolve(self, ref: str) -> LoadedModel:
         parsed = ModelRef.parse(ref)
         if parsed.alias is not None:
             raise InvalidArgument("model", "aliases are resolved by the gateway; send name:version")

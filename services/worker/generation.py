@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
+from array import array
 
-import numpy as np
 from tensorgate.inference.v1 import inference_pb2
-from tensorgate.tensors import decode_bytes, encode_bytes
+from tensorgate.tensors import encode_bytes
 from tritonclient.grpc import service_pb2
 
 from services.runtime.errors import InvalidArgument
 from services.worker.catalog import LoadedModel
-
-MAX_STOP_SEQUENCES = 8
-MAX_STOP_LENGTH = 64
 
 FINISH_REASONS = {
     b"length": inference_pb2.FINISH_REASON_LENGTH,
@@ -72,13 +70,17 @@ def check_generate(model: LoadedModel, request: inference_pb2.GenerateRequest) -
         raise InvalidArgument("top_p", f"must be in (0, 1], got {request.top_p}")
     if request.top_k < 0:
         raise InvalidArgument("top_k", f"must be >= 0 (0 turns it off), got {request.top_k}")
-    if len(request.stop) > MAX_STOP_SEQUENCES:
+    if len(request.stop) > model.max_stop_sequences:
         raise InvalidArgument(
-            "stop", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(request.stop)}"
+            "stop",
+            f"{model.label} takes at most {model.max_stop_sequences} sequences, "
+            f"got {len(request.stop)}",
         )
     for stop in request.stop:
-        if not 0 < len(stop) <= MAX_STOP_LENGTH:
-            raise InvalidArgument("stop", f"each sequence must be 1..{MAX_STOP_LENGTH} characters")
+        if not 0 < len(stop) <= model.max_stop_length:
+            raise InvalidArgument(
+                "stop", f"each sequence must be 1..{model.max_stop_length} characters"
+            )
 
 
 def _scalar(request: service_pb2.ModelInferRequest, name: str, datatype: str, raw: bytes) -> None:
@@ -110,22 +112,38 @@ def to_triton_stream_request(
 
 
 def to_chunk(label: str, response: service_pb2.ModelInferResponse) -> inference_pb2.GenerateChunk:
-    """One Triton response as a chunk; finish reason and usage only on the last."""
-    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents, strict=True))
+    """One Triton response as a chunk; finish reason and usage only on the last.
+
+    Runs once per token, so it reads the raw outputs directly (no numpy, no dicts
+    of every output): a BYTES scalar is a 4-byte length and its bytes.
+    """
     chunk = inference_pb2.GenerateChunk(model=label)
-    text = decode_bytes(raw.get("text", b""))
-    if text:
-        chunk.text = text[0].decode("utf-8", errors="replace")
-    token_ids = raw.get("token_ids", b"")
-    if token_ids:
-        chunk.token_ids.extend(np.frombuffer(token_ids, dtype="<i4").tolist())
-    reason = decode_bytes(raw.get("finish_reason", b""))
-    if reason and reason[0]:
-        chunk.finish_reason = FINISH_REASONS.get(reason[0], inference_pb2.FINISH_REASON_UNSPECIFIED)
-        chunk.usage.prompt_tokens = _int32(raw.get("prompt_tokens", b""))
-        chunk.usage.completion_tokens = _int32(raw.get("completion_tokens", b""))
+    finish = b""
+    prompt_tokens = completion_tokens = 0
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        name = output.name
+        if name == "text":
+            if len(raw) > 4:
+                chunk.text = raw[4:].decode("utf-8", errors="replace")
+        elif name == "token_ids":
+            if raw:
+                chunk.token_ids.extend(array("i", raw) if _LITTLE_ENDIAN else _int32s(raw))
+        elif name == "finish_reason":
+            finish = raw[4:]
+        elif name == "prompt_tokens":
+            prompt_tokens = _INT32.unpack_from(raw)[0] if raw else 0
+        elif name == "completion_tokens":
+            completion_tokens = _INT32.unpack_from(raw)[0] if raw else 0
+    if finish:
+        chunk.finish_reason = FINISH_REASONS.get(finish, inference_pb2.FINISH_REASON_UNSPECIFIED)
+        chunk.usage.prompt_tokens = prompt_tokens
+        chunk.usage.completion_tokens = completion_tokens
     return chunk
 
 
-def _int32(raw: bytes) -> int:
-    return int(np.frombuffer(raw, dtype="<i4")[0]) if raw else 0
+_INT32 = struct.Struct("<i")
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _int32s(raw: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(raw) // 4}i", raw))

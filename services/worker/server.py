@@ -12,7 +12,7 @@ from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
-from services.runtime.server import GrpcService
+from services.runtime.server import GrpcService, ServiceBinding, build_server
 from services.worker.catalog import ModelCatalog, loaded_model
 from services.worker.servicer import InferenceWorkerServicer
 from services.worker.settings import WorkerSettings
@@ -31,7 +31,6 @@ class Worker:
     service: GrpcService
     triton: TritonConnection
     bundled: BundledTriton | None
-    catalog: ModelCatalog
 
     @property
     def address(self) -> str:
@@ -92,13 +91,10 @@ async def start_worker(settings: WorkerSettings) -> Worker:
         catalog = await load_catalog(triton, settings.models)
         metrics = ServiceMetrics("worker")
         servicer = InferenceWorkerServicer(catalog, triton)
-        service = GrpcService(
+        service = build_server(
             settings,
+            [ServiceBinding.of(worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],
             name="worker",
-            service_names=[SERVICE_NAME],
-            register=lambda server: worker_pb2_grpc.add_InferenceWorkerServicer_to_server(
-                servicer, server
-            ),
             metrics=metrics,
         )
         await service.start()
@@ -108,7 +104,7 @@ async def start_worker(settings: WorkerSettings) -> Worker:
             await bundled.stop()
         raise
     log.info("worker ready", models=[m.label for m in catalog.models()], triton=url)
-    return Worker(service=service, triton=triton, bundled=bundled, catalog=catalog)
+    return Worker(service=service, triton=triton, bundled=bundled)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

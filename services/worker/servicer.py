@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import structlog
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.worker.v1 import worker_pb2_grpc
 
+from services.runtime import calls
 from services.runtime.errors import InvalidArgument, shown
 from services.worker.catalog import ModelCatalog
 from services.worker.generation import check_generate, to_chunk, to_triton_stream_request
@@ -17,6 +17,12 @@ from services.worker.tensors import check_input, from_triton_response, to_triton
 from services.worker.triton_client import TritonConnection
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _remaining() -> float | None:
+    """Seconds left of the caller's deadline, read from the call (not the context)."""
+    call = calls.current()
+    return call.remaining() if call is not None else None
 
 
 class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
@@ -31,16 +37,13 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         check_generate(model, request)
         triton_request = to_triton_stream_request(model, request)
         last: inference_pb2.GenerateChunk | None = None
-        async for response in self._triton.stream(triton_request, context.time_remaining()):
+        async for response in self._triton.stream(triton_request, _remaining()):
             last = to_chunk(model.label, response)
             yield last
+        calls.note(resolved=model.label)
         if last is not None:
-            structlog.contextvars.bind_contextvars(
-                resolved=model.label,
-                finish_reason=inference_pb2.FinishReason.Name(last.finish_reason),
-                prompt_tokens=last.usage.prompt_tokens,
-                completion_tokens=last.usage.completion_tokens,
-            )
+            calls.note(finish_reason=inference_pb2.FinishReason.Name(last.finish_reason))
+            calls.note_usage(last.usage.prompt_tokens, last.usage.completion_tokens)
 
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
@@ -71,9 +74,9 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     f"{model.label} has no output {shown(name)} "
                     f"(outputs: {', '.join(sorted(model.output_names))})",
                 )
-        structlog.contextvars.bind_contextvars(resolved=model.label)
+        calls.note(resolved=model.label)
         triton_request = to_triton_request(model.info.name, model.info.version, request)
-        response = await self._triton.infer(triton_request, context.time_remaining())
+        response = await self._triton.infer(triton_request, _remaining())
         return from_triton_response(model.label, response)
 
     async def ListModels(

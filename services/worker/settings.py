@@ -1,47 +1,65 @@
-"""The worker's settings."""
+"""The worker's settings (flags, or TENSORGATE_WORKER_* variables)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from services.runtime.settings import ServiceSettings, SettingsError, setting
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.runtime.settings import (
+    CommaList,
+    MetricsPort,
+    OptionalHostPort,
+    PositiveDuration,
+    ServiceSettings,
+    SettingsError,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass(frozen=True, kw_only=True)
+def _model_name(name: str) -> str:
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise SettingsError(f"{name!r} is not a valid model name")
+    return name
+
+
 class WorkerSettings(ServiceSettings):
     """Inference worker: forwards Generate and Infer to one NVIDIA Triton server."""
 
-    metrics_port: int = setting(
-        9401, "Prometheus /metrics port; 0 picks a free one, -1 turns it off"
+    model_config = SettingsConfigDict(env_prefix="TENSORGATE_WORKER_")
+
+    metrics_port: MetricsPort = Field(
+        9401, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off"
     )
-    triton_url: str = setting(
-        "", "host:port of a running Triton's gRPC endpoint; empty launches the bundled CPU Triton"
+    triton_url: OptionalHostPort = Field(
+        "",
+        description="host:port of a running Triton's gRPC endpoint; empty launches the "
+        "bundled CPU Triton",
     )
-    model_repository: Path = setting(
-        REPO_ROOT / "models" / "repository", "Triton model repository (explicit model control)"
+    model_repository: Path = Field(
+        REPO_ROOT / "models" / "repository",
+        description="Triton model repository (explicit model control)",
     )
-    models: tuple[str, ...] = setting(
-        ("tinylm", "digits"), "comma-separated models to load at start"
+    models: CommaList[Annotated[str, AfterValidator(_model_name)]] = Field(
+        ("tinylm", "digits"), description="comma-separated models to load at start"
     )
-    data_dir: Path = setting(
-        Path(".data/worker"), "where the bundled Triton keeps its backends and log"
+    data_dir: Path = Field(
+        Path(".data/worker"), description="where the bundled Triton keeps its backends and log"
     )
-    triton_start_timeout: float = setting(
-        120.0, "seconds to wait for the bundled Triton to be ready"
+    triton_start_timeout: PositiveDuration = Field(
+        120.0, description="how long to wait for the bundled Triton to be ready"
     )
-    triton_threads: int = setting(
-        0, "CPU threads for the bundled Triton's models; 0 = Triton's default"
+    triton_threads: int = Field(
+        0, ge=0, description="CPU threads for the bundled Triton's models; 0 = Triton's default"
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.triton_url and not self.model_repository.is_dir():
-            raise SettingsError(f"model_repository {self.model_repository} is not a directory")
-        if self.triton_start_timeout <= 0:
-            raise SettingsError("triton_start_timeout must be > 0")
-        for name in self.models:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise SettingsError(f"models: {name!r} is not a valid model name")
+    @field_validator("model_repository")
+    @classmethod
+    def _repository_exists(cls, path: Path, info: ValidationInfo) -> Path:
+        # Only the bundled Triton reads it; a remote Triton has its own.
+        if info.data.get("triton_url") == "" and not path.is_dir():
+            raise SettingsError(f"{path} is not a directory")
+        return path

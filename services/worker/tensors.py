@@ -32,14 +32,20 @@ def check_input(
     if max_batch_size > 0:
         expected = [-1, *expected]
     shape = list(tensor.shape)
-    if (
-        len(shape) != len(expected)
-        or any(e != -1 and s != e for s, e in zip(shape, expected, strict=True))
-        or any(s < 0 for s in shape)
-    ):
+    want = f"shape of {spec.name!r} must be {_shape(expected)}"
+    if len(shape) != len(expected):
         raise InvalidArgument(
-            field, f"shape of {spec.name!r} must be {_shape(expected)}, got {_shape(shape)}"
+            field, f"{want}, got {len(shape)} dimensions {_dims(shape)} instead of {len(expected)}"
         )
+    for index, (size, wanted) in enumerate(zip(shape, expected, strict=True)):
+        if size < 0:
+            raise InvalidArgument(
+                field, f"{want}, got {_dims(shape)}: dimension {index} is {size}, not a size"
+            )
+        if wanted != -1 and size != wanted:
+            raise InvalidArgument(
+                field, f"{want}, got {_dims(shape)}: dimension {index} must be {wanted}"
+            )
     if max_batch_size > 0 and not 1 <= shape[0] <= max_batch_size:
         raise InvalidArgument(
             field, f"batch size of {spec.name!r} must be 1..{max_batch_size}, got {shape[0]}"
@@ -66,7 +72,13 @@ def check_input(
 
 
 def _shape(shape: Sequence[int]) -> str:
+    """An expected shape, with N for a variable dimension."""
     return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
+
+
+def _dims(shape: Sequence[int]) -> str:
+    """A shape a caller sent, as sent."""
+    return "[" + ", ".join(map(str, shape)) + "]"
 
 
 def to_triton_request(

@@ -7,7 +7,6 @@ so request and response tensors travel as raw bytes without a numpy round trip.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -17,39 +16,11 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from services.runtime.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    InvalidArgument,
-    Unavailable,
-)
+from services.runtime.channels import open_channel
+from services.runtime.errors import UpstreamFailure, upstream_error
+from services.runtime.readiness import poll_until
 
 log = structlog.get_logger("tensorgate.triton")
-
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-)
-
-
-class TritonError(RuntimeError):
-    """Triton failed in a way that is not the caller's fault: logged, and the caller gets
-    INTERNAL with the request id only (so it is deliberately not a TensorgateError)."""
-
-
-def map_triton_error(exc: grpc.aio.AioRpcError, model: str) -> Exception:
-    """The most specific domain error for a failed Triton data-plane call."""
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument("inputs", details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"deadline passed while {model} was running")
-    if code == grpc.StatusCode.CANCELLED:
-        return Cancelled(f"call to {model} was cancelled")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-        return Unavailable(f"model {model} is not available on this worker: {details}")
-    return TritonError(f"Triton failed on {model}: {code.name} {details}")
 
 
 class TritonConnection:
@@ -58,7 +29,7 @@ class TritonConnection:
     def __init__(self, url: str) -> None:
         self.url = url
         self._control = triton_aio.InferenceServerClient(url)
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(url)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -66,16 +37,16 @@ class TritonConnection:
         await self._channel.close(None)
 
     async def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last_error = ""
-        while time.monotonic() < deadline:
-            try:
-                if await self._control.is_server_ready():
-                    return
-            except InferenceServerException as exc:
-                last_error = str(exc)
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"Triton at {self.url} not ready after {timeout}s {last_error}")
+        async def ready() -> bool | None:
+            return await self._control.is_server_ready() or None
+
+        await poll_until(
+            ready,
+            timeout=timeout,
+            interval=0.2,
+            what=f"Triton at {self.url}",
+            expected=(InferenceServerException,),
+        )
 
     async def load_model(self, name: str) -> None:
         started = time.perf_counter()
@@ -107,7 +78,7 @@ class TritonConnection:
                 request, timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise map_triton_error(exc, _label(request)) from exc
+            raise upstream_error(exc, f"model {_label(request)}") from exc
         return response
 
     async def stream(
@@ -126,13 +97,15 @@ class TritonConnection:
             await call.done_writing()
             async for message in call:
                 if message.error_message:
-                    raise TritonError(f"{_label(request)} failed: {message.error_message}")
+                    raise UpstreamFailure(f"{_label(request)} failed: {message.error_message}")
                 yield message.infer_response
                 final = message.infer_response.parameters["triton_final_response"].bool_param
             if not final:
-                raise TritonError(f"{_label(request)} ended its stream without a final response")
+                raise UpstreamFailure(
+                    f"{_label(request)} ended its stream without a final response"
+                )
         except grpc.aio.AioRpcError as exc:
-            raise map_triton_error(exc, _label(request)) from exc
+            raise upstream_error(exc, f"model {_label(request)}") from exc
         finally:
             if not call.done():
                 call.cancel()

@@ -2,28 +2,27 @@
 
 The wheel carries a real tritonserver binary, the Python backend and one
 backend stub per Python version. This module assembles a backend directory for
-the running interpreter, sets the library paths the binary and stub need (see
-ENVIRONMENT.md), starts the server in its own process group on free ports, and
-stops the whole group, stub processes included.
+the running interpreter, sets the library paths the binary and stub need (the
+running interpreter's libpython first, then the wheel's libraries), starts the
+server as a supervised child on free ports, and stops its whole process group,
+backend stubs included.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from services.runtime.process import die_with_parent, free_port
+from services.runtime.process import ChildProcess, free_port
+from services.runtime.readiness import poll_until
 
 log = structlog.get_logger("tensorgate.triton")
 
@@ -36,7 +35,6 @@ class TritonPaths:
     python_backend: Path
     stub: Path
     libs: Path
-    site_packages: Path
 
     @classmethod
     def from_wheel(cls) -> TritonPaths:
@@ -51,7 +49,6 @@ class TritonPaths:
             python_backend=root / "backends" / "python",
             stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
             libs=package.parent / "nvidia_pytriton.libs",
-            site_packages=package.parent,
         )
         for path in (paths.server, paths.python_backend, paths.stub, paths.libs):
             if not path.exists():
@@ -69,11 +66,11 @@ class BundledTriton:
         self.grpc_port = 0
         self.metrics_port = 0
         self.log_path = self.data_dir / "triton.log"
-        self._process: asyncio.subprocess.Process | None = None
+        self._child: ChildProcess | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def grpc_url(self) -> str:
@@ -129,55 +126,59 @@ class BundledTriton:
             "--exit-timeout-secs=10",
             "--log-verbose=0",
         ]
-        log_file = self.log_path.open("ab")
-        try:
+        with self.log_path.open("ab") as log_file:
             # Dies with the worker even if the worker is killed without cleaning up.
-            self._process = await asyncio.create_subprocess_exec(
-                *die_with_parent(args),
+            # Triton is the only writer of its log, so it writes the file directly.
+            self._child = await ChildProcess.spawn(
+                "triton",
+                args,
+                env=self._environment(paths),
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL,
-                env=self._environment(paths),
-                start_new_session=True,
             )
-        finally:
-            log_file.close()
         log.info(
             "triton starting",
-            pid=self._process.pid,
+            pid=self._child.pid,
             grpc_port=self.grpc_port,
             metrics_port=self.metrics_port,
             log=str(self.log_path),
         )
-        await self._wait_listening(timeout)
+        try:
+            await self._wait_listening(timeout)
+        except (TimeoutError, RuntimeError) as exc:
+            await self.stop()
+            raise RuntimeError(
+                f"bundled Triton did not start: {exc}; log tail:\n{self.log_tail()}"
+            ) from exc
+        except BaseException:
+            await self.stop()
+            raise
 
     async def _wait_listening(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.returncode is not None:
-                raise RuntimeError(
-                    f"bundled Triton exited with {self._process.returncode}; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.grpc_port)
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
+        async def listening() -> bool:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.grpc_port)
             writer.close()
             await writer.wait_closed()
-            return
-        await self.stop()
-        raise RuntimeError(
-            f"bundled Triton did not listen within {timeout}s; log tail:\n{self.log_tail()}"
+            return True
+
+        def exited() -> str | None:
+            code = self._child.returncode if self._child is not None else None
+            return f"it exited with {code}" if code is not None else None
+
+        await poll_until(
+            listening,
+            timeout=timeout,
+            interval=0.1,
+            what=f"bundled Triton's gRPC port {self.grpc_port}",
+            give_up=exited,
         )
 
     async def wait_exited(self) -> int:
         """Triton's exit code, once it has exited (for whatever reason)."""
-        process = self._process
-        if process is None:
+        child = self._child
+        if child is None:
             raise RuntimeError("bundled Triton is not running")
-        return await process.wait()
+        return await child.wait()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -187,19 +188,13 @@ class BundledTriton:
 
     async def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to the process group (server and stubs), SIGKILL after `timeout`."""
-        process, self._process = self._process, None
-        if process is None:
+        child, self._child = self._child, None
+        if child is None:
             return
-        if process.returncode is None:
-            _signal_group(process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except TimeoutError:
-                log.warning("triton did not stop in time; killing it", pid=process.pid)
-        # Stubs that outlived the server are killed with the group either way.
-        _signal_group(process.pid, signal.SIGKILL)
-        await process.wait()
-        log.info("triton stopped", pid=process.pid, returncode=process.returncode)
+        code = await child.stop(timeout)
+        if child.killed:
+            log.warning("triton did not stop in time; killed it", pid=child.pid)
+        log.info("triton stopped", pid=child.pid, returncode=code)
 
 
 def _same_file(source: Path, target: Path) -> bool:
@@ -207,8 +202,3 @@ def _same_file(source: Path, target: Path) -> bool:
         return False
     a, b = source.stat(), target.stat()
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)

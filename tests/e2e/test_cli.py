@@ -1,5 +1,6 @@
 """The user's commands: `tensorgate up` in the foreground, `generate` and `infer` against it,
-and Ctrl-C leaving no process behind (Triton and its backend stubs included)."""
+its services' log lines on stdout whole, and Ctrl-C leaving no process behind (Triton and
+its backend stubs included)."""
 
 from __future__ import annotations
 
@@ -68,22 +69,24 @@ async def _run(*args: str) -> tuple[int, str, str]:
 
 async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
     port, metrics_port = free_port(), _two_free_ports()
-    up = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "up",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp_path),
-        "--metrics-port",
-        str(metrics_port),
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    up_stdout = tmp_path / "up.out"
+    with up_stdout.open("wb") as stdout:
+        up = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path),
+            "--metrics-port",
+            str(metrics_port),
+            stderr=asyncio.subprocess.PIPE,
+            stdout=stdout,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     assert up.stderr is not None
     banner = ""
     try:
@@ -134,3 +137,11 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
         await asyncio.sleep(0.1)
     leftovers = {pid: process_command(pid) for pid in descendants if process_alive(pid)}
     assert not leftovers, f"processes left behind: {leftovers}"
+
+    # Both services logged to `up`'s stdout through it: whole JSON lines (the output
+    # is no terminal), among them the canonical lines of the calls above.
+    methods: set[str] = set()
+    for text in up_stdout.read_text().splitlines():
+        entry = json.loads(text)
+        methods.update(v for v in entry.values() if isinstance(v, str) and v.startswith("/"))
+    assert {generate, infer} <= methods, methods

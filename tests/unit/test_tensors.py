@@ -43,8 +43,18 @@ def test_good_batch_passes() -> None:
     ("tensor", "message"),
     [
         (to_tensor("image", np.zeros((2, 64), np.float64)), "datatype of 'image' must be FP32"),
-        (to_tensor("image", np.zeros((2, 63), np.float32)), "shape of 'image' must be [N, 64]"),
-        (to_tensor("image", np.zeros(64, np.float32)), "shape of 'image' must be [N, 64]"),
+        (
+            to_tensor("image", np.zeros((2, 63), np.float32)),
+            "shape of 'image' must be [N, 64], got [2, 63]: dimension 1 must be 64",
+        ),
+        (
+            to_tensor("image", np.zeros(64, np.float32)),
+            "shape of 'image' must be [N, 64], got 1 dimensions [64] instead of 2",
+        ),
+        (
+            inference_pb2.Tensor(name="image", datatype="FP32", shape=[-1, 64]),
+            "shape of 'image' must be [N, 64], got [-1, 64]: dimension 0 is -1, not a size",
+        ),
         (to_tensor("image", np.zeros((65, 64), np.float32)), "batch size of 'image' must be 1..64"),
         (
             inference_pb2.Tensor(

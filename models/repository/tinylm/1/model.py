@@ -30,7 +30,6 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 FINISH_REASONS = ("length", "stop", "eos", "cancelled", "error")
-MAX_STOP_STRINGS = 16
 MIN_TEMPERATURE = 1e-4
 
 
@@ -114,6 +113,9 @@ class TritonPythonModel:
                 f"the checkpoint was trained with {self.model.cfg.context_length}"
             )
         self.eos = int(self.arch.EOS_ID)
+        # The worker reads the same two parameters to check requests before they come here.
+        self.max_stop_sequences = int(params["max_stop_sequences"])
+        self.max_stop_length = int(params["max_stop_length"])
         torch.set_num_threads(1)
         self.pool = ThreadPoolExecutor(
             max_workers=int(params.get("max_concurrency", "2")),
@@ -216,17 +218,19 @@ class TritonPythonModel:
         stops: list[str] = []
         if stop_tensor is not None:
             raw = stop_tensor.as_numpy().reshape(-1)
-            if raw.size > MAX_STOP_STRINGS:
+            if raw.size > self.max_stop_sequences:
                 raise RequestError(
-                    f"stop takes at most {MAX_STOP_STRINGS} strings (got {raw.size})"
+                    f"stop takes at most {self.max_stop_sequences} strings (got {raw.size})"
                 )
             for item in raw:
                 try:
                     text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
                 except UnicodeDecodeError:
                     raise RequestError("stop strings must be valid UTF-8") from None
-                if not text:
-                    raise RequestError("stop strings must not be empty")
+                if not 0 < len(text) <= self.max_stop_length:
+                    raise RequestError(
+                        f"each stop string must be 1..{self.max_stop_length} characters"
+                    )
                 stops.append(text)
         return Params(
             prompt=prompt,

@@ -1,0 +1,169 @@
+"""The processes under test, each started by the bench so it knows their PIDs.
+
+One bundled CPU Triton serving a repository made for the run (the demo models
+plus the bench's own no-compute model, linked in), a worker and a gateway as in
+production, and two bare hops: `hop-b` forwards to Triton, `hop-a` to `hop-b`,
+so the same two processes give "one bare hop" (client -> hop-b) and "two bare
+hops in a chain" (client -> hop-a -> hop-b). Every service logs to its own file
+under the work directory; nothing reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
+
+from services.runtime.process import die_with_parent, free_port
+from services.worker.triton_process import BundledTriton
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODELS = REPO / "models" / "repository"
+BENCH_MODELS = Path(__file__).resolve().parent / "models"
+NOCOMPUTE = "nocompute"
+MODELS = ("digits", "tinylm", NOCOMPUTE)
+
+
+def model_repository(root: Path) -> Path:
+    """A Triton repository of links to the demo models and the bench's own."""
+    repository = root / "repository"
+    repository.mkdir(parents=True, exist_ok=True)
+    sources = {"digits": DEMO_MODELS, "tinylm": DEMO_MODELS, NOCOMPUTE: BENCH_MODELS}
+    for name, parent in sources.items():
+        (repository / name).symlink_to(parent / name, target_is_directory=True)
+    return repository
+
+
+class BenchStack:
+    """Triton, worker, gateway and two bare hops; `start` returns once all serve."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.triton = BundledTriton(model_repository(work_dir), work_dir / "triton")
+        self.ports = {name: free_port() for name in ("worker", "gateway", "hop-a", "hop-b")}
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def triton_pid(self) -> int:
+        if self.triton.pid is None:
+            raise RuntimeError("Triton is not running")
+        return self.triton.pid
+
+    def log_path(self, name: str) -> Path:
+        return self.work_dir / f"{name}.log"
+
+    async def _spawn(self, name: str, *args: str) -> None:
+        with self.log_path(name).open("ab") as log:
+            # Each child gets its own session, so a Ctrl-C on the terminal reaches
+            # only the bench, which then stops them in order; setpriv's death
+            # signal stops them if the bench is killed outright.
+            self.processes[name] = await asyncio.create_subprocess_exec(
+                *die_with_parent([sys.executable, "-m", *args]),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                cwd=REPO,
+                start_new_session=True,
+            )
+
+    async def start(self, timeout: float = 300.0) -> None:
+        await self.triton.start(timeout)
+        hop_b = _flags(port=self.ports["hop-b"], upstream=self.triton.grpc_url)
+        await self._spawn("hop-b", "bench.bare_hop", *hop_b)
+        await self._spawn(
+            "hop-a",
+            "bench.bare_hop",
+            *_flags(port=self.ports["hop-a"], upstream=self.address("hop-b")),
+        )
+        worker = _flags(
+            port=self.ports["worker"],
+            metrics_port=-1,
+            triton_url=self.triton.grpc_url,
+            models=",".join(MODELS),
+            model_repository=self.triton.model_repository,
+            data_dir=self.work_dir / "worker",
+            log_format="json",
+        )
+        await self._spawn("worker", "services.worker", *worker)
+        gateway = _flags(
+            port=self.ports["gateway"],
+            metrics_port=-1,
+            workers=self.address("worker"),
+            log_format="json",
+        )
+        await self._spawn("gateway", "gateway", *gateway)
+        await self._wait_ready(timeout)
+
+    def _check_alive(self) -> None:
+        if self.triton.pid is None:
+            raise RuntimeError("Triton is not running")
+        for name, process in self.processes.items():
+            if process.returncode is not None:
+                raise RuntimeError(
+                    f"{name} exited with {process.returncode} during start; "
+                    f"see {self.log_path(name)}"
+                )
+
+    async def _wait_ready(self, timeout: float) -> None:
+        """Until the gateway lists every model (the worker has loaded them all and the
+        gateway has refreshed its view of it) and both hops listen."""
+        deadline = time.monotonic() + timeout
+        listed: set[str] = set()
+        async with grpc.aio.insecure_channel(self.address("gateway")) as channel:
+            stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
+            while time.monotonic() < deadline:
+                self._check_alive()
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    response = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2)
+                    listed = {m.name for m in response.models}
+                    if listed >= set(MODELS) and await self._hops_listen():
+                        return
+                await asyncio.sleep(0.5)
+        raise TimeoutError(
+            f"not ready within {timeout}s (gateway lists {sorted(listed)}); logs in {self.work_dir}"
+        )
+
+    async def _hops_listen(self) -> bool:
+        for name in ("hop-a", "hop-b"):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.ports[name])
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+        return True
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        """Front to back: gateway, worker, hops, then Triton."""
+        for name in ("gateway", "worker", "hop-a", "hop-b"):
+            process = self.processes.pop(name, None)
+            if process is None:
+                continue
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), timeout)
+                except TimeoutError:
+                    print(f"{name} did not stop within {timeout}s; killing it", file=sys.stderr)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    await process.wait()
+        await self.triton.stop()
+
+
+def _flags(**values: object) -> list[str]:
+    """`--name value` pairs, in the services' flag spelling (dashes)."""
+    return [part for k, v in values.items() for part in ("--" + k.replace("_", "-"), str(v))]

@@ -1,0 +1,95 @@
+"""The state of one RPC while it runs: request id, who called, what the handler noted.
+
+The pipeline (pipeline.py) opens a `Call` for every RPC and makes it current for the
+handler's task. Handlers add to the call's canonical log line with `note(...)`, read
+the request id with `current().request_id` (to pass it on upstream), and report the
+tokens a call used with `note_usage(...)` so the quota stage can settle them.
+A plain dict and one ContextVar: cheaper per call than structlog's contextvars.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from tensorgate.errors import REQUEST_ID_KEY
+
+__all__ = ["REQUEST_ID_KEY", "Call", "Principal", "Usage"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, as the authentication stage established it (never the key itself)."""
+
+    key_id: str
+    tenant: str
+    scopes: frozenset[str] = frozenset()
+
+
+@dataclass
+class Usage:
+    """What a call consumed, reported by the handler and settled by the quota stage."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Call:
+    """One RPC in flight. `fields` become the canonical log line's fields."""
+
+    method: str
+    request_id: str
+    started: float
+    deadline: float | None
+    peer: str
+    metadata: tuple[tuple[str, str | bytes], ...]
+    fields: dict[str, Any] = field(default_factory=dict)
+    principal: Principal | None = None
+    usage: Usage | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (None: the caller set none)."""
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+    def metadata_value(self, key: str) -> str | bytes | None:
+        for item_key, value in self.metadata:
+            if item_key == key:
+                return value
+        return None
+
+
+_current: ContextVar[Call | None] = ContextVar("tensorgate_call", default=None)
+
+
+def current() -> Call | None:
+    """The call the running task serves, if any."""
+    return _current.get()
+
+
+def enter(call: Call) -> None:
+    _current.set(call)
+
+
+def note(**fields: Any) -> None:
+    """Adds fields to the current call's canonical log line (no-op outside a call)."""
+    call = _current.get()
+    if call is not None:
+        call.fields.update(fields)
+
+
+def note_usage(prompt_tokens: int, completion_tokens: int) -> None:
+    """Records the tokens the current call used, for the log line and quota settlement."""
+    call = _current.get()
+    if call is not None:
+        call.usage = Usage(prompt_tokens, completion_tokens)
+        call.fields["prompt_tokens"] = prompt_tokens
+        call.fields["completion_tokens"] = completion_tokens
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata that carries the current request id to the next hop."""
+    call = _current.get()
+    return ((REQUEST_ID_KEY, call.request_id),) if call is not None else ()

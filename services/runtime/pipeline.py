@@ -1,0 +1,283 @@
+"""The one request pipeline every service's handlers run in, for all four RPC kinds.
+
+Stages, in order: request context (request id, deadline, peer) -> authentication ->
+quota reservation -> the handler -> error mapping, quota settlement, the canonical
+log line and the metrics. `Pipeline.wrap` applies them to a method handler once, when
+the server is built: no per-call interceptor dispatch, and a stage a service does not
+configure is not in the wrapped handler at all.
+
+Anything a handler raises that is not a domain error (errors.py) is a bug: the caller
+gets INTERNAL with the request id only, and the traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from services.runtime import calls
+from services.runtime.access import Authenticator, QuotaGate, QuotaReservation
+from services.runtime.calls import REQUEST_ID_KEY, Call
+from services.runtime.errors import InvalidArgument, as_domain_error
+from services.runtime.metrics import ServiceMetrics
+
+log = structlog.get_logger("tensorgate.rpc")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Admit = Callable[[Call, Any], Awaitable[QuotaReservation | None]]
+
+_EXPECTED = frozenset({grpc.StatusCode.OK, grpc.StatusCode.CANCELLED})
+
+
+class _Undecodable:
+    """Stands in for request bytes that did not parse, so the call can say so."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc answers UNKNOWN when deserializing fails; catching it here lets the
+    # call answer INVALID_ARGUMENT through the same path as every other error.
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    # A handler may return bytes it got from upstream already serialized (the
+    # gateway does): they go out as they are instead of a parse and re-encode.
+    if serializer is None:
+        return None
+
+    def serialize(message: Any) -> bytes:
+        return message if type(message) is bytes else serializer(message)
+
+    return serialize
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if type(request) is _Undecodable:
+        raise InvalidArgument("request", f"is not a valid message for {method}: {request.error}")
+
+
+def _request_id(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
+    for key, value in metadata:
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+def _final_code(context: Context) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+class Pipeline:
+    """Wraps a service's method handlers in the stages it has configured."""
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        *,
+        authenticator: Authenticator | None = None,
+        quota: QuotaGate | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._authenticator = authenticator
+        self._quota = quota
+        self._admit: Admit | None = (
+            self._admit_call if authenticator is not None or quota is not None else None
+        )
+
+    # -- the stages around a call -------------------------------------------------
+
+    def _open(self, method: str, context: Context) -> Call:
+        started = time.perf_counter()
+        # Everything needed from the context is read now: grpc.aio may crash on a
+        # context touched after its call ended (seen with an expired deadline).
+        metadata = tuple(context.invocation_metadata() or ())
+        remaining = context.time_remaining()
+        call = Call(
+            method=method,
+            request_id=_request_id(metadata),
+            started=started,
+            deadline=None if remaining is None else started + remaining,
+            peer=context.peer(),
+            metadata=metadata,
+        )
+        calls.enter(call)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        return call
+
+    async def _admit_call(self, call: Call, request: Any) -> QuotaReservation | None:
+        if self._authenticator is not None:
+            call.principal = await self._authenticator.authenticate(call)
+            if call.principal is not None:
+                call.fields["key_id"] = call.principal.key_id
+                call.fields["tenant"] = call.principal.tenant
+        if self._quota is not None:
+            return await self._quota.reserve(call, request)
+        return None
+
+    @staticmethod
+    def _cancelled_code(call: Call) -> grpc.StatusCode:
+        # grpc.aio cancels the handler both when the caller cancels and when the
+        # deadline passes; only the clock tells them apart.
+        if call.deadline is not None and time.perf_counter() >= call.deadline:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+    @staticmethod
+    def _code_for(exc: Exception) -> grpc.StatusCode:
+        domain = as_domain_error(exc)
+        return domain.code if domain is not None else grpc.StatusCode.INTERNAL
+
+    @staticmethod
+    async def _abort(call: Call, context: Context, exc: Exception) -> None:
+        """Ends the call with the status `exc` maps to (context.abort raises)."""
+        domain = as_domain_error(exc)
+        if domain is None:
+            log.error("unhandled error", exc_info=exc)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (request id {call.request_id})"
+            )
+            return
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id), *domain.trailers()))
+        await context.abort(domain.code, domain.message)
+
+    async def _close(
+        self, call: Call, code: grpc.StatusCode, reservation: QuotaReservation | None
+    ) -> None:
+        if reservation is not None:
+            try:
+                if code == grpc.StatusCode.OK:
+                    await reservation.settle(call.usage)
+                else:
+                    await reservation.release()
+            except Exception:  # settling must not turn a served call into a failure
+                log.exception("quota settlement failed")
+        seconds = time.perf_counter() - call.started
+        self._metrics.observe(call.method, code, seconds)
+        fields = call.fields
+        fields["request_id"] = call.request_id
+        fields["method"] = call.method
+        fields["status"] = code.name
+        fields["duration_ms"] = round(seconds * 1000, 3)
+        fields["peer"] = call.peer
+        if code in _EXPECTED:
+            log.info("rpc", **fields)
+        elif code == grpc.StatusCode.INTERNAL:
+            log.error("rpc", **fields)
+        else:
+            log.warning("rpc", **fields)
+
+    # -- one wrapper per RPC kind -------------------------------------------------
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
+        """`handler` with every stage around it (same kind, same (de)serializers)."""
+        deserializer = _lenient(handler.request_deserializer)
+        serializer = _passthrough(handler.response_serializer)
+        kinds: list[tuple[Any, Callable[..., Any], bool, bool]] = [
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False, False),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, False, True),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, True, False),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True, True),
+        ]
+        for behavior, make, client_streams, server_streams in kinds:
+            if behavior is not None:
+                wrapped = (self._streaming if server_streams else self._responding)(
+                    method, behavior, client_streams
+                )
+                return make(
+                    wrapped, request_deserializer=deserializer, response_serializer=serializer
+                )
+        return handler
+
+    def _admitted(self, call: Call, request: Any, client_streams: bool) -> Any:
+        """The request as the handler gets it; notes the model it names."""
+        if client_streams:
+            return _checked(request, call.method)
+        _check_decoded(request, call.method)
+        model = getattr(request, "model", None)
+        if type(model) is str and model:
+            # A caller's string: bounded, so a huge one cannot flood the logs.
+            call.fields["model"] = model[:128]
+        return request
+
+    def _responding(
+        self, method: str, behavior: Callable[[Any, Any], Any], client_streams: bool
+    ) -> Any:
+        """Unary-unary and stream-unary: one response."""
+        admit = self._admit
+
+        async def handle(request: Any, context: Context) -> Any:
+            call = self._open(method, context)
+            code, reservation = grpc.StatusCode.OK, None
+            try:
+                request = self._admitted(call, request, client_streams)
+                if admit is not None:
+                    reservation = await admit(call, None if client_streams else request)
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = self._cancelled_code(call)
+                raise
+            except grpc.aio.AbortError:
+                code = _final_code(context)
+                raise
+            except Exception as exc:
+                code = self._code_for(exc)
+                await self._abort(call, context, exc)
+            finally:
+                await self._close(call, code, reservation)
+
+        return handle
+
+    def _streaming(
+        self, method: str, behavior: Callable[[Any, Any], Any], client_streams: bool
+    ) -> Any:
+        """Unary-stream and stream-stream: an async generator of responses."""
+        admit = self._admit
+
+        async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = self._open(method, context)
+            code, reservation = grpc.StatusCode.OK, None
+            try:
+                request = self._admitted(call, request, client_streams)
+                if admit is not None:
+                    reservation = await admit(call, None if client_streams else request)
+                async for response in behavior(request, context):
+                    yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = self._cancelled_code(call)
+                raise
+            except grpc.aio.AbortError:
+                code = _final_code(context)
+                raise
+            except Exception as exc:
+                code = self._code_for(exc)
+                await self._abort(call, context, exc)
+            finally:
+                await self._close(call, code, reservation)
+
+        return handle
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    """A client stream's messages, refusing one whose bytes did not parse."""
+    async for request in requests:
+        _check_decoded(request, method)
+        yield request
