@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -41,11 +42,14 @@ from bench.measure import (
     TRITON,
     TWO_HOPS,
     WORKER,
+    M,
     Slice,
+    Streamed,
+    Unary,
     interleaved,
     measure,
 )
-from bench.report import BUSY, M, Streamed, Unary, report
+from bench.report import BUSY, report
 from bench.stack import NOCOMPUTE, REPO, BenchStack
 
 PROMPT = "ROMEO:\n"
@@ -65,42 +69,63 @@ def _meter(stack: BenchStack) -> CpuMeter:
     return meter
 
 
-async def bench_unary(
-    meter: CpuMeter, seconds: float, rounds: int, channels: dict[str, grpc.aio.Channel]
-) -> list[Unary]:
-    paths = {
-        DIRECT: calls.kserve_infer(channels[DIRECT]),
-        ONE_HOP: calls.kserve_infer(channels[ONE_HOP]),
-        TWO_HOPS: calls.kserve_infer(channels[TWO_HOPS]),
-        CHAIN: calls.gateway_infer(channels[CHAIN]),
-    }
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """How long and how much to measure (the command line)."""
+
+    seconds: float  # per unary measurement: one path at one concurrency
+    stream_seconds: float  # per no-compute stream measurement
+    rounds: int
+    nocompute_tokens: int
+    streams: int  # tinylm generations per path
+    max_tokens: int  # per tinylm generation
+    api_key: str
+
+
+@dataclass(frozen=True)
+class Targets:
+    """One long-lived channel per path, as every hop keeps one to its upstream."""
+
+    channels: dict[str, grpc.aio.Channel]
+    gateway_metadata: calls.Metadata
+
+    def kserve(self, path: str) -> grpc.aio.Channel:
+        return self.channels[path]
+
+    @property
+    def gateway(self) -> grpc.aio.Channel:
+        return self.channels[CHAIN]
+
+
+async def bench_unary(meter: CpuMeter, targets: Targets, options: Options) -> list[Unary]:
+    paths = {path: calls.kserve_infer(targets.kserve(path)) for path in (DIRECT, ONE_HOP, TWO_HOPS)}
+    paths[CHAIN] = calls.gateway_infer(targets.gateway, targets.gateway_metadata)
     for call in paths.values():
         await warm_unary(call)
+    seconds = options.seconds / options.rounds
     rows = []
     for concurrency in CONCURRENCY:
         slices = {
             path: Slice(
                 partial(warm_unary, call, calls=10),
-                partial(unary_load, call, concurrency=concurrency, seconds=seconds / rounds),
+                partial(unary_load, call, concurrency=concurrency, seconds=seconds),
             )
             for path, call in paths.items()
         }
-        rows += _progress(await interleaved(meter, slices, rounds))
+        rows += _progress(await interleaved(meter, slices, options.rounds))
     return rows
 
 
-async def bench_nocompute(
-    meter: CpuMeter,
-    seconds: float,
-    rounds: int,
-    tokens: int,
-    channels: dict[str, grpc.aio.Channel],
-) -> list[Streamed]:
+async def bench_nocompute(meter: CpuMeter, targets: Targets, options: Options) -> list[Streamed]:
+    tokens = options.nocompute_tokens
     paths = {
-        DIRECT: calls.kserve_stream(channels[DIRECT], NOCOMPUTE, PROMPT, tokens),
-        TWO_HOPS: calls.kserve_stream(channels[TWO_HOPS], NOCOMPUTE, PROMPT, tokens),
-        CHAIN: calls.gateway_stream(channels[CHAIN], NOCOMPUTE, PROMPT, tokens),
+        path: calls.kserve_stream(targets.kserve(path), NOCOMPUTE, PROMPT, tokens)
+        for path in (DIRECT, TWO_HOPS)
     }
+    paths[CHAIN] = calls.gateway_stream(
+        targets.gateway, targets.gateway_metadata, NOCOMPUTE, PROMPT, tokens
+    )
+    seconds = options.stream_seconds / options.rounds
     rows = []
     for concurrency in CONCURRENCY:
         for stream in paths.values():
@@ -108,25 +133,26 @@ async def bench_nocompute(
         slices = {
             path: Slice(
                 partial(warm_stream, stream),
-                partial(stream_load, stream, concurrency=concurrency, seconds=seconds / rounds),
+                partial(stream_load, stream, concurrency=concurrency, seconds=seconds),
             )
             for path, stream in paths.items()
         }
-        rows += _progress(await interleaved(meter, slices, rounds))
+        rows += _progress(await interleaved(meter, slices, options.rounds))
     return rows
 
 
-async def bench_tinylm(
-    meter: CpuMeter, generations: int, tokens: int, channels: dict[str, grpc.aio.Channel]
-) -> list[Streamed]:
+async def bench_tinylm(meter: CpuMeter, targets: Targets, options: Options) -> list[Streamed]:
+    tokens = options.max_tokens
     paths = {
-        DIRECT: calls.kserve_stream(channels[DIRECT], "tinylm", PROMPT, tokens),
-        CHAIN: calls.gateway_stream(channels[CHAIN], "tinylm", PROMPT, tokens),
+        DIRECT: calls.kserve_stream(targets.kserve(DIRECT), "tinylm", PROMPT, tokens),
+        CHAIN: calls.gateway_stream(
+            targets.gateway, targets.gateway_metadata, "tinylm", PROMPT, tokens
+        ),
     }
     rows = []
     for path, stream in paths.items():
         await warm_stream(stream)
-        run = partial(stream_load, stream, generations=generations)
+        run = partial(stream_load, stream, generations=options.streams)
         rows += _progress([await measure(meter, path, run)])
     return rows
 
@@ -143,34 +169,33 @@ def _progress(rows: list[M]) -> list[M]:
     return rows
 
 
-async def main_async(args: argparse.Namespace) -> str:
+async def main_async(options: Options) -> str:
     work_dir = Path(tempfile.mkdtemp(prefix="tensorgate-bench-"))
     stack = BenchStack(work_dir)
     print(f"starting Triton, worker, gateway and bare hops (logs in {work_dir})", file=sys.stderr)
-    addresses = {
-        DIRECT: "",
-        ONE_HOP: stack.address("hop-b"),
-        TWO_HOPS: stack.address("hop-a"),
-        CHAIN: stack.address("gateway"),
-    }
     try:
         await stack.start(START_TIMEOUT)
-        addresses[DIRECT] = stack.triton.grpc_url
         meter = _meter(stack)
         triton_processes = len(group_members(stack.triton_pid))
-        # One long-lived channel per path, as every hop keeps one to its upstream.
-        channels = {path: grpc.aio.insecure_channel(a) for path, a in addresses.items()}
+        addresses = {
+            DIRECT: stack.triton.grpc_url,
+            ONE_HOP: stack.address("hop-b"),
+            TWO_HOPS: stack.address("hop-a"),
+            CHAIN: stack.address("gateway"),
+        }
+        targets = Targets(
+            {path: grpc.aio.insecure_channel(a) for path, a in addresses.items()},
+            calls.gateway_metadata(options.api_key),
+        )
         try:
             print("measuring unary Infer...", file=sys.stderr)
-            unary = await bench_unary(meter, args.seconds, args.rounds, channels)
+            unary = await bench_unary(meter, targets, options)
             print("measuring no-compute streams...", file=sys.stderr)
-            nocompute = await bench_nocompute(
-                meter, args.stream_seconds, args.rounds, args.nocompute_tokens, channels
-            )
+            nocompute = await bench_nocompute(meter, targets, options)
             print("measuring tinylm...", file=sys.stderr)
-            tinylm = await bench_tinylm(meter, args.streams, args.max_tokens, channels)
+            tinylm = await bench_tinylm(meter, targets, options)
         finally:
-            for channel in channels.values():
+            for channel in targets.channels.values():
                 await channel.close(None)
     except BaseException:
         print(f"bench failed; service logs kept in {work_dir}", file=sys.stderr)
@@ -182,10 +207,10 @@ async def main_async(args: argparse.Namespace) -> str:
         unary,
         nocompute,
         tinylm,
-        nocompute_tokens=args.nocompute_tokens,
-        tinylm_tokens=args.max_tokens,
+        nocompute_tokens=options.nocompute_tokens,
+        tinylm_tokens=options.max_tokens,
         triton_processes=triton_processes,
-        rounds=args.rounds,
+        rounds=options.rounds,
     )
 
 
@@ -208,9 +233,25 @@ def main() -> int:
     )
     parser.add_argument("--streams", type=int, default=5, help="tinylm generations per path")
     parser.add_argument("--max-tokens", type=int, default=200, help="tokens per tinylm generation")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TENSORGATE_API_KEY", ""),
+        help="sent as `authorization: Bearer` on gateway calls (env TENSORGATE_API_KEY)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    table = asyncio.run(main_async(args))
+    if args.rounds < 1 or min(args.seconds, args.stream_seconds) <= 0:
+        parser.error("--rounds must be >= 1 and --seconds, --stream-seconds > 0")
+    options = Options(
+        seconds=args.seconds,
+        stream_seconds=args.stream_seconds,
+        rounds=args.rounds,
+        nocompute_tokens=args.nocompute_tokens,
+        streams=args.streams,
+        max_tokens=args.max_tokens,
+        api_key=args.api_key,
+    )
+    table = asyncio.run(main_async(options))
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.md"

@@ -42,7 +42,11 @@ def forwarding_handler(upstream: grpc.aio.Channel) -> grpc.GenericRpcHandler[byt
     )
 
     async def model_infer(request: bytes, context: Context) -> bytes:
-        response: bytes = await infer(request)
+        try:
+            response: bytes = await infer(request)
+        except grpc.aio.AioRpcError as exc:
+            # Only on failure: upstream's status goes back as it came, not as UNKNOWN.
+            await context.abort(exc.code(), exc.details() or "")
         return response
 
     async def model_stream_infer(
@@ -51,8 +55,11 @@ def forwarding_handler(upstream: grpc.aio.Channel) -> grpc.GenericRpcHandler[byt
         # The caller's request stream is handed on as it is; cancelling this
         # handler cancels the upstream call with it.
         call: Any = stream_infer(requests)
-        async for response in call:
-            yield response
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
 
     return grpc.method_handlers_generic_handler(
         SERVICE,

@@ -23,6 +23,13 @@ from bench.load import Stream, UnaryCall
 
 STREAM_TIMEOUT = 120.0
 
+# Sent with every gateway call: `authorization: Bearer <key>` when the bench has a key.
+Metadata = tuple[tuple[str, str], ...]
+
+
+def gateway_metadata(api_key: str) -> Metadata:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
 
 def digits_image() -> np.ndarray[Any, np.dtype[np.float32]]:
     """One 8x8 image, batch 1, pixel values 0..16 like load_digits."""
@@ -38,13 +45,13 @@ def kserve_infer(channel: grpc.aio.Channel) -> UnaryCall:
     return lambda: stub.ModelInfer(request)
 
 
-def gateway_infer(channel: grpc.aio.Channel) -> UnaryCall:
+def gateway_infer(channel: grpc.aio.Channel, metadata: Metadata) -> UnaryCall:
     """digits through the gateway's Infer."""
     request = inference_pb2.InferRequest(
         model="digits", inputs=[to_tensor("image", digits_image())]
     )
     stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
-    return lambda: stub.Infer(request)
+    return lambda: stub.Infer(request, metadata=metadata)
 
 
 def _scalar(request: service_pb2.ModelInferRequest, name: str, datatype: str, raw: bytes) -> None:
@@ -86,7 +93,9 @@ def kserve_stream(channel: grpc.aio.Channel, model: str, prompt: str, max_tokens
     return generate
 
 
-def gateway_stream(channel: grpc.aio.Channel, model: str, prompt: str, max_tokens: int) -> Stream:
+def gateway_stream(
+    channel: grpc.aio.Channel, metadata: Metadata, model: str, prompt: str, max_tokens: int
+) -> Stream:
     """Generations through the gateway's Generate."""
     request = inference_pb2.GenerateRequest(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0
@@ -94,7 +103,7 @@ def gateway_stream(channel: grpc.aio.Channel, model: str, prompt: str, max_token
     stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
 
     async def generate() -> AsyncIterator[int]:
-        async for chunk in stub.Generate(request, timeout=STREAM_TIMEOUT):
+        async for chunk in stub.Generate(request, timeout=STREAM_TIMEOUT, metadata=metadata):
             yield len(chunk.token_ids)
 
     return generate

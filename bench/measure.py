@@ -59,6 +59,11 @@ class Measured(Generic[R]):
         return self.cpu.others / self.result.seconds
 
 
+Unary = Measured[UnaryResult]
+Streamed = Measured[StreamResult]
+M = TypeVar("M", Unary, Streamed)
+
+
 async def measure(meter: CpuMeter, path: str, run: Callable[[], Awaitable[R]]) -> Measured[R]:
     before = meter.snapshot()
     result = await run()

@@ -7,9 +7,7 @@ import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
-from bench.load import StreamResult, UnaryResult
 from bench.measure import (
     CHAIN,
     DIRECT,
@@ -20,7 +18,9 @@ from bench.measure import (
     ROLES,
     TWO_HOPS,
     WORKER,
-    Measured,
+    M,
+    Streamed,
+    Unary,
 )
 
 # DESIGN.md, "The hot path".
@@ -40,10 +40,6 @@ ROLE_TITLES = {
     "triton": "Triton",
     "stubs": "stubs",
 }
-
-Unary = Measured[UnaryResult]
-Streamed = Measured[StreamResult]
-M = TypeVar("M", Unary, Streamed)
 
 
 @dataclass(frozen=True)
@@ -136,12 +132,14 @@ def budgets(unary: Sequence[Unary], nocompute: Sequence[Streamed]) -> list[Budge
     return out
 
 
+def _us_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def _cpu_cells(row: Unary | Streamed) -> list[str]:
-    cells = []
-    for role in ROLES:
-        value = row.cpu_us(role)
-        cells.append("-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}")
-    return cells
+    """One cell per process, then the path's total."""
+    values = [row.cpu_us(role) for role in ROLES]
+    return [*map(_us_cell, values), _us_cell(sum(v for v in values if v is not None))]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -161,7 +159,7 @@ def report(
     triton_processes: int,
     rounds: int,
 ) -> str:
-    cpu_titles = [ROLE_TITLES[r] for r in ROLES]
+    cpu_titles = [*(ROLE_TITLES[r] for r in ROLES), "path total"]
     lines = [
         f"# tensorgate bench, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         "",
@@ -175,7 +173,8 @@ def report(
         "bytes (bench/bare_hop.py).",
         "- CPU columns: utime + stime from /proc, per call or per token, by process. Triton "
         f"is tritonserver; stubs are its {triton_processes - 1} Python-backend stub processes, "
-        "where model code runs. - = not on that path.",
+        "where model code runs; - = not on that path. Once the cores are saturated, a path's "
+        "throughput is at most cores / its total CPU per call or token.",
         '- "others": cores that processes outside the bench kept busy meanwhile; high values '
         "mean a shared, noisy run.",
         f"- Unary and no-compute rows are each taken in {rounds} slices with the paths in turn, "

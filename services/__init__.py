@@ -1,1 +1,1 @@
-"""tensorgate's back-end services: registry, auth, worker, and the runtime they share."""
+"""tensorgate's back-end services: the inference worker and the runtime every service shares."""

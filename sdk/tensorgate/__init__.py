@@ -8,8 +8,8 @@ It depends only on the generated contract (tensorgate.<service>.v1, from protos/
 and on grpcio, protobuf and numpy. Stubs for other languages come from the same protos.
 """
 
-from tensorgate.aio import AsyncGatewayClient
-from tensorgate.client import GatewayClient
+from typing import TYPE_CHECKING, Any
+
 from tensorgate.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -26,6 +26,26 @@ from tensorgate.errors import (
 )
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 from tensorgate.tensors import from_tensor, to_tensor
+
+if TYPE_CHECKING:
+    from tensorgate.aio import AsyncGatewayClient
+    from tensorgate.client import GatewayClient
+
+
+def __getattr__(name: str) -> Any:
+    # The clients load on first use: the services import the contract helpers
+    # (tensorgate.errors, .tensors, .model_ref), which runs this file, and must
+    # not carry the client code along.
+    if name == "AsyncGatewayClient":
+        from tensorgate.aio import AsyncGatewayClient
+
+        return AsyncGatewayClient
+    if name == "GatewayClient":
+        from tensorgate.client import GatewayClient
+
+        return GatewayClient
+    raise AttributeError(f"module 'tensorgate' has no attribute {name!r}")
+
 
 __all__ = [
     "AsyncGatewayClient",

@@ -1,17 +1,22 @@
-"""structlog set-up: console lines on a terminal, JSON lines otherwise, call context first.
+"""Log set-up: console lines on a terminal, JSON lines otherwise, call context first.
 
 Every line logged while a call runs carries its request id and method (from the
-current `Call`, calls.py); the pipeline's canonical per-RPC line carries the rest
-of what the handler noted. JSON lines are rendered by orjson and written with one
-write() each, so lines from processes sharing an output do not interleave mid-line
-(up to the pipe's atomic size; the launcher relays children's lines whole).
+current `Call`, calls.py). The pipeline's canonical per-RPC line (`rpc_line`) is the
+one line every call writes, so it skips structlog's per-line machinery: its fields
+go straight to orjson. JSON lines are gathered in a small buffer and written whole,
+many per write(), at most `flush_seconds` after they were logged (at once for
+warnings and errors): a write() per call would cost more than the rest of the line.
+A write never ends mid-line, so processes sharing an output never interleave lines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import orjson
 import structlog
@@ -19,6 +24,9 @@ import structlog
 from services.runtime import calls
 
 LogFormat = Literal["auto", "console", "json"]
+
+_LEVELS = logging.getLevelNamesMapping()
+_MAX_BUFFERED_BYTES = 64 * 1024
 
 
 def add_call_context(
@@ -36,17 +44,57 @@ def _orjson_line(_logger: object, _name: str, event: structlog.typing.EventDict)
     return orjson.dumps(event, default=str, option=orjson.OPT_APPEND_NEWLINE)
 
 
-class _LineLogger:
-    """Writes each rendered line to stdout's byte stream in one write() call.
+def _timestamp() -> str:
+    # The same form as structlog's TimeStamper(fmt="iso", utc=True).
+    return datetime.now(UTC).isoformat()[:-6] + "Z"
 
-    stdout is looked up per line (a few tens of nanoseconds), so a test that
-    captures sys.stdout sees every line.
-    """
+
+class _LineBuffer:
+    """Whole lines for stdout, written together; stdout is looked up at each write so
+    a test that captures sys.stdout sees them."""
+
+    def __init__(self) -> None:
+        self.flush_seconds = 0.0
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, line: bytes, *, urgent: bool = False) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if urgent or self.flush_seconds <= 0 or self._size >= _MAX_BUFFERED_BYTES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to flush later: write now
+                self.flush()
+                return
+            self._timer = loop.call_later(self.flush_seconds, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        stream = sys.stdout.buffer
+        stream.write(data)
+        stream.flush()
+
+
+_BUFFER = _LineBuffer()
+atexit.register(_BUFFER.flush)
+
+
+class _LineLogger:
+    """structlog's output for JSON lines: into the shared buffer, in order with rpc lines."""
 
     def msg(self, line: bytes) -> None:
-        stream = sys.stdout.buffer
-        stream.write(line)
-        stream.flush()
+        _BUFFER.add(line)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
@@ -54,8 +102,45 @@ class _LineLogger:
 _LINE_LOGGER = _LineLogger()
 
 
-def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
-    """Configures structlog once per process; `auto` picks console on a TTY, else JSON."""
+class _RpcLines:
+    """How `rpc_line` writes, set by configure_logging."""
+
+    json = True
+    min_level = _LEVELS["INFO"]
+
+
+_rpc_log = structlog.get_logger("tensorgate.rpc")
+
+
+def rpc_line(level: int, fields: dict[str, Any]) -> None:
+    """Writes the canonical line of one call (event "rpc") at `level` (logging's numbers)."""
+    if level < _RpcLines.min_level:
+        return
+    name = logging.getLevelName(level).lower()
+    if not _RpcLines.json:
+        _rpc_log.log(level, "rpc", **fields)
+        return
+    fields["event"] = "rpc"
+    fields["level"] = name
+    fields["timestamp"] = _timestamp()
+    _BUFFER.add(
+        orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE),
+        urgent=level >= logging.WARNING,
+    )
+
+
+def flush_logs() -> None:
+    """Writes out buffered lines now (on shutdown, or before reading them in a test)."""
+    _BUFFER.flush()
+
+
+def configure_logging(
+    *, level: str = "info", fmt: LogFormat = "auto", flush_seconds: float = 0.0
+) -> None:
+    """Configures logging once per process; `auto` picks console on a TTY, else JSON.
+
+    `flush_seconds` > 0 lets JSON lines wait that long to be written in batches.
+    """
     use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -63,6 +148,10 @@ def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    _BUFFER.flush()
+    _BUFFER.flush_seconds = flush_seconds
+    _RpcLines.json = not use_console
+    _RpcLines.min_level = _LEVELS[level.upper()]
     if use_console:
         processors: list[structlog.typing.Processor] = [*shared, structlog.dev.ConsoleRenderer()]
         factory: object = structlog.PrintLoggerFactory(sys.stdout)
@@ -74,9 +163,8 @@ def configure_logging(*, level: str = "info", fmt: LogFormat = "auto") -> None:
 
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level.upper()]),
         logger_factory=factory,  # type: ignore[arg-type]
+        # Not cached: loggers made at import follow a later configure (tests do that).
         cache_logger_on_first_use=False,
     )

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import structlog
 
-from services.runtime.logging import configure_logging
+from services.runtime.logging import configure_logging, flush_logs
 from services.runtime.server import wait_for_signal
 from services.runtime.settings import S, load_settings
 
@@ -35,7 +35,11 @@ def run_service(
     Exits with 1 if the service fails on its own (its `wait_failed` returns).
     """
     settings = load_settings(settings_type, argv, prog=prog)
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    configure_logging(
+        level=settings.log_level,
+        fmt=settings.log_format,
+        flush_seconds=settings.log_flush_seconds,
+    )
     # What this process runs with, in one line; secrets are masked by `loggable`.
     log.info("starting", service=prog, settings=settings.loggable())
 
@@ -58,4 +62,7 @@ def run_service(
             return 1
         return 0
 
-    return asyncio.run(serve())
+    try:
+        return asyncio.run(serve())
+    finally:
+        flush_logs()

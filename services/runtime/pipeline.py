@@ -13,8 +13,10 @@ gets INTERNAL with the request id only, and the traceback goes to the log.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +27,7 @@ from services.runtime import calls
 from services.runtime.access import Authenticator, QuotaGate, QuotaReservation
 from services.runtime.calls import REQUEST_ID_KEY, Call
 from services.runtime.errors import InvalidArgument, as_domain_error
+from services.runtime.logging import rpc_line
 from services.runtime.metrics import ServiceMetrics
 
 log = structlog.get_logger("tensorgate.rpc")
@@ -74,11 +77,17 @@ def _check_decoded(request: Any, method: str) -> None:
         raise InvalidArgument("request", f"is not a valid message for {method}: {request.error}")
 
 
+# A request id needs to be unique, not secret: a random per-process prefix and a
+# counter are unique across processes and cost far less than a uuid4 per call.
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
 def _request_id(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
             return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 def _final_code(context: Context) -> grpc.StatusCode:
@@ -179,11 +188,11 @@ class Pipeline:
         fields["duration_ms"] = round(seconds * 1000, 3)
         fields["peer"] = call.peer
         if code in _EXPECTED:
-            log.info("rpc", **fields)
+            rpc_line(logging.INFO, fields)
         elif code == grpc.StatusCode.INTERNAL:
-            log.error("rpc", **fields)
+            rpc_line(logging.ERROR, fields)
         else:
-            log.warning("rpc", **fields)
+            rpc_line(logging.WARNING, fields)
 
     # -- one wrapper per RPC kind -------------------------------------------------
 

@@ -195,6 +195,11 @@ class ServiceSettings(BaseSettings):
     log_format: LogFormat = Field(
         "auto", description="auto (console on a terminal, else json), console or json"
     )
+    log_flush_seconds: Duration = Field(
+        0.1,
+        description="JSON log lines wait at most this long to be written in batches "
+        "(warnings and errors go out at once); 0 writes each line at once",
+    )
     drain_seconds: Duration = Field(
         1.0, description="on shutdown, time between reporting NOT_SERVING and refusing new calls"
     )

@@ -84,13 +84,16 @@ def _dims(shape: Sequence[int]) -> str:
 def to_triton_request(
     model: str, version: int, request: inference_pb2.InferRequest
 ) -> service_pb2.ModelInferRequest:
+    """The same tensors as a KServe v2 request; raw contents are referenced, not decoded."""
     triton = service_pb2.ModelInferRequest(model_name=model, model_version=str(version))
+    # Field by field: cheaper than keyword construction on the per-call path.
+    inputs, contents = triton.inputs, triton.raw_input_contents
     for tensor in request.inputs:
-        entry = triton.inputs.add()
+        entry = inputs.add()
         entry.name = tensor.name
         entry.datatype = tensor.datatype
         entry.shape.extend(tensor.shape)
-        triton.raw_input_contents.append(tensor.raw_contents)
+        contents.append(tensor.raw_contents)
     for name in request.outputs:
         triton.outputs.add().name = name
     return triton
@@ -100,8 +103,11 @@ def from_triton_response(
     label: str, response: service_pb2.ModelInferResponse
 ) -> inference_pb2.InferResponse:
     result = inference_pb2.InferResponse(model=label)
+    outputs = result.outputs
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        result.outputs.add(
-            name=output.name, datatype=output.datatype, shape=output.shape, raw_contents=raw
-        )
+        tensor = outputs.add()
+        tensor.name = output.name
+        tensor.datatype = output.datatype
+        tensor.shape.extend(output.shape)
+        tensor.raw_contents = raw
     return result

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
 import pytest
-from structlog.contextvars import merge_contextvars
-from structlog.testing import capture_logs
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 
 from gateway.server import Gateway
+from services.runtime.logging import flush_logs
 from services.worker.triton_process import BundledTriton
 from tests.helpers import metric_value, scrape
 
@@ -20,7 +20,7 @@ GENERATE = "/tensorgate.gateway.v1.InferenceGateway/Generate"
 
 
 async def test_cancel_mid_stream_stops_generation_in_triton(
-    gateway: Gateway, triton: BundledTriton
+    gateway: Gateway, triton: BundledTriton, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert gateway.service.metrics_endpoint is not None
     gateway_metrics = f"http://127.0.0.1:{gateway.service.metrics_endpoint.port}/metrics"
@@ -40,29 +40,29 @@ async def test_cancel_mid_stream_stops_generation_in_triton(
         code="CANCELLED",
     )
 
-    with capture_logs(processors=[merge_contextvars]) as logs:
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
-            stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
-            call = stub.Generate(
-                inference_pb2.GenerateRequest(
-                    model="tinylm", prompt=prompt, max_tokens=max_tokens, seed=3
-                )
+    capsys.readouterr()
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
+        call = stub.Generate(
+            inference_pb2.GenerateRequest(
+                model="tinylm", prompt=prompt, max_tokens=max_tokens, seed=3
             )
-            received = 0
-            async for _chunk in call:
-                received += 1
-                if received == 3:
-                    break
-            call.cancel()
-
-        # The model polls for cancellation between tokens; give it a moment.
-        for _ in range(100):
-            after = await scrape(triton.metrics_url)
-            if metric_value(after, "tinylm_requests_finished_total", finish_reason="cancelled") > (
-                cancelled_before
-            ):
+        )
+        received = 0
+        async for _chunk in call:
+            received += 1
+            if received == 3:
                 break
-            await asyncio.sleep(0.1)
+        call.cancel()
+
+    # The model polls for cancellation between tokens; give it a moment.
+    for _ in range(100):
+        after = await scrape(triton.metrics_url)
+        if metric_value(after, "tinylm_requests_finished_total", finish_reason="cancelled") > (
+            cancelled_before
+        ):
+            break
+        await asyncio.sleep(0.1)
 
     generated = metric_value(after, "tinylm_generated_tokens_total") - tokens_before
     assert (
@@ -71,6 +71,8 @@ async def test_cancel_mid_stream_stops_generation_in_triton(
     )
     assert 3 <= generated < max_tokens, f"generated {generated} of {max_tokens} tokens"
 
+    flush_logs()
+    logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
     rpc_lines = [e for e in logs if e.get("event") == "rpc" and e.get("method") == GENERATE]
     assert [e["status"] for e in rpc_lines] == ["CANCELLED"]
     assert rpc_lines[0]["request_id"]

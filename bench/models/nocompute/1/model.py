@@ -26,7 +26,6 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz "
-MAX_STOP_STRINGS = 16
 # Asking whether a request was cancelled is a round trip from the stub to Triton,
 # dearer than sending a token; every 16th token bounds what a cancelled stream
 # still sends while keeping the check out of the per-token cost.
@@ -56,6 +55,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.context_length = int(params["context_length"])
+        # The worker reads the same two parameters to check requests before they come here.
+        self.max_stop_sequences = int(params["max_stop_sequences"])
+        self.max_stop_length = int(params["max_stop_length"])
         self.pool = ThreadPoolExecutor(
             max_workers=int(params.get("max_concurrency", "16")), thread_name_prefix="nocompute"
         )
@@ -140,18 +142,20 @@ class TritonPythonModel:
         stop_tensor = pb_utils.get_input_tensor_by_name(request, "stop")
         if stop_tensor is not None:
             raw = stop_tensor.as_numpy().reshape(-1)
-            if raw.size > MAX_STOP_STRINGS:
+            if raw.size > self.max_stop_sequences:
                 raise RequestError(
-                    f"stop takes at most {MAX_STOP_STRINGS} strings (got {raw.size})"
+                    f"stop takes at most {self.max_stop_sequences} strings (got {raw.size})"
                 )
             for item in raw:
                 stop = item if isinstance(item, bytes) else str(item).encode("utf-8")
                 try:
-                    stop.decode("utf-8")
+                    text = stop.decode("utf-8")
                 except UnicodeDecodeError:
                     raise RequestError("stop strings must be valid UTF-8") from None
-                if not stop:
-                    raise RequestError("stop strings must not be empty")
+                if not 0 < len(text) <= self.max_stop_length:
+                    raise RequestError(
+                        f"each stop string must be 1..{self.max_stop_length} characters"
+                    )
                 stops.append(stop)
         return len(prompt), max_tokens, stops
 
