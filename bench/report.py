@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 from bench.measure import (
     CHAIN,
+    CLIENT,
     DIRECT,
     GATEWAY,
     HOP_A,
     HOP_B,
     ONE_HOP,
     ROLES,
+    STUBS,
+    TRITON,
     TWO_HOPS,
     WORKER,
     M,
@@ -32,13 +35,13 @@ TTFT_EXTRA_MS = 1.5  # time to first token, over direct
 BUSY = 16  # the concurrency the throughput budgets are judged at
 
 ROLE_TITLES = {
-    "client": "client",
-    "hop-a": "hop A",
-    "hop-b": "hop B",
-    "gateway": "gateway",
-    "worker": "worker",
-    "triton": "Triton",
-    "stubs": "stubs",
+    CLIENT: "client",
+    HOP_A: "hop A",
+    HOP_B: "hop B",
+    GATEWAY: "gateway",
+    WORKER: "worker",
+    TRITON: "Triton",
+    STUBS: "stubs",
 }
 
 

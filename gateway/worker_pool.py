@@ -55,8 +55,12 @@ class WorkerEndpoint:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.models: dict[tuple[str, int], inference_pb2.ModelInfo] = {}
         self.serving = False
+        # Whether a refresh ever got this worker's models: until then, a model the
+        # gateway does not know may well be on it (UNAVAILABLE, not NOT_FOUND).
+        self.reached = False
         self.outstanding = 0
         self.ejected_until = 0.0
+        self._last_failure = ""
         self._watch = asyncio.create_task(self._watch_health(), name=f"health-watch-{address}")
 
     async def _watch_health(self) -> None:
@@ -87,10 +91,18 @@ class WorkerEndpoint:
                 inference_pb2.ListModelsRequest(), timeout=_REFRESH_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
-            if self.serving:
-                log.warning("worker unreachable", worker=self.address, code=exc.code().name)
+            # Logged when it starts or changes, not on every refresh: a worker that
+            # was never reachable (a refused TLS handshake, say) must show up too.
+            failure = f"{exc.code().name}: {exc.details()}"
+            if self.serving or failure != self._last_failure:
+                log.warning("worker unreachable", worker=self.address, error=failure[:300])
+            self._last_failure = failure
             self.serving = False
             return
+        if self._last_failure:
+            log.info("worker reachable again", worker=self.address)
+            self._last_failure = ""
+        self.reached = True
         self.serving = health.status == health_pb2.HealthCheckResponse.SERVING
         self.models = {(m.name, m.version): m for m in listing.models}
         if self.serving:
@@ -186,6 +198,12 @@ class WorkerPool:
             await self.refresh(unless_newer_than=time.monotonic() - 1.0)
         versions = self._versions(ref.name)
         if not versions:
+            unreached = sum(not w.reached for w in self._workers.values())
+            if unreached:
+                raise Unavailable(
+                    f"model {ref.name!r} is not on any reachable worker, and {unreached} "
+                    "worker(s) could not be reached yet; retry shortly"
+                )
             raise NotFound(
                 f"model {ref.name!r} is not served here "
                 f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})"

@@ -22,6 +22,7 @@ import numpy as np
 from tensorgate import AsyncGatewayClient
 from tensorgate.errors import TensorgateClientError
 from tensorgate.inference.v1 import inference_pb2
+from tensorgate.model_ref import InvalidModelRef, ModelRef
 from tensorgate.tensors import NUMPY_TYPES
 
 from launcher.local import LocalPlatform
@@ -117,7 +118,7 @@ def _parse_inputs(specs: Sequence[str]) -> dict[str, object]:
 async def _infer(args: argparse.Namespace) -> int:
     async with AsyncGatewayClient(args.gateway) as client:
         models = {m.name: m for m in await client.list_models()}
-        info = models.get(args.model.partition(":")[0].partition("@")[0])
+        info = models.get(ModelRef.parse(args.model).name)
         arrays = {}
         for name, value in _parse_inputs(args.input).items():
             spec = next((s for s in info.inputs if s.name == name), None) if info else None
@@ -232,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TensorgateClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except InvalidModelRef as exc:
+        print(f"error: model {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -10,14 +10,6 @@ import numpy.typing as npt
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.tensors import to_tensor
 
-# Big enough for image batches; keepalive notices a dead gateway on an idle channel.
-CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-)
-
 
 def credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
     """TLS credentials when asked for (the system's roots unless a CA is given), else None."""

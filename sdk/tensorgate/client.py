@@ -10,12 +10,12 @@ import numpy as np
 import numpy.typing as npt
 
 from tensorgate._requests import (
-    CHANNEL_OPTIONS,
     call_metadata,
     credentials,
     generate_request,
     infer_request,
 )
+from tensorgate.channel_options import CHANNEL_OPTIONS
 from tensorgate.errors import from_rpc_error
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2

@@ -6,23 +6,10 @@ connection; callers keep it for the life of the process rather than per call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
+from tensorgate.channel_options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-# Big enough for image batches. Keepalive notices a dead peer on an idle channel
-# and keeps long-lived connections open through middleboxes; the servers permit
-# pings at this rate (server.py), so neither side gets a GOAWAY for pinging.
-CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
+__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "open_channel"]
 
 
 def open_channel(
