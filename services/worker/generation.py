@@ -13,6 +13,7 @@ import math
 import struct
 import sys
 from array import array
+from collections.abc import Sequence
 
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.tensors import encode_bytes
@@ -111,29 +112,38 @@ def to_triton_stream_request(
     return triton
 
 
-def to_chunk(label: str, response: service_pb2.ModelInferResponse) -> inference_pb2.GenerateChunk:
-    """One Triton response as a chunk; finish reason and usage only on the last.
+def to_chunk(
+    label: str, responses: Sequence[service_pb2.ModelInferResponse]
+) -> inference_pb2.GenerateChunk:
+    """Triton responses (one or more tokens, in order) as one chunk; finish reason and
+    usage only when the last of them carries them.
 
-    Runs once per token, so it reads the raw outputs directly (no numpy, no dicts
+    Runs once per chunk, so it reads the raw outputs directly (no numpy, no dicts
     of every output): a BYTES scalar is a 4-byte length and its bytes.
     """
     chunk = inference_pb2.GenerateChunk(model=label)
+    texts: list[bytes] = []
+    token_ids = chunk.token_ids
     finish = b""
     prompt_tokens = completion_tokens = 0
-    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        name = output.name
-        if name == "text":
-            if len(raw) > 4:
-                chunk.text = raw[4:].decode("utf-8", errors="replace")
-        elif name == "token_ids":
-            if raw:
-                chunk.token_ids.extend(array("i", raw) if _LITTLE_ENDIAN else _int32s(raw))
-        elif name == "finish_reason":
-            finish = raw[4:]
-        elif name == "prompt_tokens":
-            prompt_tokens = _INT32.unpack_from(raw)[0] if raw else 0
-        elif name == "completion_tokens":
-            completion_tokens = _INT32.unpack_from(raw)[0] if raw else 0
+    for response in responses:
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+            name = output.name
+            if name == "text":
+                texts.append(raw[4:])
+            elif name == "token_ids":
+                if raw:
+                    token_ids.extend(array("i", raw) if _LITTLE_ENDIAN else _int32s(raw))
+            elif name == "finish_reason":
+                finish = raw[4:]
+            elif name == "prompt_tokens":
+                prompt_tokens = _INT32.unpack_from(raw)[0] if raw else 0
+            elif name == "completion_tokens":
+                completion_tokens = _INT32.unpack_from(raw)[0] if raw else 0
+    text = b"".join(texts)
+    if text:
+        # Joined before decoding: a character may be split across two tokens.
+        chunk.text = text.decode("utf-8", errors="replace")
     if finish:
         chunk.finish_reason = FINISH_REASONS.get(finish, inference_pb2.FINISH_REASON_UNSPECIFIED)
         chunk.usage.prompt_tokens = prompt_tokens

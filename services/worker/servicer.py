@@ -11,6 +11,7 @@ from tensorgate.worker.v1 import worker_pb2_grpc
 
 from services.runtime import calls
 from services.runtime.errors import InvalidArgument, shown
+from services.runtime.streams import ready_batches
 from services.worker.catalog import ModelCatalog
 from services.worker.generation import check_generate, to_chunk, to_triton_stream_request
 from services.worker.tensors import check_input, from_triton_response, to_triton_request
@@ -37,8 +38,10 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         check_generate(model, request)
         triton_request = to_triton_stream_request(model, request)
         last: inference_pb2.GenerateChunk | None = None
-        async for response in self._triton.stream(triton_request, _remaining()):
-            last = to_chunk(model.label, response)
+        # Tokens that are already waiting when the next chunk can go out travel
+        # together (many streams at once); otherwise each goes out alone, at once.
+        async for responses in ready_batches(self._triton.stream(triton_request, _remaining())):
+            last = to_chunk(model.label, responses)
             yield last
         calls.note(resolved=model.label)
         if last is not None:

@@ -89,12 +89,13 @@ class TritonConnection:
         Leaving the iteration early (the caller was cancelled, or stopped
         reading) cancels the gRPC stream, which cancels the request in Triton.
         """
-        call = self._stub.ModelStreamInfer(timeout=timeout)
+        # Given as an iterable, the request is written and the stream half-closed
+        # (Triton then ends it after the final response) by grpc in the background,
+        # while this already waits for the first token: two round trips off the
+        # time to first token.
+        call = self._stub.ModelStreamInfer(iter((request,)), timeout=timeout)
         final = False
         try:
-            await call.write(request)
-            # Half-close: Triton then ends the stream once the final response is out.
-            await call.done_writing()
             async for message in call:
                 if message.error_message:
                     raise UpstreamFailure(f"{_label(request)} failed: {message.error_message}")

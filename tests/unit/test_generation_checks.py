@@ -105,9 +105,21 @@ def _response(text: bytes, ids: list[int], reason: bytes = b"") -> service_pb2.M
 
 
 def test_chunks_carry_usage_only_at_the_end() -> None:
-    middle = to_chunk("lm:1", _response("é".encode(), [195, 169]))
+    middle = to_chunk("lm:1", [_response("é".encode(), [195, 169])])
     assert (middle.text, list(middle.token_ids), middle.model) == ("é", [195, 169], "lm:1")
     assert not middle.HasField("usage") and middle.finish_reason == 0
-    last = to_chunk("lm:1", _response(b"", [], b"length"))
+    last = to_chunk("lm:1", [_response(b"", [], b"length")])
     assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (5, 7)
+
+
+def test_tokens_waiting_together_become_one_chunk() -> None:
+    # A character split across two byte tokens decodes whole once they are joined.
+    first, second = "é".encode()[:1], "é".encode()[1:]
+    chunk = to_chunk(
+        "lm:1",
+        [_response(first, [195]), _response(second, [169]), _response(b"!", [33], b"stop")],
+    )
+    assert (chunk.text, list(chunk.token_ids)) == ("é!", [195, 169, 33])
+    assert chunk.finish_reason == inference_pb2.FINISH_REASON_STOP
+    assert chunk.usage.completion_tokens == 7
