@@ -90,7 +90,9 @@ async def start_worker(settings: WorkerSettings) -> Worker:
         await triton.wait_ready(settings.triton_start_timeout)
         catalog = await load_catalog(triton, settings.models)
         metrics = ServiceMetrics("worker")
-        servicer = InferenceWorkerServicer(catalog, triton)
+        servicer = InferenceWorkerServicer(
+            catalog, triton, stream_linger=settings.stream_linger_seconds
+        )
         service = build_server(
             settings,
             [ServiceBinding.of(worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import (
     CommaList,
+    Duration,
     MetricsPort,
     OptionalHostPort,
     PositiveDuration,
@@ -54,6 +55,11 @@ class WorkerSettings(ServiceSettings):
     )
     triton_threads: int = Field(
         0, ge=0, description="CPU threads for the bundled Triton's models; 0 = Triton's default"
+    )
+    stream_linger_seconds: Duration = Field(
+        0.005,
+        description="a streamed token waits at most this long for the next ones to share "
+        "its message, only while the model makes tokens faster than that; 0 sends each alone",
     )
 
     @field_validator("model_repository")

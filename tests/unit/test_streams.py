@@ -40,6 +40,7 @@ async def test_a_batch_is_capped() -> None:
             yield item
 
     sizes = [len(batch) async for batch in ready_batches(many(), limit=4)]
+    assert sizes[0] == 1  # the first item alone
     assert sum(sizes) == 10
     assert max(sizes) == 4  # the reader outruns the consumer, and a batch stops at the cap
 
@@ -63,4 +64,29 @@ async def test_leaving_early_closes_the_source() -> None:
     gate.put_nowait(1)
     assert await anext(batches) == [1]
     await batches.aclose()  # as when the caller cancels mid-stream
+    assert closed == [True]
+
+
+async def test_a_fast_stream_lingers_a_slow_one_does_not() -> None:
+    async def paced(gap: float, count: int) -> AsyncIterator[int]:
+        for item in range(count):
+            await asyncio.sleep(gap)
+            yield item
+
+    fast = [len(b) async for b in ready_batches(paced(0.001, 40), linger=0.02)]
+    assert fast[0] == 1 and sum(fast) == 40
+    assert len(fast) < 20, f"items 1 ms apart should share messages, got {fast}"
+    slow = [len(b) async for b in ready_batches(paced(0.03, 5), linger=0.01)]
+    assert slow == [1, 1, 1, 1, 1]  # 30 ms apart: never held back
+
+
+async def test_cancelling_before_the_first_item_closes_the_source() -> None:
+    gate: asyncio.Queue[int | None] = asyncio.Queue()
+    closed: list[bool] = []
+    batches = ready_batches(_items(gate, closed))
+    waiting = asyncio.create_task(anext(batches))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
     assert closed == [True]
