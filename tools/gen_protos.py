@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
-
-from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -31,11 +30,13 @@ def generate(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     # The mypy plugins are scripts beside this interpreter; protoc finds them on PATH.
     bin_dir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     well_known = str(resources.files("grpc_tools") / "_proto")
     for proto in proto_files():
         rel = proto.relative_to(PROTOS)
         args = [
+            sys.executable,
+            "-m",
             "grpc_tools.protoc",
             f"-I{PROTOS}",
             f"-I{well_known}",
@@ -45,8 +46,11 @@ def generate(out: Path) -> list[Path]:
             f"--mypy_grpc_out={out}",
             str(rel),
         ]
-        if protoc.main(args) != 0:
-            raise SystemExit(f"protoc failed on {rel}")
+        # In a process of its own: protoc forks its plugins, and forking a process
+        # that runs gRPC threads (the test suite's servers) can hang or crash it.
+        done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"protoc failed on {rel}: {done.stderr.strip()}")
         package_dir = out / rel.parent
         for parent in [package_dir, *package_dir.parents]:
             if parent == out or out not in parent.parents:

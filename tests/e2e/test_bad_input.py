@@ -157,7 +157,8 @@ async def test_a_tiny_temperature_is_near_greedy_not_an_error(
 
     tiny = [c async for c in stub.Generate(request(1e-40))]
     greedy = [c async for c in stub.Generate(request(0.0))]
-    assert [list(c.token_ids) for c in tiny] == [list(c.token_ids) for c in greedy]
+    # Chunk boundaries may differ (tokens of a fast stream can share a chunk); tokens not.
+    assert [t for c in tiny for t in c.token_ids] == [t for c in greedy for t in c.token_ids]
 
 
 async def test_an_unknown_output_is_invalid_argument_and_a_known_one_is_returned_alone(
