@@ -38,7 +38,7 @@ protos: setup
 	$(PY) tools/gen_protos.py
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(ARGS)
 
 models: setup
 	$(PY) models/training/train_tinylm.py

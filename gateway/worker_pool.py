@@ -131,6 +131,7 @@ class WorkerPool:
         self._refresh_seconds = refresh_seconds
         self.eject_seconds = eject_seconds
         self._workers: dict[str, WorkerEndpoint] = {}
+        self._index: dict[str, dict[int, list[WorkerEndpoint]]] = {}
         self._refresh_lock = asyncio.Lock()
         self._last_refresh = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -168,7 +169,19 @@ class WorkerPool:
             for address in set(self._workers) - set(addresses):
                 await self._workers.pop(address).close()
             await asyncio.gather(*(w.refresh() for w in self._workers.values()))
+            self._index_models()
             self._last_refresh = time.monotonic()
+
+    def _index_models(self) -> None:
+        # Who has which model version changes only here, so routing looks it up in
+        # this index instead of scanning every worker's models on every call. Every
+        # worker's last known models count, reachable or not: a model whose workers
+        # are all down is UNAVAILABLE, not unknown.
+        index: dict[str, dict[int, list[WorkerEndpoint]]] = {}
+        for worker in self._workers.values():
+            for name, version in worker.models:
+                index.setdefault(name, {}).setdefault(version, []).append(worker)
+        self._index = index
 
     def models(self) -> list[inference_pb2.ModelInfo]:
         now = time.monotonic()
@@ -179,11 +192,6 @@ class WorkerPool:
                     seen.setdefault(key, info)
         return [seen[key] for key in sorted(seen)]
 
-    def _versions(self, name: str) -> set[int]:
-        # Every worker's last known models, reachable or not: a model whose workers
-        # are all down is UNAVAILABLE, not unknown.
-        return {v for w in self._workers.values() for (n, v) in w.models if n == name}
-
     async def route(
         self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None
     ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo]:
@@ -193,10 +201,11 @@ class WorkerPool:
                 f"model {ref}: alias {ref.alias!r} is unknown (aliases are resolved "
                 "by the model registry, which this gateway does not use yet)"
             )
-        if not self._versions(ref.name) and time.monotonic() - self._last_refresh > 1.0:
+        versions = self._index.get(ref.name)
+        if not versions and time.monotonic() - self._last_refresh > 1.0:
             # A model may have been loaded since the last refresh.
             await self.refresh(unless_newer_than=time.monotonic() - 1.0)
-        versions = self._versions(ref.name)
+            versions = self._index.get(ref.name)
         if not versions:
             unreached = sum(not w.reached for w in self._workers.values())
             if unreached:
@@ -215,11 +224,7 @@ class WorkerPool:
                 f"(loaded: {', '.join(map(str, sorted(versions)))})"
             )
         now = time.monotonic()
-        having = [
-            w
-            for w in self._workers.values()
-            if w is not exclude and w.serving and (ref.name, version) in w.models
-        ]
+        having = [w for w in versions[version] if w is not exclude and w.serving]
         # Ejection is a preference: with only ejected workers left, try them anyway.
         candidates = [w for w in having if w.available(now)] or having
         if not candidates:
