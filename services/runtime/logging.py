@@ -6,7 +6,8 @@ one line every call writes, so it skips structlog's per-line machinery: its fiel
 go straight to orjson. JSON lines are gathered in a small buffer and written whole,
 many per write(), at most `flush_seconds` after they were logged (at once for
 warnings and errors): a write() per call would cost more than the rest of the line.
-A write never ends mid-line, so processes sharing an output never interleave lines.
+A write never ends mid-line and holds at most PIPE_BUF bytes (a pipe takes it whole),
+so processes sharing an output never interleave lines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import select
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -27,6 +29,7 @@ LogFormat = Literal["auto", "console", "json"]
 
 _LEVELS = logging.getLevelNamesMapping()
 _MAX_BUFFERED_BYTES = 64 * 1024
+_ATOMIC_WRITE_BYTES = select.PIPE_BUF
 
 
 def add_call_context(
@@ -78,12 +81,23 @@ class _LineBuffer:
             self._timer = None
         if not self._lines:
             return
-        data = b"".join(self._lines)
-        self._lines.clear()
-        self._size = 0
+        lines, self._lines, self._size = self._lines, [], 0
         stream = sys.stdout.buffer
-        stream.write(data)
-        stream.flush()
+        # Each write holds whole lines and at most PIPE_BUF bytes (unless one line is
+        # longer): a pipe takes such a write atomically, so even processes that share
+        # one pipe never interleave within a line.
+        pending: list[bytes] = []
+        size = 0
+        for line in lines:
+            if pending and size + len(line) > _ATOMIC_WRITE_BYTES:
+                stream.write(b"".join(pending))
+                stream.flush()
+                pending, size = [], 0
+            pending.append(line)
+            size += len(line)
+        if pending:
+            stream.write(b"".join(pending))
+            stream.flush()
 
 
 _BUFFER = _LineBuffer()
