@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorgate.errors import REQUEST_ID_KEY
+from tensorgate.errors import REQUEST_ID_KEY, metadata_value
 
 __all__ = ["REQUEST_ID_KEY", "Call", "Principal", "Usage"]
 
@@ -45,7 +45,8 @@ class Call:
     started: float
     deadline: float | None
     peer: str
-    metadata: tuple[tuple[str, str | bytes], ...]
+    # Never in a repr (a traceback's locals, a debug print): it holds the caller's key.
+    metadata: tuple[tuple[str, str | bytes], ...] = field(repr=False)
     fields: dict[str, Any] = field(default_factory=dict)
     principal: Principal | None = None
     usage: Usage | None = None
@@ -55,10 +56,7 @@ class Call:
         return None if self.deadline is None else self.deadline - time.perf_counter()
 
     def metadata_value(self, key: str) -> str | bytes | None:
-        for item_key, value in self.metadata:
-            if item_key == key:
-                return value
-        return None
+        return metadata_value(self.metadata, key)
 
 
 _current: ContextVar[Call | None] = ContextVar("tensorgate_call", default=None)

@@ -3,7 +3,7 @@
 The tree follows the error contract in DESIGN.md: each error names its status
 code, and the message is for the caller to act on. Anything that is not a
 `TensorgateError` is a bug and reaches the caller as INTERNAL with the request
-id only (see interceptors.py).
+id only (see pipeline.py).
 """
 
 from __future__ import annotations

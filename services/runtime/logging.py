@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import select
 import sys
@@ -22,8 +23,10 @@ from typing import Any, Literal
 
 import orjson
 import structlog
+import structlog.tracebacks
 
 from services.runtime import calls
+from services.runtime.process import write_all
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -82,6 +85,13 @@ class _LineBuffer:
         if not self._lines:
             return
         lines, self._lines, self._size = self._lines, [], 0
+        # stdout gone (a closed pipe or terminal): drop the lines rather than fail
+        # the call, the timer or the exit that is flushing them.
+        with contextlib.suppress(OSError, ValueError):
+            self._write(lines)
+
+    @staticmethod
+    def _write(lines: list[bytes]) -> None:
         stream = sys.stdout.buffer
         # Each write holds whole lines and at most PIPE_BUF bytes (unless one line is
         # longer): a pipe takes such a write atomically, so even processes that share
@@ -90,14 +100,12 @@ class _LineBuffer:
         size = 0
         for line in lines:
             if pending and size + len(line) > _ATOMIC_WRITE_BYTES:
-                stream.write(b"".join(pending))
-                stream.flush()
+                write_all(stream, b"".join(pending))
                 pending, size = [], 0
             pending.append(line)
             size += len(line)
         if pending:
-            stream.write(b"".join(pending))
-            stream.flush()
+            write_all(stream, b"".join(pending))
 
 
 _BUFFER = _LineBuffer()
@@ -114,6 +122,20 @@ class _LineLogger:
 
 
 _LINE_LOGGER = _LineLogger()
+
+# Tracebacks without local variables: a frame's locals hold the call (its metadata,
+# with the caller's API key) and the request (a prompt), which must never be logged.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
+def _has_rich() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class _RpcLines:
@@ -167,10 +189,17 @@ def configure_logging(
     _RpcLines.json = not use_console
     _RpcLines.min_level = _LEVELS[level.upper()]
     if use_console:
-        processors: list[structlog.typing.Processor] = [*shared, structlog.dev.ConsoleRenderer()]
+        processors: list[structlog.typing.Processor] = [
+            *shared,
+            structlog.dev.ConsoleRenderer(
+                exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+                if _has_rich()
+                else structlog.dev.plain_traceback
+            ),
+        ]
         factory: object = structlog.PrintLoggerFactory(sys.stdout)
     else:
-        processors = [*shared, structlog.processors.dict_tracebacks, _orjson_line]
+        processors = [*shared, _TRACEBACKS, _orjson_line]
 
         def factory(*_args: object) -> _LineLogger:
             return _LINE_LOGGER

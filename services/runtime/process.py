@@ -73,8 +73,7 @@ class LineSink:
                 # Whatever this process wrote to the text layer (a banner, streamed
                 # tokens) goes out first, so a relayed line never lands inside it.
                 self._text.flush()
-            self._stream.write(lines)
-            self._stream.flush()
+            write_all(self._stream, lines)
         except (OSError, ValueError):
             # A closed terminal or file: the relay keeps draining the child's pipe
             # (a child blocked on a full pipe would hang) and drops what it reads.
@@ -235,3 +234,13 @@ class ChildProcess:
         for transport, _ in self._relays:
             transport.close()  # flushes a partial last line through connection_lost
         await asyncio.gather(*finished)
+
+
+def write_all(stream: IO[bytes], data: bytes) -> None:
+    """Writes all of `data`: an unbuffered stream may take only part of it (a signal
+    during a write to a full pipe), and the rest must follow, not be lost."""
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        view = view[written if written is not None else len(view) :]
+    stream.flush()

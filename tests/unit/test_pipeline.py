@@ -34,7 +34,8 @@ async def _echo(request: bytes, context: Any) -> bytes:
 
 
 async def _boom(request: bytes, context: Any) -> bytes:
-    raise RuntimeError("secret internal detail")
+    prompt = request.decode()  # a local a traceback could show
+    raise RuntimeError(f"secret internal detail ({len(prompt)} bytes)")
 
 
 async def _invalid(request: bytes, context: Any) -> bytes:
@@ -175,13 +176,19 @@ async def test_unary_ok_has_request_id_log_line_and_metric(
 async def test_a_bug_is_internal_with_the_request_id_only(
     channel: grpc.aio.Channel, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    error = await _fail(channel.unary_unary(_method("Boom"), None, None)(b"x"))
+    error = await _fail(
+        channel.unary_unary(_method("Boom"), None, None)(
+            b"PROMPT-TEXT-42", metadata=(("authorization", "Bearer tg_KEY-SECRET-7"),)
+        )
+    )
     request_id = _trailer(error, "x-request-id")
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details() == f"internal error (request id {request_id})"
     out = capsys.readouterr().out
-    # The details go to the log, with the request id, not to the caller.
+    # The details go to the log, with the request id, not to the caller; the key and
+    # the request (a prompt) go nowhere, not even as a traceback's local variables.
     assert "secret internal detail" in out
+    assert "KEY-SECRET" not in out and "PROMPT-TEXT" not in out
     (line,) = _rpc_lines(out)
     assert (line["status"], line["level"], line["request_id"]) == ("INTERNAL", "error", request_id)
 
