@@ -79,8 +79,10 @@ class WorkerEndpoint:
         return self.serving and now >= self.ejected_until
 
     def eject(self, seconds: float) -> None:
-        self.ejected_until = time.monotonic() + seconds
-        log.warning("worker ejected", worker=self.address, seconds=seconds)
+        now = time.monotonic()
+        if self.ejected_until <= now:  # logged when it starts, not for every failed call
+            log.warning("worker ejected", worker=self.address, seconds=seconds)
+        self.ejected_until = now + seconds
 
     async def refresh(self) -> None:
         try:
@@ -166,10 +168,12 @@ class WorkerPool:
             for address in addresses:
                 if address not in self._workers:
                     self._workers[address] = WorkerEndpoint(address, self._credentials)
-            for address in set(self._workers) - set(addresses):
-                await self._workers.pop(address).close()
+            gone = [self._workers.pop(a) for a in set(self._workers) - set(addresses)]
             await asyncio.gather(*(w.refresh() for w in self._workers.values()))
+            # Routing never sees a worker that is about to be closed.
             self._index_models()
+            for worker in gone:
+                await worker.close()
             self._last_refresh = time.monotonic()
 
     def _index_models(self) -> None:

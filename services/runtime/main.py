@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -44,12 +45,23 @@ def run_service(
     log.info("starting", service=prog, settings=settings.loggable())
 
     async def serve() -> int:
+        # Signals are caught from the start: a SIGTERM while the service is still
+        # starting (a worker waits for Triton) stops what was started, not the process.
+        signalled = asyncio.ensure_future(wait_for_signal())
+        starting = asyncio.ensure_future(start(settings))
+        await asyncio.wait({signalled, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()  # start cleans up what it began on any exception
+            with contextlib.suppress(asyncio.CancelledError, OSError, RuntimeError):
+                await starting
+            log.info("stopped while starting", service=prog)
+            return 0
         try:
-            running = await start(settings)
+            running = starting.result()
         except (OSError, RuntimeError) as exc:  # a taken port, a Triton that will not start
+            signalled.cancel()
             log.error("could not start", service=prog, reason=str(exc))
             return 1
-        signalled = asyncio.ensure_future(wait_for_signal())
         failed = asyncio.ensure_future(running.wait_failed())
         try:
             await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
