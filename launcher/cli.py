@@ -104,25 +104,42 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command line the CLI cannot act on; the message says what to write instead."""
+
+
 def _parse_inputs(specs: Sequence[str]) -> dict[str, object]:
     inputs: dict[str, object] = {}
     for spec in specs:
         name, sep, value = spec.partition("=")
         if not sep:
-            raise SystemExit(f"--input {spec!r}: write NAME=JSON or NAME=@file.json")
-        text = Path(value[1:]).read_text() if value.startswith("@") else value
-        inputs[name] = json.loads(text)
+            raise UsageError(f"--input {spec!r}: write NAME=JSON or NAME=@file.json")
+        try:
+            text = Path(value[1:]).read_text() if value.startswith("@") else value
+            inputs[name] = json.loads(text)
+        except OSError as exc:
+            raise UsageError(f"--input {name}: cannot read {value[1:]}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"--input {name}: not JSON: {exc}") from None
     return inputs
 
 
 async def _infer(args: argparse.Namespace) -> int:
+    values = _parse_inputs(args.input)  # a bad command line is said before connecting
+    name_of_model = ModelRef.parse(args.model).name
     async with AsyncGatewayClient(args.gateway) as client:
         models = {m.name: m for m in await client.list_models()}
-        info = models.get(ModelRef.parse(args.model).name)
+        info = models.get(name_of_model)
         arrays = {}
-        for name, value in _parse_inputs(args.input).items():
+        for name, value in values.items():
             spec = next((s for s in info.inputs if s.name == name), None) if info else None
-            arrays[name] = np.asarray(value, dtype=NUMPY_TYPES.get(spec.datatype) if spec else None)
+            dtype = NUMPY_TYPES.get(spec.datatype) if spec else None
+            try:
+                arrays[name] = np.asarray(value, dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(
+                    f"--input {name}: not a {dtype or 'numeric'} array: {exc}"
+                ) from None
         outputs = await client.infer(args.model, arrays)
     print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
     return 0
@@ -236,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidModelRef as exc:
         print(f"error: model {exc}", file=sys.stderr)
         return 2
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError) as exc:  # the local platform would not start
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
