@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -13,6 +15,7 @@ from services.runtime.settings import (
     PositiveDuration,
     ServiceSettings,
     SettingsError,
+    duration_between,
 )
 
 
@@ -27,7 +30,7 @@ class GatewaySettings(ServiceSettings):
     workers: CommaList[HostPort] = Field(
         (), description="comma-separated host:port of the inference workers"
     )
-    refresh_seconds: PositiveDuration = Field(
+    refresh_seconds: Annotated[Duration, duration_between(0.1, 3600)] = Field(
         5.0, description="how often to re-read what each worker has loaded"
     )
     eject_seconds: Duration = Field(10.0, description="how long a failing worker gets no calls")

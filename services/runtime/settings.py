@@ -157,6 +157,25 @@ def _readable_file(path: Path) -> Path:
     return path
 
 
+def _pem_file(path: Path) -> Path:
+    # Read at start so a wrong file is refused naming its setting, rather than
+    # failing later as "cannot listen" or on every call to an upstream.
+    if b"-----BEGIN " not in path.read_bytes()[:65536]:
+        raise SettingsError(f"{path} is not a PEM file (no -----BEGIN line)")
+    return path
+
+
+def duration_between(low: float, high: float) -> AfterValidator:
+    """A bound on a `Duration`: outside it a service would spin or stall."""
+
+    def check(value: float) -> float:
+        if not low <= value <= high:
+            raise SettingsError(f"must be between {low:g}s and {high:g}s, got {value:g}s")
+        return value
+
+    return AfterValidator(check)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds as a float; set as 2.5, "500ms", "30s", "5m" or "1h"."""
 PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
@@ -172,6 +191,10 @@ CommaList = Annotated[tuple[_T, ...], NoDecode, BeforeValidator(_split_commas)]
 ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
 OptionalFile = Annotated[ReadableFile | None, BeforeValidator(_blank_is_none)]
 """A readable file, or None when unset (an empty value or `none` unsets it)."""
+OptionalPemFile = Annotated[
+    Annotated[ReadableFile, AfterValidator(_pem_file)] | None, BeforeValidator(_blank_is_none)
+]
+"""A readable PEM file, or None when unset."""
 
 
 # --- the settings every service has -----------------------------------------------------
@@ -195,7 +218,7 @@ class ServiceSettings(BaseSettings):
     log_format: LogFormat = Field(
         "auto", description="auto (console on a terminal, else json), console or json"
     )
-    log_flush_seconds: Duration = Field(
+    log_flush_seconds: Annotated[Duration, duration_between(0, 5)] = Field(
         0.1,
         description="JSON log lines wait at most this long to be written in batches "
         "(warnings and errors go out at once); 0 writes each line at once",
@@ -206,26 +229,26 @@ class ServiceSettings(BaseSettings):
     grace_seconds: Duration = Field(
         10.0, description="on shutdown, time in-flight calls get to finish"
     )
-    tls_cert_file: OptionalFile = Field(
+    tls_cert_file: OptionalPemFile = Field(
         None, description="PEM certificate chain; with --tls-key-file this server listens with TLS"
     )
-    tls_key_file: OptionalFile = Field(None, description="PEM private key of --tls-cert-file")
-    tls_client_ca_file: OptionalFile = Field(
+    tls_key_file: OptionalPemFile = Field(None, description="PEM private key of --tls-cert-file")
+    tls_client_ca_file: OptionalPemFile = Field(
         None,
         description="PEM CA; when set, this server requires client certificates it signed "
         "(mutual TLS)",
     )
-    upstream_ca_file: OptionalFile = Field(
+    upstream_ca_file: OptionalPemFile = Field(
         None,
         description="PEM CA that verifies the tensorgate services this one calls; when set, "
         "channels to them use TLS",
     )
-    upstream_cert_file: OptionalFile = Field(
+    upstream_cert_file: OptionalPemFile = Field(
         None,
         description="PEM client certificate this service presents to them (mutual TLS); "
         "with --upstream-key-file",
     )
-    upstream_key_file: OptionalFile = Field(
+    upstream_key_file: OptionalPemFile = Field(
         None, description="PEM private key of --upstream-cert-file"
     )
 

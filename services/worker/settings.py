@@ -16,6 +16,7 @@ from services.runtime.settings import (
     PositiveDuration,
     ServiceSettings,
     SettingsError,
+    duration_between,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,7 @@ class WorkerSettings(ServiceSettings):
     triton_threads: int = Field(
         0, ge=0, description="CPU threads for the bundled Triton's models; 0 = Triton's default"
     )
-    stream_linger_seconds: Duration = Field(
+    stream_linger_seconds: Annotated[Duration, duration_between(0, 0.1)] = Field(
         0.005,
         description="a streamed token waits at most this long for the next ones to share "
         "its message, only while the model makes tokens faster than that; 0 sends each alone",

@@ -125,7 +125,7 @@ def test_durations_refuse_negative_non_finite_and_unknown_units(value: object) -
         (["--drain-seconds", "-1"], "--drain-seconds: must be a finite duration >= 0, got '-1'"),
         (["--grace-seconds", "inf"], "--grace-seconds: must be a finite duration >= 0"),
         (["--grace-seconds", "5x"], "--grace-seconds: must be seconds (2.5) or a duration"),
-        (["--refresh-seconds", "0ms"], "--refresh-seconds: must be > 0, got 0s"),
+        (["--refresh-seconds", "0ms"], "--refresh-seconds: must be between 0.1s and 3600s, got 0s"),
         (["--upstream-timeout", "0"], "--upstream-timeout: must be > 0"),
         (["--workers", ""], "--workers: at least one worker address is needed"),
         (["--workers", "nohostport"], "--workers: 'nohostport' is not host:port"),
@@ -292,3 +292,33 @@ def test_the_starting_line_carries_the_settings_with_secrets_masked(
     assert starting["settings"]["port"] == 5
     assert starting["settings"]["signing_key"] == "**********"
     assert "sk-env-secret" not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stream-linger-seconds", "1h"], "--stream-linger-seconds: must be between 0s and 0.1s"),
+        (["--log-flush-seconds", "10s"], "--log-flush-seconds: must be between 0s and 5s"),
+    ],
+)
+def test_durations_a_worker_cannot_run_with_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(WorkerSettings, argv, env={})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_tls_file_that_is_not_pem_is_refused_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate")
+    with pytest.raises(SystemExit):
+        load_settings(
+            GatewaySettings,
+            ["--workers", "a:1", "--upstream-ca-file", str(garbage)],
+            env={},
+        )
+    assert "--upstream-ca-file: " in capsys.readouterr().err
