@@ -62,7 +62,11 @@ def _find(rows: Sequence[M], path: str, conc: int) -> M:
 
 
 def _us(row: Unary | Streamed, role: str) -> float:
-    return row.cpu_us(role) or 0.0
+    value = row.cpu_us(role)
+    if value is None or value <= 0:
+        # Judged as 0 it would pass every budget: refuse instead.
+        raise LookupError(f"no CPU figure for {role} on {row.path}; the budgets cannot be judged")
+    return value
 
 
 def budgets(unary: Sequence[Unary], nocompute: Sequence[Streamed]) -> list[Budget]:

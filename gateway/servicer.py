@@ -1,8 +1,9 @@
 """InferenceGateway: resolves the model, picks a worker, forwards, and passes results back.
 
 Responses come back from the worker as bytes and go to the caller as they came:
-the gateway never decodes and re-encodes tensors it only passes on. It parses a
-streamed chunk only to see whether it is the last one (finish reason and usage).
+the gateway never re-encodes what it only passes on. Infer responses are not even
+decoded; each streamed chunk is parsed (cheap, in C) for its finish reason and
+usage, and the bytes as received are what the caller gets.
 """
 
 from __future__ import annotations

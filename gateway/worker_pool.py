@@ -61,18 +61,22 @@ class WorkerEndpoint:
         self.outstanding = 0
         self.ejected_until = 0.0
         self._last_failure = ""
+        self.health_known = asyncio.Event()  # set once the health stream said anything
         self._watch = asyncio.create_task(self._watch_health(), name=f"health-watch-{address}")
 
     async def _watch_health(self) -> None:
-        # Follows the worker's health stream, so a worker that starts draining
-        # (NOT_SERVING) stops getting calls at once rather than at the next refresh.
+        # The one writer of `serving`: the worker's health stream, so a worker that
+        # starts draining (NOT_SERVING) stops getting calls at once, and no slower
+        # answer (a refresh's) can set it back.
         request = health_pb2.HealthCheckRequest()
         while True:
             try:
                 async for response in self._health.Watch(request):
                     self.serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    self.health_known.set()
             except grpc.aio.AioRpcError:
                 self.serving = False
+                self.health_known.set()
             await asyncio.sleep(1.0)
 
     def available(self, now: float) -> bool:
@@ -85,10 +89,8 @@ class WorkerEndpoint:
         self.ejected_until = now + seconds
 
     async def refresh(self) -> None:
+        """Re-reads what the worker has loaded (its health comes from the watch)."""
         try:
-            health = await self._health.Check(
-                health_pb2.HealthCheckRequest(), timeout=_REFRESH_TIMEOUT_S
-            )
             listing = await self.stub.ListModels(
                 inference_pb2.ListModelsRequest(), timeout=_REFRESH_TIMEOUT_S
             )
@@ -99,13 +101,11 @@ class WorkerEndpoint:
             if self.serving or failure != self._last_failure:
                 log.warning("worker unreachable", worker=self.address, error=failure[:300])
             self._last_failure = failure
-            self.serving = False
             return
         if self._last_failure:
             log.info("worker reachable again", worker=self.address)
             self._last_failure = ""
         self.reached = True
-        self.serving = health.status == health_pb2.HealthCheckResponse.SERVING
         self.models = {(m.name, m.version): m for m in listing.models}
         if self.serving:
             self.ejected_until = 0.0  # reachable and serving again
@@ -140,6 +140,10 @@ class WorkerPool:
 
     async def start(self) -> None:
         await self.refresh()
+        # Health arrives on each worker's watch stream; wait briefly for the first
+        # word so the gateway does not refuse calls in its first milliseconds.
+        waits = [asyncio.wait_for(w.health_known.wait(), 2.0) for w in self._workers.values()]
+        await asyncio.gather(*waits, return_exceptions=True)
         self._task = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
 
     async def close(self) -> None:

@@ -33,6 +33,8 @@ def generate_request(
     stop: Sequence[str],
     seed: int | None,
 ) -> inference_pb2.GenerateRequest:
+    if isinstance(stop, str):  # one stop sequence, not one per character
+        stop = (stop,)
     return inference_pb2.GenerateRequest(
         model=model,
         prompt=prompt,

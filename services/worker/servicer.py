@@ -64,6 +64,10 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 f"{model.label} is a {model.info.task!r} model that streams; call Generate for it",
             )
         given = {t.name for t in request.inputs}
+        if len(given) != len(request.inputs):
+            names = [t.name for t in request.inputs]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidArgument("inputs", f"each input may be given once: {', '.join(twice)}")
         for index, tensor in enumerate(request.inputs):
             spec = model.input_spec(tensor.name)
             if spec is None:

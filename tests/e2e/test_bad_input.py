@@ -173,3 +173,13 @@ async def test_an_unknown_output_is_invalid_argument_and_a_known_one_is_returned
         inference_pb2.InferRequest(model="digits", inputs=[image], outputs=["label"])
     )
     assert [t.name for t in response.outputs] == ["label"]
+
+
+async def test_an_input_given_twice_is_invalid_argument_in_our_words(
+    stub: gateway_pb2_grpc.InferenceGatewayAsyncStub,
+) -> None:
+    image = to_tensor("image", np.zeros((1, 64), np.float32))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Infer(inference_pb2.InferRequest(model="digits", inputs=[image, image]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "inputs: each input may be given once: image"

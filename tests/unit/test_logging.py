@@ -83,10 +83,31 @@ async def test_a_warning_goes_out_at_once_with_what_was_waiting(
     assert [json.loads(line)["level"] for line in lines] == ["info", "warning"]
 
 
-def test_flush_logs_writes_what_is_left(stdout: _Stdout, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_flush_logs_writes_what_is_waiting(
+    stdout: _Stdout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _capture(monkeypatch, stdout)
     configure_logging(level="info", fmt="json", flush_seconds=10)
-    rpc_line(logging.INFO, _fields(1))  # no running loop: written at once
+    rpc_line(logging.INFO, _fields(1))  # waits for a flush ten seconds away
     rpc_line(logging.DEBUG, _fields(2))  # below the level: dropped
-    flush_logs()
+    assert stdout.buffer.writes == []
+    flush_logs()  # what shutdown does
     assert len(b"".join(stdout.buffer.writes).splitlines()) == 1
+
+
+def test_a_write_the_stream_takes_only_in_part_is_finished(
+    stdout: _Stdout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[bytes] = []
+
+    def short_write(data: bytes) -> int:  # a pipe interrupted by a signal takes part
+        part = bytes(data[:100])
+        taken.append(part)
+        return len(part)
+
+    monkeypatch.setattr(stdout.buffer, "write", short_write)
+    _capture(monkeypatch, stdout)
+    configure_logging(level="info", fmt="json")
+    rpc_line(logging.INFO, _fields(1))
+    line = b"".join(taken)
+    assert line.endswith(b"\n") and json.loads(line)["request_id"] == f"{1:024x}"

@@ -76,8 +76,8 @@ async def test_a_fast_stream_lingers_a_slow_one_does_not() -> None:
     fast = [len(b) async for b in ready_batches(paced(0.001, 40), linger=0.02)]
     assert fast[0] == 1 and sum(fast) == 40
     assert len(fast) < 20, f"items 1 ms apart should share messages, got {fast}"
-    slow = [len(b) async for b in ready_batches(paced(0.03, 5), linger=0.01)]
-    assert slow == [1, 1, 1, 1, 1]  # 30 ms apart: never held back
+    slow = [len(b) async for b in ready_batches(paced(0.1, 5), linger=0.005)]
+    assert slow == [1, 1, 1, 1, 1]  # 100 ms apart: never held back
 
 
 async def test_cancelling_before_the_first_item_closes_the_source() -> None:

@@ -206,7 +206,9 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 @_typing.final
 class GenerateChunk(_message.Message):
     """One streamed piece of a generation. Every chunk carries the text produced
-    since the previous one; only the last carries finish_reason and usage.
+    since the previous one: one token, or several when a fast model's tokens
+    arrive together (the first chunk is always sent at once). Only the last
+    carries finish_reason and usage.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
