@@ -141,5 +141,10 @@ async def test_async_and_sync_clients_against_the_gateway(
         assert [field for field, _ in no_tokens["violations"]] == ["max_tokens"], kind
         assert no_tokens["request_id"], kind
 
-    # The same request from either client: the same seeded stream.
-    assert results["async"]["generate"] == results["sync"]["generate"]
+    # The same request from either client: the same seeded stream (chunk boundaries
+    # may differ: tokens that arrive together can share a chunk).
+    same = [
+        {k: v for k, v in results[kind]["generate"].items() if k != "chunks"}
+        for kind in ("async", "sync")
+    ]
+    assert same[0] == same[1]
