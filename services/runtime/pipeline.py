@@ -111,6 +111,9 @@ class Pipeline:
         self._admit: Admit | None = (
             self._admit_call if authenticator is not None or quota is not None else None
         )
+        # Set by the server when its shutdown grace period has run out: the calls
+        # grpc cancels then were cut off by us, not cancelled by their callers.
+        self.cut_off = False
 
     # -- the stages around a call -------------------------------------------------
 
@@ -142,10 +145,11 @@ class Pipeline:
             return await self._quota.reserve(call, request)
         return None
 
-    @staticmethod
-    def _cancelled_code(call: Call) -> grpc.StatusCode:
-        # grpc.aio cancels the handler both when the caller cancels and when the
-        # deadline passes; only the clock tells them apart.
+    def _cancelled_code(self, call: Call) -> grpc.StatusCode:
+        # grpc.aio cancels the handler when the caller cancels, when the deadline
+        # passes, and when shutdown's grace runs out (the caller sees UNAVAILABLE).
+        if self.cut_off:
+            return grpc.StatusCode.UNAVAILABLE
         if call.deadline is not None and time.perf_counter() >= call.deadline:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED

@@ -97,7 +97,7 @@ class GrpcService:
         self.server = grpc.aio.server(options=list(SERVER_OPTIONS))
         # The pipeline wraps each handler once, here, rather than intercepting per call;
         # health and reflection stay outside it (infrastructure, no per-call line).
-        pipeline = Pipeline(metrics, authenticator=authenticator, quota=quota)
+        self._pipeline = pipeline = Pipeline(metrics, authenticator=authenticator, quota=quota)
         for binding in bindings:
             wrapped = {
                 method: pipeline.wrap(f"/{binding.name}/{method}", handler)
@@ -180,7 +180,15 @@ class GrpcService:
         if on_draining is not None:
             await on_draining()
         await asyncio.sleep(self.settings.drain_seconds)
-        await self.server.stop(self.settings.grace_seconds)
+        grace = self.settings.grace_seconds
+        # Just before grpc cancels what is left, so those calls are told apart.
+        cut_off = asyncio.get_running_loop().call_later(
+            max(0.0, grace - 0.01), lambda: setattr(self._pipeline, "cut_off", True)
+        )
+        try:
+            await self.server.stop(grace)
+        finally:
+            cut_off.cancel()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
         log.info("stopped", service=self.name)

@@ -301,3 +301,22 @@ async def test_a_taken_port_is_refused_at_start(service: GrpcService) -> None:
             name="second",
             metrics=ServiceMetrics("t2"),
         )
+
+
+async def test_calls_cut_off_when_the_grace_runs_out_count_as_unavailable() -> None:
+    service = build_server(
+        ServiceSettings(drain_seconds=0, grace_seconds=0.3),
+        [_binding()],
+        name="graceful",
+        metrics=ServiceMetrics("t"),
+    )
+    await service.start()
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        call = channel.unary_stream(_method("Slow"), None, None)(b"a")
+        assert await call.read() == b"a"
+        await service.stop()  # the stream never ends by itself: grace runs out
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call.read()
+    assert error.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert _count(service, "Slow", "UNAVAILABLE") == 1
+    assert _count(service, "Slow", "CANCELLED") == 0
