@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from tensorgate.channel_options import MAX_MESSAGE_BYTES
 
 SERVICE = "inference.GRPCInferenceService"
 INFER = f"/{SERVICE}/ModelInfer"
@@ -26,8 +27,8 @@ STREAM_INFER = f"/{SERVICE}/ModelStreamInfer"
 # The same limits the services use, so large tensors fail alike on every path;
 # SO_REUSEPORT off so a taken port is an error rather than a shared one.
 OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 SERVER_OPTIONS = [*OPTIONS, ("grpc.so_reuseport", 0)]
 

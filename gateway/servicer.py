@@ -31,7 +31,7 @@ log = structlog.get_logger("tensorgate.gateway")
 # Callers repeat the same few refs; parsing each once saves a regex per call.
 parse_ref = lru_cache(maxsize=4096)(ModelRef.parse)
 
-_FINAL_CHUNK = inference_pb2.GenerateChunk.FromString
+_parse_chunk = inference_pb2.GenerateChunk.FromString
 
 
 class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
@@ -43,8 +43,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         self._upstream_timeout = upstream_timeout
 
     def _timeout(self) -> float:
-        call = calls.current()
-        remaining = call.remaining() if call is not None else None
+        remaining = calls.remaining()
         return self._upstream_timeout if remaining is None else remaining
 
     def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str) -> Exception:
@@ -81,7 +80,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                             time.perf_counter() - started
                         )
                     chunks += 1
-                    chunk = _FINAL_CHUNK(raw)
+                    chunk = _parse_chunk(raw)
                     if chunk.finish_reason:
                         self._finished(info.name, chunk)
                     yield raw

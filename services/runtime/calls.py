@@ -16,8 +16,6 @@ from typing import Any
 
 from tensorgate.errors import REQUEST_ID_KEY, metadata_value
 
-__all__ = ["REQUEST_ID_KEY", "Call", "Principal", "Usage"]
-
 
 @dataclass(frozen=True)
 class Principal:
@@ -85,6 +83,14 @@ def note_usage(prompt_tokens: int, completion_tokens: int) -> None:
         call.usage = Usage(prompt_tokens, completion_tokens)
         call.fields["prompt_tokens"] = prompt_tokens
         call.fields["completion_tokens"] = completion_tokens
+
+
+def remaining() -> float | None:
+    """Seconds left of the current call's deadline (None: no call, or no deadline).
+
+    Read from the call, not the grpc context: handlers pass it on upstream."""
+    call = _current.get()
+    return call.remaining() if call is not None else None
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:

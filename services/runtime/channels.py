@@ -7,9 +7,7 @@ connection; callers keep it for the life of the process rather than per call.
 from __future__ import annotations
 
 import grpc
-from tensorgate.channel_options import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
-
-__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "open_channel"]
+from tensorgate.channel_options import CHANNEL_OPTIONS
 
 
 def open_channel(

@@ -31,6 +31,7 @@ from services.runtime.process import write_all
 LogFormat = Literal["auto", "console", "json"]
 
 _LEVELS = logging.getLevelNamesMapping()
+_LEVEL_NAMES = {number: logging.getLevelName(number).lower() for number in (10, 20, 30, 40, 50)}
 _MAX_BUFFERED_BYTES = 64 * 1024
 _ATOMIC_WRITE_BYTES = select.PIPE_BUF
 
@@ -152,12 +153,11 @@ def rpc_line(level: int, fields: dict[str, Any]) -> None:
     """Writes the canonical line of one call (event "rpc") at `level` (logging's numbers)."""
     if level < _RpcLines.min_level:
         return
-    name = logging.getLevelName(level).lower()
     if not _RpcLines.json:
         _rpc_log.log(level, "rpc", **fields)
         return
     fields["event"] = "rpc"
-    fields["level"] = name
+    fields["level"] = _LEVEL_NAMES[level]
     fields["timestamp"] = _timestamp()
     _BUFFER.add(
         orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE),

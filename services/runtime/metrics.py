@@ -58,8 +58,8 @@ class ServiceMetrics:
         self._requests: dict[tuple[str, str], Counter] = {}
         self._durations: dict[str, Histogram] = {}
 
-    def observe(self, method: str, code: grpc.StatusCode | str, seconds: float) -> None:
-        name = code if isinstance(code, str) else code.name
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        name = code.name
         counter = self._requests.get((method, name))
         if counter is None:
             counter = self._requests[(method, name)] = self.requests.labels(

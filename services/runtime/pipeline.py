@@ -22,11 +22,12 @@ from typing import Any
 
 import grpc
 import structlog
+from tensorgate.errors import REQUEST_ID_KEY
 
 from services.runtime import calls
 from services.runtime.access import Authenticator, QuotaGate, QuotaReservation
-from services.runtime.calls import REQUEST_ID_KEY, Call
-from services.runtime.errors import InvalidArgument, as_domain_error
+from services.runtime.calls import Call
+from services.runtime.errors import InvalidArgument, TensorgateError, as_domain_error
 from services.runtime.logging import rpc_line
 from services.runtime.metrics import ServiceMetrics
 
@@ -155,14 +156,10 @@ class Pipeline:
         return grpc.StatusCode.CANCELLED
 
     @staticmethod
-    def _code_for(exc: Exception) -> grpc.StatusCode:
-        domain = as_domain_error(exc)
-        return domain.code if domain is not None else grpc.StatusCode.INTERNAL
-
-    @staticmethod
-    async def _abort(call: Call, context: Context, exc: Exception) -> None:
+    async def _abort(
+        call: Call, context: Context, exc: Exception, domain: TensorgateError | None
+    ) -> None:
         """Ends the call with the status `exc` maps to (context.abort raises)."""
-        domain = as_domain_error(exc)
         if domain is None:
             log.error("unhandled error", exc_info=exc)
             await context.abort(
@@ -252,8 +249,9 @@ class Pipeline:
                 code = _final_code(context)
                 raise
             except Exception as exc:
-                code = self._code_for(exc)
-                await self._abort(call, context, exc)
+                domain = as_domain_error(exc)
+                code = domain.code if domain is not None else grpc.StatusCode.INTERNAL
+                await self._abort(call, context, exc, domain)
             finally:
                 await self._close(call, code, reservation)
 
@@ -281,8 +279,9 @@ class Pipeline:
                 code = _final_code(context)
                 raise
             except Exception as exc:
-                code = self._code_for(exc)
-                await self._abort(call, context, exc)
+                domain = as_domain_error(exc)
+                code = domain.code if domain is not None else grpc.StatusCode.INTERNAL
+                await self._abort(call, context, exc, domain)
             finally:
                 await self._close(call, code, reservation)
 

@@ -20,9 +20,9 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tensorgate.channel_options import MAX_MESSAGE_BYTES
 
 from services.runtime.access import Authenticator, QuotaGate
-from services.runtime.channels import MAX_MESSAGE_BYTES
 from services.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from services.runtime.pipeline import Pipeline
 from services.runtime.settings import ServiceSettings

@@ -20,12 +20,6 @@ from services.worker.triton_client import TritonConnection
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _remaining() -> float | None:
-    """Seconds left of the caller's deadline, read from the call (not the context)."""
-    call = calls.current()
-    return call.remaining() if call is not None else None
-
-
 class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
     def __init__(
         self, catalog: ModelCatalog, triton: TritonConnection, *, stream_linger: float = 0.0
@@ -44,7 +38,7 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         # The first token goes out at once; later ones of a fast stream may share a
         # chunk (streams.py says when), which saves a message's CPU on every hop.
         responses_of = ready_batches(
-            self._triton.stream(triton_request, _remaining()), linger=self._stream_linger
+            self._triton.stream(triton_request, calls.remaining()), linger=self._stream_linger
         )
         async for responses in responses_of:
             last = to_chunk(model.label, responses)
@@ -89,7 +83,7 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
                 )
         calls.note(resolved=model.label)
         triton_request = to_triton_request(model.info.name, model.info.version, request)
-        response = await self._triton.infer(triton_request, _remaining())
+        response = await self._triton.infer(triton_request, calls.remaining())
         return from_triton_response(model.label, response)
 
     async def ListModels(
