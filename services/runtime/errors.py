@@ -80,6 +80,22 @@ class Unavailable(TensorgateError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class AlreadyExists(TensorgateError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(TensorgateError):
+    """The system is not in the state the call needs (an alias moved, a version in use)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DataLoss(TensorgateError):
+    """Stored data is corrupt (an artifact whose bytes no longer match its sha256)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class DeadlineExceeded(TensorgateError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

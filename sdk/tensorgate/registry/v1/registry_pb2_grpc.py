@@ -49,14 +49,14 @@ class ModelRegistryStub:
                 request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
-        self.UploadArtifact = channel.stream_unary(
-                '/tensorgate.registry.v1.ModelRegistry/UploadArtifact',
-                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.UploadArtifactRequest.SerializeToString,
-                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Artifact.FromString,
+        self.UpdateModel = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/UpdateModel',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
                 _registered_method=True)
-        self.CreateVersion = channel.unary_unary(
-                '/tensorgate.registry.v1.ModelRegistry/CreateVersion',
-                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.CreateVersionRequest.SerializeToString,
+        self.UploadVersion = channel.stream_unary(
+                '/tensorgate.registry.v1.ModelRegistry/UploadVersion',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.UploadVersionRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
         self.GetVersion = channel.unary_unary(
@@ -64,20 +64,70 @@ class ModelRegistryStub:
                 request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetVersionRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.ListVersions = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/ListVersions',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
+                _registered_method=True)
+        self.DownloadVersion = channel.unary_stream(
+                '/tensorgate.registry.v1.ModelRegistry/DownloadVersion',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DownloadVersionRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DownloadVersionResponse.FromString,
+                _registered_method=True)
+        self.DeleteVersion = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/DeleteVersion',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteVersionRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteVersionResponse.FromString,
+                _registered_method=True)
         self.SetAlias = channel.unary_unary(
                 '/tensorgate.registry.v1.ModelRegistry/SetAlias',
                 request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Alias.FromString,
                 _registered_method=True)
-        self.ListAliasHistory = channel.unary_unary(
-                '/tensorgate.registry.v1.ModelRegistry/ListAliasHistory',
-                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasHistoryRequest.SerializeToString,
-                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasHistoryResponse.FromString,
+        self.RollbackAlias = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/RollbackAlias',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Alias.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/DeleteAlias',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/ListAliases',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.GetAliasHistory = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/GetAliasHistory',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryResponse.FromString,
+                _registered_method=True)
+        self.GetAliasAt = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/GetAliasAt',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasAtRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.AliasMove.FromString,
                 _registered_method=True)
         self.ResolveModelRef = channel.unary_unary(
                 '/tensorgate.registry.v1.ModelRegistry/ResolveModelRef',
                 request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ResolveModelRefRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.SetDeployment = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/SetDeployment',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.DeleteDeployment = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/DeleteDeployment',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/ListDeployments',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
                 _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/tensorgate.registry.v1.ModelRegistry/Watch',
@@ -90,7 +140,8 @@ class ModelRegistryServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Registers a model name. ALREADY_EXISTS if the name is taken.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -102,21 +153,25 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def UploadArtifact(self, request_iterator, context):
-        """Client streaming: the first message carries the metadata, the rest the
-        bytes. The artifact is verified against its sha256 before it is stored.
+        """Models in name order, a page at a time, optionally filtered by task and labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CreateVersion(self, request, context):
-        """Versions are numbered 1..n per model and never change once created.
+    def UpdateModel(self, request, context):
+        """Changes a model's description and labels (its name and task never change).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadVersion(self, request_iterator, context):
+        """Registers a new version by client streaming: the first message carries the
+        header, the rest the artifact's bytes. The sha256 is computed while the bytes
+        arrive and must equal the declared one; the version (numbered n+1) exists
+        only once the whole artifact is stored and verified, so a corrupt, partial
+        or abandoned upload leaves nothing behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,28 +183,101 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SetAlias(self, request, context):
-        """Points an alias at a version; every move is recorded.
+    def ListVersions(self, request, context):
+        """A model's versions, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListAliasHistory(self, request, context):
+    def DownloadVersion(self, request, context):
+        """Streams a version's artifact back: one header, then the bytes. A stored
+        artifact whose bytes no longer match its sha256 is refused with DATA_LOSS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVersion(self, request, context):
+        """Deletes a version no alias or deployment points at (FAILED_PRECONDITION
+        naming what does otherwise). Its number is never reused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Points an alias at a version, optionally only if it still points where the
+        caller expects (compare-and-set). Every move is recorded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAlias(self, request, context):
+        """Points an alias back at the version it pointed at before its last move.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ResolveModelRef(self, request, context):
-        """"name", "name:3" or "name@alias" to the version it means now.
+    def ListAliases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAliasHistory(self, request, context):
+        """Every move of an alias, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAliasAt(self, request, context):
+        """Which version an alias pointed at, at a given time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveModelRef(self, request, context):
+        """"name" (newest version), "name:3" or "name@alias" to the version it means now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDeployment(self, request, context):
+        """Says a model version (directly, or whatever an alias points at) must be
+        served, and by how many Triton instances per worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDeployment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
-        """A change feed: every change after `since_revision`, then live changes.
+        """The change feed: every event after `since_revision` in revision order, then
+        live events as they happen. A client that reconnects with the last revision
+        it saw gets exactly the events after it, none missed, none twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,14 +301,14 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListModelsRequest.FromString,
                     response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListModelsResponse.SerializeToString,
             ),
-            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
-                    servicer.UploadArtifact,
-                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.UploadArtifactRequest.FromString,
-                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Artifact.SerializeToString,
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Model.SerializeToString,
             ),
-            'CreateVersion': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateVersion,
-                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.CreateVersionRequest.FromString,
+            'UploadVersion': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadVersion,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.UploadVersionRequest.FromString,
                     response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
             'GetVersion': grpc.unary_unary_rpc_method_handler(
@@ -188,20 +316,70 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetVersionRequest.FromString,
                     response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
             ),
+            'ListVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVersions,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListVersionsRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'DownloadVersion': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadVersion,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DownloadVersionRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DownloadVersionResponse.SerializeToString,
+            ),
+            'DeleteVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVersion,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteVersionRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteVersionResponse.SerializeToString,
+            ),
             'SetAlias': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAlias,
                     request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.SetAliasRequest.FromString,
                     response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Alias.SerializeToString,
             ),
-            'ListAliasHistory': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListAliasHistory,
-                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasHistoryRequest.FromString,
-                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasHistoryResponse.SerializeToString,
+            'RollbackAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAlias,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Alias.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasResponse.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasesRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'GetAliasHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAliasHistory,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryResponse.SerializeToString,
+            ),
+            'GetAliasAt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAliasAt,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasAtRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.AliasMove.SerializeToString,
             ),
             'ResolveModelRef': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveModelRef,
                     request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ResolveModelRefRequest.FromString,
                     response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.SerializeToString,
+            ),
+            'SetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeployment,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.Deployment.SerializeToString,
+            ),
+            'DeleteDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDeployment,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListDeploymentsResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -301,34 +479,7 @@ class ModelRegistry:
             _registered_method=True)
 
     @staticmethod
-    def UploadArtifact(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/tensorgate.registry.v1.ModelRegistry/UploadArtifact',
-            tensorgate_dot_registry_dot_v1_dot_registry__pb2.UploadArtifactRequest.SerializeToString,
-            tensorgate_dot_registry_dot_v1_dot_registry__pb2.Artifact.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CreateVersion(request,
+    def UpdateModel(request,
             target,
             options=(),
             channel_credentials=None,
@@ -341,8 +492,35 @@ class ModelRegistry:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tensorgate.registry.v1.ModelRegistry/CreateVersion',
-            tensorgate_dot_registry_dot_v1_dot_registry__pb2.CreateVersionRequest.SerializeToString,
+            '/tensorgate.registry.v1.ModelRegistry/UpdateModel',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.UpdateModelRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadVersion(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/UploadVersion',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.UploadVersionRequest.SerializeToString,
             tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
@@ -382,6 +560,87 @@ class ModelRegistry:
             _registered_method=True)
 
     @staticmethod
+    def ListVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/ListVersions',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListVersionsRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/DownloadVersion',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DownloadVersionRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DownloadVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/DeleteVersion',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteVersionRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SetAlias(request,
             target,
             options=(),
@@ -409,7 +668,7 @@ class ModelRegistry:
             _registered_method=True)
 
     @staticmethod
-    def ListAliasHistory(request,
+    def RollbackAlias(request,
             target,
             options=(),
             channel_credentials=None,
@@ -422,9 +681,117 @@ class ModelRegistry:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tensorgate.registry.v1.ModelRegistry/ListAliasHistory',
-            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasHistoryRequest.SerializeToString,
-            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasHistoryResponse.FromString,
+            '/tensorgate.registry.v1.ModelRegistry/RollbackAlias',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.RollbackAliasRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.Alias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/DeleteAlias',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/ListAliases',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasesRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAliasHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/GetAliasHistory',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAliasAt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/GetAliasAt',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetAliasAtRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.AliasMove.FromString,
             options,
             channel_credentials,
             insecure,
@@ -452,6 +819,87 @@ class ModelRegistry:
             '/tensorgate.registry.v1.ModelRegistry/ResolveModelRef',
             tensorgate_dot_registry_dot_v1_dot_registry__pb2.ResolveModelRefRequest.SerializeToString,
             tensorgate_dot_registry_dot_v1_dot_registry__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/SetDeployment',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.SetDeploymentRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/DeleteDeployment',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteDeploymentRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.DeleteDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/ListDeployments',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListDeploymentsRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListDeploymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tensorgate.inference.v1 import inference_pb2 as tensorgate_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tensorgate/worker/v1/worker.proto\x12\x14tensorgate.worker.v1\x1a\'tensorgate/inference/v1/inference.proto2\xb0\x02\n\x0fInferenceWorker\x12^\n\x08Generate\x12(.tensorgate.inference.v1.GenerateRequest\x1a&.tensorgate.inference.v1.GenerateChunk0\x01\x12V\n\x05Infer\x12%.tensorgate.inference.v1.InferRequest\x1a&.tensorgate.inference.v1.InferResponse\x12\x65\n\nListModels\x12*.tensorgate.inference.v1.ListModelsRequest\x1a+.tensorgate.inference.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!tensorgate/worker/v1/worker.proto\x12\x14tensorgate.worker.v1\x1a\'tensorgate/inference/v1/inference.proto2\x9a\x03\n\x0fInferenceWorker\x12^\n\x08Generate\x12(.tensorgate.inference.v1.GenerateRequest\x1a&.tensorgate.inference.v1.GenerateChunk0\x01\x12V\n\x05Infer\x12%.tensorgate.inference.v1.InferRequest\x1a&.tensorgate.inference.v1.InferResponse\x12\x65\n\nListModels\x12*.tensorgate.inference.v1.ListModelsRequest\x1a+.tensorgate.inference.v1.ListModelsResponse\x12h\n\x0bWatchModels\x12*.tensorgate.inference.v1.ListModelsRequest\x1a+.tensorgate.inference.v1.ListModelsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorgate.worker.v1.worker
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERENCEWORKER']._serialized_start=101
-  _globals['_INFERENCEWORKER']._serialized_end=405
+  _globals['_INFERENCEWORKER']._serialized_end=511
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,11 @@ class InferenceWorkerStub:
                 request_serializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.WatchModels = channel.unary_stream(
+                '/tensorgate.worker.v1.InferenceWorker/WatchModels',
+                request_serializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceWorkerServicer:
@@ -75,6 +80,14 @@ class InferenceWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchModels(self, request, context):
+        """The same list, sent at once and again every time it changes (a version
+        loaded or let go), so the gateway routes on what is loaded without polling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +103,11 @@ def add_InferenceWorkerServicer_to_server(servicer, server):
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
+                    request_deserializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'WatchModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModels,
                     request_deserializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
@@ -173,6 +191,33 @@ class InferenceWorker:
             request,
             target,
             '/tensorgate.worker.v1.InferenceWorker/ListModels',
+            tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorgate.worker.v1.InferenceWorker/WatchModels',
             tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             tensorgate_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,

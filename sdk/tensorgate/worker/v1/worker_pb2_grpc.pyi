@@ -41,6 +41,10 @@ class InferenceWorkerStub:
     Infer: _grpc.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """The model versions this worker's Triton has loaded and ready."""
+    WatchModels: _grpc.UnaryStreamMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
+    """The same list, sent at once and again every time it changes (a version
+    loaded or let go), so the gateway routes on what is loaded without polling.
+    """
 
 @_typing.type_check_only
 class InferenceWorkerAsyncStub(InferenceWorkerStub):
@@ -52,6 +56,10 @@ class InferenceWorkerAsyncStub(InferenceWorkerStub):
     Infer: _aio.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model versions this worker's Triton has loaded and ready."""
+    WatchModels: _aio.UnaryStreamMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The same list, sent at once and again every time it changes (a version
+    loaded or let go), so the gateway routes on what is loaded without polling.
+    """
 
 class InferenceWorkerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +86,15 @@ class InferenceWorkerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
         """The model versions this worker's Triton has loaded and ready."""
+
+    @_abc_1.abstractmethod
+    def WatchModels(
+        self,
+        request: _inference_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.ListModelsResponse], _abc.AsyncIterator[_inference_pb2.ListModelsResponse]]:
+        """The same list, sent at once and again every time it changes (a version
+        loaded or let go), so the gateway routes on what is loaded without polling.
+        """
 
 def add_InferenceWorkerServicer_to_server(servicer: InferenceWorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
