@@ -1,0 +1,1 @@
+"""The registry's schema migrations (Alembic), run by `RegistryStore.open`."""

@@ -1,0 +1,1 @@
+"""The registry's migrations, oldest first; each file is frozen once released."""

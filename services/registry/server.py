@@ -1,0 +1,87 @@
+"""Builds and runs the model registry: its store, its artifacts and the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.registry.artifacts import LocalArtifactStore
+from services.registry.servicer import ModelRegistryServicer
+from services.registry.settings import RegistrySettings
+from services.registry.store import RegistryStore
+from services.runtime.main import run_service
+from services.runtime.metrics import ServiceMetrics
+from services.runtime.server import GrpcService, ServiceBinding, build_server
+from services.store.database import database_url
+
+log = structlog.get_logger("tensorgate.registry")
+
+SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
+
+
+@dataclass
+class Registry:
+    """A running registry: its gRPC service over its store."""
+
+    service: GrpcService
+    store: RegistryStore
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    async def wait_failed(self) -> str:
+        """A lost database shows per call (UNAVAILABLE); nothing stops the registry itself."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        try:
+            await self.service.stop()
+        finally:
+            await self.store.close()
+
+
+async def start_registry(settings: RegistrySettings) -> Registry:
+    """Opens (and migrates) the store, sweeps unreferenced artifacts, starts serving."""
+    url = database_url(settings.database_url.get_secret_value(), settings.data_dir, "registry")
+    store = await RegistryStore.open(url)
+    try:
+        artifacts = LocalArtifactStore(settings.artifacts_path)
+        # An upload whose version was never committed (a crash between storing the bytes
+        # and the database row) left a blob no version names: nothing can see it, and
+        # it goes here, before any new upload could be racing with the sweep.
+        swept = await artifacts.collect_garbage(await store.referenced_artifacts())
+        if swept:
+            log.info("removed unreferenced artifacts", count=swept)
+        servicer = ModelRegistryServicer(
+            store,
+            artifacts,
+            max_bytes=settings.max_artifact_bytes,
+            chunk_bytes=settings.chunk_bytes,
+        )
+        service = build_server(
+            settings,
+            [ServiceBinding.of(registry_pb2_grpc.add_ModelRegistryServicer_to_server, servicer)],
+            name="registry",
+            metrics=ServiceMetrics("registry"),
+        )
+        await service.start()
+    except BaseException:
+        await store.close()
+        raise
+    log.info("registry ready", revision=await store.current_revision())
+    return Registry(service=service, store=store)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service(RegistrySettings, start_registry, argv, prog="tensorgate-registry")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

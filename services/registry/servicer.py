@@ -1,0 +1,260 @@
+"""ModelRegistry: the registry's RPCs, each a thin step from the request to the store.
+
+What a call may do and what it means lives in the store (store.py) and the artifact
+path (uploads.py); this file reads requests, says who is acting, and hands back
+messages. Domain errors raised below become statuses in the runtime's pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC
+from typing import Any
+
+import grpc
+from tensorgate.model_ref import ModelRef
+from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.registry.artifacts import ArtifactStore
+from services.registry.store import RegistryStore
+from services.registry.uploads import artifact_chunks, receive_artifact
+from services.runtime import calls
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.triton_config import parse_config
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ACTOR_KEY = "x-tensorgate-actor"
+# A watcher re-reads the database this often even when this process saw no commit,
+# so writes made through another registry replica reach it too.
+_WATCH_RECHECK_S = 1.0
+
+
+def actor() -> str:
+    """Who is acting, for the records: the authenticated key id when there is one, else
+    the name the client gave (unverified until keys are required), else "anonymous"."""
+    call = calls.current()
+    if call is None:
+        return "anonymous"
+    if call.principal is not None:
+        return f"key:{call.principal.key_id}"
+    claimed = call.metadata_value(ACTOR_KEY)
+    if isinstance(claimed, str) and claimed:
+        return claimed[:128]
+    return "anonymous"
+
+
+class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
+    def __init__(
+        self, store: RegistryStore, artifacts: ArtifactStore, *, max_bytes: int, chunk_bytes: int
+    ) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self._max_bytes = max_bytes
+        self._chunk_bytes = chunk_bytes
+
+    # --- models ---------------------------------------------------------------------------
+
+    async def CreateModel(
+        self, request: registry_pb2.CreateModelRequest, context: Context
+    ) -> registry_pb2.Model:
+        calls.note(model=request.model.name)
+        return await self._store.create_model(request.model, actor=actor())
+
+    async def GetModel(
+        self, request: registry_pb2.GetModelRequest, context: Context
+    ) -> registry_pb2.Model:
+        return await self._store.get_model(request.name)
+
+    async def ListModels(
+        self, request: registry_pb2.ListModelsRequest, context: Context
+    ) -> registry_pb2.ListModelsResponse:
+        models, token = await self._store.list_models(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            task=request.task,
+            labels=dict(request.labels),
+        )
+        return registry_pb2.ListModelsResponse(models=models, next_page_token=token)
+
+    async def UpdateModel(
+        self, request: registry_pb2.UpdateModelRequest, context: Context
+    ) -> registry_pb2.Model:
+        calls.note(model=request.name)
+        return await self._store.update_model(
+            request.name,
+            description=request.description if request.HasField("description") else None,
+            labels=dict(request.labels) if request.replace_labels else None,
+            actor=actor(),
+        )
+
+    # --- versions -------------------------------------------------------------------------
+
+    async def UploadVersion(
+        self, request_iterator: AsyncIterator[registry_pb2.UploadVersionRequest], context: Context
+    ) -> registry_pb2.ModelVersion:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("header", "the first message of an upload must be its header")
+        header = first.header
+        calls.note(model=header.model)
+        # Refused before a byte is stored: an unknown model, a config Triton would not load.
+        await self._store.get_model(header.model)
+        config = parse_config(header.config_pbtxt)
+        artifact = await receive_artifact(
+            header, request_iterator, self._artifacts, max_bytes=self._max_bytes
+        )
+        version = await self._store.create_version(
+            header.model,
+            artifact=artifact,
+            config=config,
+            lineage=header.lineage,
+            facts={"artifact_bytes": float(artifact.size_bytes)},
+            description=header.description,
+            actor=actor(),
+        )
+        calls.note(resolved=f"{version.model}:{version.version}")
+        return version
+
+    async def GetVersion(
+        self, request: registry_pb2.GetVersionRequest, context: Context
+    ) -> registry_pb2.ModelVersion:
+        return await self._store.get_version(request.model, request.version)
+
+    async def ListVersions(
+        self, request: registry_pb2.ListVersionsRequest, context: Context
+    ) -> registry_pb2.ListVersionsResponse:
+        return registry_pb2.ListVersionsResponse(
+            versions=await self._store.list_versions(request.model)
+        )
+
+    async def DownloadVersion(
+        self, request: registry_pb2.DownloadVersionRequest, context: Context
+    ) -> AsyncIterator[registry_pb2.DownloadVersionResponse]:
+        calls.note(model=f"{request.model}:{request.version}")
+        version = await self._store.get_version(request.model, request.version)
+        async for part in artifact_chunks(version, self._artifacts, chunk_size=self._chunk_bytes):
+            yield part
+
+    async def DeleteVersion(
+        self, request: registry_pb2.DeleteVersionRequest, context: Context
+    ) -> registry_pb2.DeleteVersionResponse:
+        calls.note(model=f"{request.model}:{request.version}")
+        await self._store.delete_version(request.model, request.version, actor=actor())
+        return registry_pb2.DeleteVersionResponse()
+
+    # --- aliases --------------------------------------------------------------------------
+
+    async def SetAlias(
+        self, request: registry_pb2.SetAliasRequest, context: Context
+    ) -> registry_pb2.Alias:
+        calls.note(model=f"{request.model}@{request.alias}")
+        expected = request.expected_version if request.HasField("expected_version") else None
+        return await self._store.set_alias(
+            request.model,
+            request.alias,
+            request.version,
+            expected_version=expected,
+            reason=request.reason,
+            actor=actor(),
+        )
+
+    async def RollbackAlias(
+        self, request: registry_pb2.RollbackAliasRequest, context: Context
+    ) -> registry_pb2.Alias:
+        calls.note(model=f"{request.model}@{request.alias}")
+        return await self._store.rollback_alias(
+            request.model, request.alias, reason=request.reason, actor=actor()
+        )
+
+    async def DeleteAlias(
+        self, request: registry_pb2.DeleteAliasRequest, context: Context
+    ) -> registry_pb2.DeleteAliasResponse:
+        calls.note(model=f"{request.model}@{request.alias}")
+        await self._store.delete_alias(
+            request.model, request.alias, reason=request.reason, actor=actor()
+        )
+        return registry_pb2.DeleteAliasResponse()
+
+    async def ListAliases(
+        self, request: registry_pb2.ListAliasesRequest, context: Context
+    ) -> registry_pb2.ListAliasesResponse:
+        # The revision is read first: the list may then include later moves too, which
+        # a watcher starting from this revision replays harmlessly (a move is absolute).
+        revision = await self._store.current_revision()
+        return registry_pb2.ListAliasesResponse(
+            aliases=await self._store.list_aliases(request.model or None), revision=revision
+        )
+
+    async def GetAliasHistory(
+        self, request: registry_pb2.GetAliasHistoryRequest, context: Context
+    ) -> registry_pb2.GetAliasHistoryResponse:
+        return registry_pb2.GetAliasHistoryResponse(
+            moves=await self._store.alias_history(request.model, request.alias)
+        )
+
+    async def GetAliasAt(
+        self, request: registry_pb2.GetAliasAtRequest, context: Context
+    ) -> registry_pb2.AliasMove:
+        if not request.HasField("time"):
+            raise InvalidArgument("time", "is required: the moment to look the alias up at")
+        return await self._store.alias_at(
+            request.model, request.alias, request.time.ToDatetime(tzinfo=UTC)
+        )
+
+    async def ResolveModelRef(
+        self, request: registry_pb2.ResolveModelRefRequest, context: Context
+    ) -> registry_pb2.ModelVersion:
+        calls.note(model=request.ref)
+        return await self._store.resolve(ModelRef.parse(request.ref))
+
+    # --- deployments ----------------------------------------------------------------------
+
+    async def SetDeployment(
+        self, request: registry_pb2.SetDeploymentRequest, context: Context
+    ) -> registry_pb2.Deployment:
+        calls.note(model=request.deployment.model)
+        return await self._store.set_deployment(request.deployment)
+
+    async def DeleteDeployment(
+        self, request: registry_pb2.DeleteDeploymentRequest, context: Context
+    ) -> registry_pb2.DeleteDeploymentResponse:
+        calls.note(model=request.model)
+        target = request.WhichOneof("target")
+        await self._store.delete_deployment(
+            request.model,
+            version=request.version if target == "version" else None,
+            alias=request.alias if target == "alias" else None,
+        )
+        return registry_pb2.DeleteDeploymentResponse()
+
+    async def ListDeployments(
+        self, request: registry_pb2.ListDeploymentsRequest, context: Context
+    ) -> registry_pb2.ListDeploymentsResponse:
+        return registry_pb2.ListDeploymentsResponse(
+            deployments=await self._store.list_deployments()
+        )
+
+    # --- the change feed ------------------------------------------------------------------
+
+    async def Watch(
+        self, request: registry_pb2.WatchRequest, context: Context
+    ) -> AsyncIterator[registry_pb2.RegistryEvent]:
+        seen = request.since_revision
+        if seen < 0:
+            raise InvalidArgument("since_revision", f"must be >= 0, got {seen}")
+        current = await self._store.current_revision()
+        if seen > current:
+            # The client saw revisions this registry never wrote: its database was
+            # replaced. Resuming would silently skip; the client must start over.
+            raise FailedPrecondition(
+                f"since_revision {seen} is ahead of this registry (revision {current}); "
+                "its history was reset: watch again from 0"
+            )
+        while True:
+            events = await self._store.events_after(seen)
+            for event in events:
+                yield event
+                seen = event.revision
+            if not events:
+                await self._store.wait_for_change(seen, timeout=_WATCH_RECHECK_S)

@@ -1,0 +1,50 @@
+"""The registry's settings (flags, or TENSORGATE_REGISTRY_* variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from services.runtime.settings import MetricsPort, ServiceSettings, SettingsError
+
+
+def _positive_bytes(value: int) -> int:
+    if value < 1:
+        raise SettingsError(f"must be at least 1 byte, got {value}")
+    return value
+
+
+class RegistrySettings(ServiceSettings):
+    """Model registry: models, immutable versions and their artifacts, aliases, deployments."""
+
+    model_config = SettingsConfigDict(env_prefix="TENSORGATE_REGISTRY_")
+
+    metrics_port: MetricsPort = Field(
+        9402, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off"
+    )
+    data_dir: Path = Field(
+        Path(".data/registry"),
+        description="where the SQLite database (when no --database-url) and the artifacts live",
+    )
+    # A secret: a PostgreSQL URL carries its password.
+    database_url: SecretStr = Field(
+        SecretStr(""),
+        description="postgresql://user:password@host:port/db; empty keeps the registry in "
+        "SQLite under --data-dir",
+    )
+    artifact_dir: Path | None = Field(
+        None, description="the content-addressed artifact store; default <data-dir>/artifacts"
+    )
+    max_artifact_bytes: Annotated[int, AfterValidator(_positive_bytes)] = Field(
+        4 << 30, description="largest artifact an upload may carry, in bytes"
+    )
+    chunk_bytes: Annotated[int, AfterValidator(_positive_bytes)] = Field(
+        1 << 20, description="size of the chunks a download streams, in bytes"
+    )
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.artifact_dir if self.artifact_dir is not None else self.data_dir / "artifacts"
