@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
+from gateway.aliases import AliasFeed, AliasRouting
 from gateway.discovery import StaticDiscovery
 from gateway.metrics import GatewayMetrics
+from gateway.registry_proxy import RegistryProxy
 from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
@@ -25,6 +28,8 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_
 class Gateway:
     service: GrpcService
     pool: WorkerPool
+    aliases: AliasFeed | None = None
+    registry: RegistryProxy | None = None
 
     @property
     def address(self) -> str:
@@ -40,32 +45,54 @@ class Gateway:
             await self.service.stop()
         finally:
             await self.pool.close()
+            if self.aliases is not None:
+                await self.aliases.close()
+            if self.registry is not None:
+                await self.registry.close()
 
 
 async def start_gateway(settings: GatewaySettings) -> Gateway:
+    credentials = channel_credentials(
+        settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
+    )
+    aliases = registry = None
+    if settings.registry:
+        aliases = AliasFeed(settings.registry, credentials)
+        aliases.start()
+        registry = RegistryProxy(settings.registry, credentials)
     pool = WorkerPool(
         StaticDiscovery(list(settings.workers)),
         refresh_seconds=settings.refresh_seconds,
         eject_seconds=settings.eject_seconds,
-        credentials=channel_credentials(
-            settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
-        ),
+        credentials=credentials,
+        aliases=AliasRouting(aliases) if aliases is not None else None,
     )
-    await pool.start()
-    metrics = GatewayMetrics()
-    servicer = InferenceGatewayServicer(pool, metrics, upstream_timeout=settings.upstream_timeout)
     try:
-        service = build_server(
-            settings,
-            [ServiceBinding.of(gateway_pb2_grpc.add_InferenceGatewayServicer_to_server, servicer)],
-            name="gateway",
-            metrics=metrics,
+        await pool.start()
+        if aliases is not None:
+            # Briefly, so the first alias calls are not refused; a registry that is
+            # down shows as UNAVAILABLE on alias calls and the feed keeps trying.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(aliases.synced.wait(), 5.0)
+        metrics = GatewayMetrics()
+        servicer = InferenceGatewayServicer(
+            pool, metrics, upstream_timeout=settings.upstream_timeout
         )
+        bindings = [
+            ServiceBinding.of(gateway_pb2_grpc.add_InferenceGatewayServicer_to_server, servicer)
+        ]
+        if registry is not None:
+            bindings.append(registry.binding())
+        service = build_server(settings, bindings, name="gateway", metrics=metrics)
         await service.start()
     except BaseException:
         await pool.close()
+        if aliases is not None:
+            await aliases.close()
+        if registry is not None:
+            await registry.close()
         raise
-    return Gateway(service=service, pool=pool)
+    return Gateway(service=service, pool=pool, aliases=aliases, registry=registry)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from services.runtime.settings import (
     Duration,
     HostPort,
     MetricsPort,
+    OptionalHostPort,
     PositiveDuration,
     ServiceSettings,
     SettingsError,
@@ -30,8 +31,13 @@ class GatewaySettings(ServiceSettings):
     workers: CommaList[HostPort] = Field(
         (), description="comma-separated host:port of the inference workers"
     )
+    registry: OptionalHostPort = Field(
+        "",
+        description="host:port of the model registry: resolves name@alias and is offered "
+        "to callers at this address; empty serves only name and name:version",
+    )
     refresh_seconds: Annotated[Duration, duration_between(0.1, 3600)] = Field(
-        5.0, description="how often to re-read what each worker has loaded"
+        5.0, description="how often to re-read the worker list from discovery"
     )
     eject_seconds: Duration = Field(10.0, description="how long a failing worker gets no calls")
     upstream_timeout: PositiveDuration = Field(

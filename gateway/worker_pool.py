@@ -1,9 +1,11 @@
 """The workers the gateway routes to: one long-lived channel each, what each has loaded.
 
-A refresh asks every worker for its health and loaded models. Routing picks,
-among the workers that are serving, not ejected and have the model version
-loaded, the one with the fewest outstanding calls. A worker that fails with
-UNAVAILABLE is ejected for a while.
+Each worker pushes what it has loaded (WatchModels) and its health (Watch) on
+streams of its own, so routing always sees the current state without polling.
+Routing picks, among the workers that are serving, not ejected and have the
+model version loaded, the one with the fewest outstanding calls; an alias goes to
+the version `AliasRouting` says traffic is on. A worker that fails with
+UNAVAILABLE is ejected for a while. Discovery is re-read on a timer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import grpc
 import structlog
@@ -19,13 +22,14 @@ from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
 from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 
+from gateway.aliases import AliasRouting
 from gateway.discovery import Discovery
 from services.runtime.channels import open_channel
 from services.runtime.errors import NotFound, Unavailable
 
 log = structlog.get_logger("tensorgate.gateway.pool")
 
-_REFRESH_TIMEOUT_S = 2.0
+_RECONNECT_S = 1.0
 _WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
 _INFER = f"/{_WORKER_SERVICE}/Infer"
 _GENERATE = f"/{_WORKER_SERVICE}/Generate"
@@ -34,8 +38,15 @@ _GENERATE = f"/{_WORKER_SERVICE}/Generate"
 class WorkerEndpoint:
     """One worker: its channel and stub, what it serves, and how busy it is."""
 
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        *,
+        on_models_changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self.address = address
+        self._on_models_changed = on_models_changed
         self.channel = open_channel(address, credentials)
         self.stub = worker_pb2_grpc.InferenceWorkerStub(self.channel)
         # The data plane leaves responses as bytes: the gateway passes them on as
@@ -55,14 +66,18 @@ class WorkerEndpoint:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.models: dict[tuple[str, int], inference_pb2.ModelInfo] = {}
         self.serving = False
-        # Whether a refresh ever got this worker's models: until then, a model the
+        # Whether this worker's models ever arrived: until then, a model the
         # gateway does not know may well be on it (UNAVAILABLE, not NOT_FOUND).
         self.reached = False
+        self.models_known = asyncio.Event()
         self.outstanding = 0
         self.ejected_until = 0.0
         self._last_failure = ""
         self.health_known = asyncio.Event()  # set once the health stream said anything
-        self._watch = asyncio.create_task(self._watch_health(), name=f"health-watch-{address}")
+        self._watches = (
+            asyncio.create_task(self._watch_health(), name=f"health-watch-{address}"),
+            asyncio.create_task(self._watch_models(), name=f"models-watch-{address}"),
+        )
 
     async def _watch_health(self) -> None:
         # The one writer of `serving`: the worker's health stream, so a worker that
@@ -88,37 +103,48 @@ class WorkerEndpoint:
             log.warning("worker ejected", worker=self.address, seconds=seconds)
         self.ejected_until = now + seconds
 
-    async def refresh(self) -> None:
-        """Re-reads what the worker has loaded (its health comes from the watch)."""
-        try:
-            listing = await self.stub.ListModels(
-                inference_pb2.ListModelsRequest(), timeout=_REFRESH_TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError as exc:
-            # Logged when it starts or changes, not on every refresh: a worker that
-            # was never reachable (a refused TLS handshake, say) must show up too.
-            failure = f"{exc.code().name}: {exc.details()}"
-            if self.serving or failure != self._last_failure:
-                log.warning("worker unreachable", worker=self.address, error=failure[:300])
-            self._last_failure = failure
-            return
+    async def _watch_models(self) -> None:
+        # The one writer of `models` and `reached`: the worker's own WatchModels
+        # stream, which sends its list at once and again on every load or unload.
+        request = inference_pb2.ListModelsRequest()
+        while True:
+            try:
+                async for listing in self.stub.WatchModels(request):
+                    self._models_arrived({(m.name, m.version): m for m in listing.models})
+            except grpc.aio.AioRpcError as exc:
+                self._unreachable(f"{exc.code().name}: {exc.details()}")
+            self.models_known.set()
+            await asyncio.sleep(_RECONNECT_S)
+
+    def _models_arrived(self, models: dict[tuple[str, int], inference_pb2.ModelInfo]) -> None:
         if self._last_failure:
             log.info("worker reachable again", worker=self.address)
             self._last_failure = ""
+            self.ejected_until = 0.0  # it answers again: no need to wait out an ejection
         self.reached = True
-        self.models = {(m.name, m.version): m for m in listing.models}
-        if self.serving:
-            self.ejected_until = 0.0  # reachable and serving again
+        if models != self.models:
+            self.models = models
+            self._on_models_changed()
+        self.models_known.set()
+
+    def _unreachable(self, failure: str) -> None:
+        # Logged when it starts or changes, not on every retry: a worker that was never
+        # reachable (a refused TLS handshake, say) must show up too.
+        if failure != self._last_failure:
+            log.warning("worker unreachable", worker=self.address, error=failure[:300])
+        self._last_failure = failure
 
     async def close(self) -> None:
-        self._watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watch
+        for watch in self._watches:
+            watch.cancel()
+        for watch in self._watches:
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         await self.channel.close(None)
 
 
 class WorkerPool:
-    """All known workers, refreshed from discovery on a timer and on a miss."""
+    """All known workers, re-read from discovery on a timer."""
 
     def __init__(
         self,
@@ -127,22 +153,27 @@ class WorkerPool:
         refresh_seconds: float,
         eject_seconds: float,
         credentials: grpc.ChannelCredentials | None = None,
+        aliases: AliasRouting | None = None,
     ) -> None:
         self._discovery = discovery
+        self._aliases = aliases
         self._credentials = credentials
         self._refresh_seconds = refresh_seconds
         self.eject_seconds = eject_seconds
         self._workers: dict[str, WorkerEndpoint] = {}
         self._index: dict[str, dict[int, list[WorkerEndpoint]]] = {}
         self._refresh_lock = asyncio.Lock()
-        self._last_refresh = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.refresh()
-        # Health arrives on each worker's watch stream; wait briefly for the first
+        # Health and models arrive on each worker's streams; wait briefly for the first
         # word so the gateway does not refuse calls in its first milliseconds.
-        waits = [asyncio.wait_for(w.health_known.wait(), 2.0) for w in self._workers.values()]
+        waits = [
+            asyncio.wait_for(event.wait(), 2.0)
+            for w in self._workers.values()
+            for event in (w.health_known, w.models_known)
+        ]
         await asyncio.gather(*waits, return_exceptions=True)
         self._task = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
 
@@ -162,27 +193,25 @@ class WorkerPool:
             except Exception:  # a refresh must never end the loop
                 log.exception("worker refresh failed")
 
-    async def refresh(self, *, unless_newer_than: float | None = None) -> None:
-        """Re-reads discovery and every worker; skipped if a refresh finished after
-        `unless_newer_than` (so concurrent misses share one refresh)."""
+    async def refresh(self) -> None:
+        """Re-reads discovery: opens new workers, closes those that left."""
         async with self._refresh_lock:
-            if unless_newer_than is not None and self._last_refresh > unless_newer_than:
-                return
             addresses = await self._discovery.worker_addresses()
             for address in addresses:
                 if address not in self._workers:
-                    self._workers[address] = WorkerEndpoint(address, self._credentials)
+                    self._workers[address] = WorkerEndpoint(
+                        address, self._credentials, on_models_changed=self._index_models
+                    )
             gone = [self._workers.pop(a) for a in set(self._workers) - set(addresses)]
-            await asyncio.gather(*(w.refresh() for w in self._workers.values()))
             # Routing never sees a worker that is about to be closed.
             self._index_models()
             for worker in gone:
                 await worker.close()
-            self._last_refresh = time.monotonic()
 
     def _index_models(self) -> None:
-        # Who has which model version changes only here, so routing looks it up in
-        # this index instead of scanning every worker's models on every call. Every
+        # Who has which model version changes only here (a worker's models arrived,
+        # a worker left), so routing looks it up in this index instead of scanning
+        # every worker's models on every call. Every
         # worker's last known models count, reachable or not: a model whose workers
         # are all down is UNAVAILABLE, not unknown.
         index: dict[str, dict[int, list[WorkerEndpoint]]] = {}
@@ -204,17 +233,21 @@ class WorkerPool:
         self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None
     ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo]:
         """The least busy available worker with `ref` loaded, and the version it means."""
-        if ref.alias is not None:
-            raise NotFound(
-                f"model {ref}: alias {ref.alias!r} is unknown (aliases are resolved "
-                "by the model registry, which this gateway does not use yet)"
-            )
         versions = self._index.get(ref.name)
-        if not versions and time.monotonic() - self._last_refresh > 1.0:
-            # A model may have been loaded since the last refresh.
-            await self.refresh(unless_newer_than=time.monotonic() - 1.0)
-            versions = self._index.get(ref.name)
-        if not versions:
+        if ref.alias is not None:
+            if self._aliases is None:
+                raise NotFound(
+                    f"model {ref}: aliases need the model registry, which this gateway "
+                    "is not connected to (--registry)"
+                )
+            serving = {v: [w for w in ws if w.serving] for v, ws in (versions or {}).items()}
+            version = self._aliases.version(ref.name, ref.alias, serving)
+            if not versions or version not in versions:
+                raise Unavailable(
+                    f"model {ref} means version {version}, which no worker has loaded yet; "
+                    "retry shortly"
+                )
+        elif not versions:
             unreached = sum(not w.reached for w in self._workers.values())
             if unreached:
                 raise Unavailable(
@@ -225,12 +258,13 @@ class WorkerPool:
                 f"model {ref.name!r} is not served here "
                 f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})"
             )
-        version = ref.version if ref.version is not None else max(versions)
-        if version not in versions:
-            raise NotFound(
-                f"model {ref.name!r} has no version {version} loaded "
-                f"(loaded: {', '.join(map(str, sorted(versions)))})"
-            )
+        else:
+            version = ref.version if ref.version is not None else max(versions)
+            if version not in versions:
+                raise NotFound(
+                    f"model {ref.name!r} has no version {version} loaded "
+                    f"(loaded: {', '.join(map(str, sorted(versions)))})"
+                )
         now = time.monotonic()
         having = [w for w in versions[version] if w is not exclude and w.serving]
         # Ejection is a preference: with only ejected workers left, try them anyway.

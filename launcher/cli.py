@@ -1,47 +1,100 @@
-"""The `tensorgate` command: run the platform locally and call it.
+"""The `tensorgate` command: run the platform locally, call it, and manage its models.
 
 tensorgate up                      start worker + gateway; Ctrl-C stops all
 tensorgate generate "ROMEO:"       stream a generation to the terminal
 tensorgate infer digits --input image=@models/examples/digits.json
-tensorgate models                  list what the gateway serves
 tensorgate demo                    up, stream a prompt, one unary call, down
+tensorgate models ...              the model registry (list, upload, alias, deploy, ...)
+
+Exit codes: 0 done, 1 the call or the platform failed (one `error: ...` line on
+stderr), 2 the command line cannot be acted on, 130 interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import typer
 from tensorgate import AsyncGatewayClient
 from tensorgate.errors import TensorgateClientError
 from tensorgate.inference.v1 import inference_pb2
+from tensorgate.model_folder import ModelFolderError
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 from tensorgate.tensors import NUMPY_TYPES
 
 from launcher.local import LocalPlatform
+from launcher.options import DEFAULT_ADDRESS, Address, ApiKey, UsageError
+from launcher.registry_commands import models_app
 
-DEFAULT_GATEWAY = os.environ.get("TENSORGATE_GATEWAY", "127.0.0.1:50051")
 DEMO_PROMPT = "ROMEO:\n"
 EXAMPLES = Path(__file__).resolve().parent.parent / "models" / "examples"
 
+app = typer.Typer(
+    name="tensorgate",
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    # A failure is one `error:` line (main below), never a traceback.
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+app.add_typer(models_app, name="models")
 
-async def _up(args: argparse.Namespace) -> int:
-    platform = LocalPlatform(
-        gateway_port=args.port, data_dir=args.data_dir, metrics_port=args.metrics_port
-    )
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generate` and `demo` ask the model for."""
+
+    model: str
+    prompt: str
+    max_tokens: int
+    temperature: float | None
+    top_p: float | None
+    top_k: int
+    stop: Sequence[str]
+    seed: int | None
+
+
+Model = Annotated[str, typer.Option(help="the model reference: name, name:3 or name@alias")]
+MaxTokens = Annotated[int, typer.Option(help="at most this many tokens")]
+Temperature = Annotated[float | None, typer.Option(help="sampling temperature")]
+TopP = Annotated[float | None, typer.Option(help="nucleus sampling mass")]
+TopK = Annotated[int, typer.Option(help="sample among the k likeliest tokens; 0: all")]
+Stop = Annotated[list[str] | None, typer.Option(help="stop at this text (repeatable)")]
+Seed = Annotated[int | None, typer.Option(help="sampling seed, for repeatable output")]
+DataDir = Annotated[Path, typer.Option(help="where the services keep their state and logs")]
+
+
+@app.command()
+def up(
+    port: Annotated[int, typer.Option(help="gateway port")] = 50051,
+    data_dir: DataDir = Path(".data"),
+    metrics_port: Annotated[
+        int, typer.Option(help="gateway /metrics port; the worker's is the next one; -1: off")
+    ] = 9400,
+) -> None:
+    """Start every service in the foreground; Ctrl-C stops them all."""
+    code = asyncio.run(_up(port, data_dir, metrics_port))
+    if code:
+        raise typer.Exit(code)
+
+
+async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
+    platform = LocalPlatform(gateway_port=port, data_dir=data_dir, metrics_port=metrics_port)
     print("starting the worker (bundled Triton) and the gateway...", file=sys.stderr)
     models = await platform.start()
     metrics = (
-        f" Metrics: http://127.0.0.1:{args.metrics_port}/metrics (gateway), "
-        f"http://127.0.0.1:{args.metrics_port + 1}/metrics (worker)."
-        if args.metrics_port > 0
+        f" Metrics: http://127.0.0.1:{metrics_port}/metrics (gateway), "
+        f"http://127.0.0.1:{metrics_port + 1}/metrics (worker)."
+        if metrics_port > 0
         else ""
     )
     print(
@@ -68,19 +121,19 @@ async def _up(args: argparse.Namespace) -> int:
     return code
 
 
-async def _stream(client: AsyncGatewayClient, args: argparse.Namespace) -> None:
+async def _stream(client: AsyncGatewayClient, ask: Generation) -> None:
     started = time.perf_counter()
     first: float | None = None
     last = inference_pb2.GenerateChunk()
     async for chunk in client.generate(
-        args.model,
-        args.prompt,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        stop=args.stop,
-        seed=args.seed,
+        ask.model,
+        ask.prompt,
+        max_tokens=ask.max_tokens,
+        temperature=ask.temperature,
+        top_p=ask.top_p,
+        top_k=ask.top_k,
+        stop=ask.stop,
+        seed=ask.seed,
     ):
         if first is None:
             first = time.perf_counter()
@@ -98,14 +151,27 @@ async def _stream(client: AsyncGatewayClient, args: argparse.Namespace) -> None:
     )
 
 
-async def _generate(args: argparse.Namespace) -> int:
-    async with AsyncGatewayClient(args.gateway) as client:
-        await _stream(client, args)
-    return 0
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="the text to continue")],
+    address: Address = DEFAULT_ADDRESS,
+    api_key: ApiKey = None,
+    model: Model = "tinylm",
+    max_tokens: MaxTokens = 200,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = 0,
+    stop: Stop = None,
+    seed: Seed = None,
+) -> None:
+    """Stream a generation to stdout; timing and usage go to stderr."""
+    ask = Generation(model, prompt, max_tokens, temperature, top_p, top_k, stop or (), seed)
 
+    async def run() -> None:
+        async with AsyncGatewayClient(address, api_key=api_key) as client:
+            await _stream(client, ask)
 
-class UsageError(Exception):
-    """A command line the CLI cannot act on; the message says what to write instead."""
+    asyncio.run(run())
 
 
 def _parse_inputs(specs: Sequence[str]) -> dict[str, object]:
@@ -124,38 +190,64 @@ def _parse_inputs(specs: Sequence[str]) -> dict[str, object]:
     return inputs
 
 
-async def _infer(args: argparse.Namespace) -> int:
-    values = _parse_inputs(args.input)  # a bad command line is said before connecting
-    name_of_model = ModelRef.parse(args.model).name
-    async with AsyncGatewayClient(args.gateway) as client:
-        models = {m.name: m for m in await client.list_models()}
-        info = models.get(name_of_model)
-        arrays = {}
-        for name, value in values.items():
-            spec = next((s for s in info.inputs if s.name == name), None) if info else None
-            dtype = NUMPY_TYPES.get(spec.datatype) if spec else None
-            try:
-                arrays[name] = np.asarray(value, dtype=dtype)
-            except (TypeError, ValueError) as exc:
-                raise UsageError(
-                    f"--input {name}: not a {dtype or 'numeric'} array: {exc}"
-                ) from None
-        outputs = await client.infer(args.model, arrays)
-    print(json.dumps({name: value.tolist() for name, value in outputs.items()}))
-    return 0
+@app.command()
+def infer(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="name, name:3 or name@alias")],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--input",
+            metavar="NAME=JSON|@FILE",
+            help="an input as a JSON (nested) list, or @file.json (repeatable)",
+        ),
+    ] = None,
+    address: Address = DEFAULT_ADDRESS,
+    api_key: ApiKey = None,
+) -> None:
+    """One unary tensor call; prints the outputs as JSON."""
+    values = _parse_inputs(inputs or ())  # a bad command line is said before connecting
+    name_of_model = ModelRef.parse(model).name
+
+    async def run() -> dict[str, list[object]]:
+        async with AsyncGatewayClient(address, api_key=api_key) as client:
+            # The served inputs' dtypes, so that JSON numbers become the right arrays.
+            info = {m.name: m for m in await client.list_models()}.get(name_of_model)
+            arrays = {}
+            for name, value in values.items():
+                spec = next((s for s in info.inputs if s.name == name), None) if info else None
+                dtype = NUMPY_TYPES.get(spec.datatype) if spec else None
+                try:
+                    arrays[name] = np.asarray(value, dtype=dtype)
+                except (TypeError, ValueError) as exc:
+                    raise UsageError(
+                        f"--input {name}: not a {dtype or 'numeric'} array: {exc}"
+                    ) from None
+            outputs = await client.infer(model, arrays)
+        return {name: value.tolist() for name, value in outputs.items()}
+
+    print(json.dumps(asyncio.run(run())))
 
 
-async def _models(args: argparse.Namespace) -> int:
-    async with AsyncGatewayClient(args.gateway) as client:
-        for m in await client.list_models():
-            extra = f" context={m.context_length}" if m.context_length else ""
-            print(f"{m.name}:{m.version}\t{m.task}{extra}\t{m.description}")
-    return 0
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="the prompt to stream")] = DEMO_PROMPT,
+    data_dir: DataDir = Path(".data"),
+    model: Model = "tinylm",
+    max_tokens: MaxTokens = 200,
+    temperature: Temperature = 0.8,
+    top_p: TopP = None,
+    top_k: TopK = 0,
+    stop: Stop = None,
+    seed: Seed = 4,
+) -> None:
+    """Start the platform, stream a prompt, classify four digits, stop."""
+    ask = Generation(model, prompt, max_tokens, temperature, top_p, top_k, stop or (), seed)
+    asyncio.run(_demo(ask, data_dir))
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    log_file = args.data_dir / "logs" / "demo.log"
-    platform = LocalPlatform(gateway_port=0, data_dir=args.data_dir, log_file=log_file)
+async def _demo(ask: Generation, data_dir: Path) -> None:
+    log_file = data_dir / "logs" / "demo.log"
+    platform = LocalPlatform(gateway_port=0, data_dir=data_dir, log_file=log_file)
     print(
         f"starting tensorgate (worker + bundled CPU Triton + gateway; logs in {log_file})...",
         file=sys.stderr,
@@ -170,11 +262,11 @@ async def _demo(args: argparse.Namespace) -> int:
     try:
         async with AsyncGatewayClient(platform.gateway_address) as client:
             print(
-                f"$ tensorgate generate {args.prompt!r} --max-tokens {args.max_tokens}",
+                f"$ tensorgate generate {ask.prompt!r} --max-tokens {ask.max_tokens}",
                 file=sys.stderr,
             )
-            sys.stdout.write(args.prompt)
-            await _stream(client, args)
+            sys.stdout.write(ask.prompt)
+            await _stream(client, ask)
             rows = json.loads((EXAMPLES / "digits.json").read_text())
             outputs = await client.infer("digits", {"image": np.asarray(rows, dtype=np.float32)})
             print(
@@ -185,82 +277,36 @@ async def _demo(args: argparse.Namespace) -> int:
     finally:
         await platform.stop()
         print("platform stopped", file=sys.stderr)
-    return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tensorgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    up = commands.add_parser("up", help="start every service in the foreground")
-    up.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
-    up.add_argument("--data-dir", type=Path, default=Path(".data"))
-    up.add_argument(
-        "--metrics-port",
-        type=int,
-        default=9400,
-        help="gateway /metrics port; the worker's is the next one; -1 turns them off",
-    )
-
-    def generation_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="tinylm")
-        p.add_argument("--max-tokens", type=int, default=200)
-        p.add_argument("--temperature", type=float, default=None)
-        p.add_argument("--top-p", type=float, default=None)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--stop", action="append", default=[])
-        p.add_argument("--seed", type=int, default=None)
-
-    generate = commands.add_parser("generate", help="stream a generation")
-    generate.add_argument("prompt")
-    generate.add_argument("--gateway", default=DEFAULT_GATEWAY)
-    generation_flags(generate)
-
-    infer = commands.add_parser("infer", help="one unary tensor call")
-    infer.add_argument("model")
-    infer.add_argument(
-        "--input",
-        action="append",
-        default=[],
-        metavar="NAME=JSON|@FILE",
-        help="an input as a JSON (nested) list, or @file.json",
-    )
-    infer.add_argument("--gateway", default=DEFAULT_GATEWAY)
-
-    models = commands.add_parser("models", help="list the models the gateway serves")
-    models.add_argument("--gateway", default=DEFAULT_GATEWAY)
-
-    demo = commands.add_parser("demo", help="start, stream a prompt, call digits, stop")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--data-dir", type=Path, default=Path(".data"))
-    generation_flags(demo)
-    demo.set_defaults(seed=4, temperature=0.8, max_tokens=200)
-    return parser
-
-
-COMMANDS = {"up": _up, "generate": _generate, "infer": _infer, "models": _models, "demo": _demo}
+def _error(message: object, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # Typer's standalone mode answers bad usage (exit 2), --help and Ctrl-C (130) with
+    # SystemExit; what a command raises comes through here and becomes one `error:`
+    # line, never a traceback.
     try:
-        return asyncio.run(COMMANDS[args.command](args))
+        app(args=list(argv) if argv is not None else None, prog_name="tensorgate")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except TensorgateClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc, 1)
     except InvalidModelRef as exc:
-        print(f"error: model {exc}", file=sys.stderr)
-        return 2
+        return _error(f"model {exc}", 2)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
+    except ModelFolderError as exc:
+        return _error(exc, 1)
+    except OSError as exc:  # a file the command reads or writes
+        return _error(exc, 1)
     except (RuntimeError, TimeoutError) as exc:  # the local platform would not start
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        return _error(exc, 1)
+    except Exception as exc:  # a bug: still one line, named so that it can be reported
+        return _error(f"unexpected {type(exc).__name__}: {exc}", 1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The embedded default platform on one machine: a worker (with the bundled Triton) and
-a gateway, each in its own process, started and stopped together.
+"""The embedded default platform on one machine: the model registry (SQLite under the
+data directory), a worker (with the bundled Triton) and a gateway, each in its own
+process, started and stopped together. The demo models are registered through the
+registry (upload, alias `production`, deploy), and the worker loads what it says.
 
 Used by `tensorgate up`, `tensorgate demo` and the end-to-end tests. Each child
 runs in its own session so a terminal's Ctrl-C reaches only this process, which
-then stops the gateway first and the worker (and so Triton) after it.
+then stops the gateway first, the worker (and so Triton) after it, the registry last.
 
 The children's output comes through this process: each child writes into pipes of
 its own, and only whole lines reach this process's stdout and stderr (under `up`)
@@ -20,13 +22,15 @@ from typing import IO
 
 from tensorgate import AsyncGatewayClient
 from tensorgate.errors import TensorgateClientError
+from tensorgate.registry_client import AsyncRegistryClient
 
+from launcher.demo_models import DEMO_MODELS, register_demo_models
 from services.runtime.process import ChildProcess, LineSink, free_port
 from services.runtime.readiness import poll_until
 
 
 class LocalPlatform:
-    """Worker + gateway as child processes of this one."""
+    """Registry + worker + gateway as child processes of this one."""
 
     def __init__(
         self,
@@ -39,6 +43,7 @@ class LocalPlatform:
     ) -> None:
         self.gateway_port = gateway_port or free_port()
         self.worker_port = free_port()
+        self.registry_port = free_port()
         self.data_dir = data_dir
         self.log_file = log_file
         self.worker_args = worker_args
@@ -50,6 +55,10 @@ class LocalPlatform:
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def registry_address(self) -> str:
+        return f"127.0.0.1:{self.registry_port}"
 
     def _sinks(self) -> tuple[LineSink, LineSink]:
         """Where the children's stdout and stderr lines go."""
@@ -75,10 +84,27 @@ class LocalPlatform:
         self._children.append(child)
 
     async def start(self, timeout: float = 300.0) -> list[str]:
-        """Starts both services; returns the models the gateway serves once it serves any."""
-        worker_metrics = self.metrics_port + 1 if self.metrics_port > 0 else self.metrics_port
+        """Starts the services and registers the demo models; returns the models the
+        gateway serves once it serves all of them."""
+
+        def metrics(offset: int) -> int:
+            return self.metrics_port + offset if self.metrics_port > 0 else self.metrics_port
+
         try:
             sinks = self._sinks()
+            await self._spawn(
+                "registry",
+                sinks,
+                "services.registry",
+                "--port",
+                str(self.registry_port),
+                "--metrics-port",
+                str(metrics(2)),
+                "--data-dir",
+                str(self.data_dir / "registry"),
+            )
+            await self._wait_registry(timeout)
+            await register_demo_models(self.registry_address)
             await self._spawn(
                 "worker",
                 sinks,
@@ -86,9 +112,11 @@ class LocalPlatform:
                 "--port",
                 str(self.worker_port),
                 "--metrics-port",
-                str(worker_metrics),
+                str(metrics(1)),
                 "--data-dir",
                 str(self.data_dir / "worker"),
+                "--registry",
+                self.registry_address,
                 *self.worker_args,
             )
             await self._spawn(
@@ -101,11 +129,29 @@ class LocalPlatform:
                 str(self.metrics_port),
                 "--workers",
                 f"127.0.0.1:{self.worker_port}",
+                "--registry",
+                self.registry_address,
             )
             return await self._wait_ready(timeout)
         except BaseException:
             await self.stop()
             raise
+
+    async def _wait_registry(self, timeout: float) -> None:
+        async with AsyncRegistryClient(self.registry_address, timeout=2.0) as client:
+
+            async def answering() -> bool | None:
+                await client.list_deployments()
+                return True
+
+            await poll_until(
+                answering,
+                timeout=timeout,
+                interval=0.2,
+                what=f"the model registry at {self.registry_address}",
+                expected=(TensorgateClientError,),
+                give_up=self._exited_child,
+            )
 
     def _exited_child(self) -> str | None:
         for child in self._children:
@@ -119,7 +165,10 @@ class LocalPlatform:
 
             async def serving() -> list[str] | None:
                 models = await client.list_models(timeout=2.0)
-                return [f"{m.name}:{m.version}" for m in models] or None
+                # Every demo model, not just the first the worker loaded.
+                if not set(DEMO_MODELS) <= {m.name for m in models}:
+                    return None
+                return [f"{m.name}:{m.version}" for m in models]
 
             return await poll_until(
                 serving,
@@ -139,7 +188,8 @@ class LocalPlatform:
         return waits[next(iter(done))]
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Gateway first (stops taking calls), then the worker (which stops Triton).
+        """Gateway first (stops taking calls), then the worker (which stops Triton), then
+        the registry.
 
         Returns once every child is reaped and its last lines are written.
         """

@@ -1,9 +1,12 @@
 """Shared fixtures: one real bundled Triton per session, with a real worker and gateway
-on port 0 in front of it (in this process, on the session's event loop)."""
+on port 0 in front of it (in this process, on the session's event loop); and, for the
+tests that need it, the registry-driven stack (`registry_stack`) with a Triton of its own."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,9 @@ from tensorgate import AsyncGatewayClient
 
 from gateway.server import Gateway, start_gateway
 from gateway.settings import GatewaySettings
+from launcher.demo_models import register_demo_models
+from services.registry.server import Registry, start_registry
+from services.registry.settings import RegistrySettings
 from services.runtime.logging import configure_logging
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
@@ -64,3 +70,59 @@ async def gateway(worker: Worker) -> AsyncIterator[Gateway]:
 async def client(gateway: Gateway) -> AsyncIterator[AsyncGatewayClient]:
     async with AsyncGatewayClient(gateway.address) as connected:
         yield connected
+
+
+@dataclass
+class RegistryStack:
+    """The platform as `tensorgate up` runs it, in this process: registry, a worker with
+    its own bundled Triton serving what the registry deploys, a gateway in front."""
+
+    registry: Registry
+    worker: Worker
+    gateway: Gateway
+    data_dir: Path
+
+
+@pytest.fixture(scope="session")
+async def registry_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RegistryStack]:
+    data_dir = tmp_path_factory.mktemp("stack")
+    registry = await start_registry(
+        RegistrySettings(data_dir=data_dir / "registry", metrics_port=0, drain_seconds=0.0)
+    )
+    try:
+        await register_demo_models(registry.address)
+        worker = await start_worker(
+            WorkerSettings(
+                registry=registry.address,
+                data_dir=data_dir / "worker",
+                metrics_port=0,
+                drain_seconds=0.0,
+                grace_seconds=2.0,
+                retire_seconds=1.0,
+            )
+        )
+        try:
+            gateway = await start_gateway(
+                GatewaySettings(
+                    workers=(worker.address,),
+                    registry=registry.address,
+                    metrics_port=0,
+                    drain_seconds=0.0,
+                    grace_seconds=2.0,
+                )
+            )
+            try:
+                async with AsyncGatewayClient(gateway.address) as client:
+                    for _ in range(600):
+                        if {"tinylm", "digits"} <= {m.name for m in await client.list_models()}:
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        raise AssertionError("the worker did not load the deployed demo models")
+                yield RegistryStack(registry, worker, gateway, data_dir)
+            finally:
+                await gateway.stop()
+        finally:
+            await worker.stop()
+    finally:
+        await registry.stop()

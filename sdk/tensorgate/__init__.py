@@ -1,4 +1,5 @@
-"""tensorgate's Python SDK: gateway clients (asyncio and blocking), typed errors, tensors.
+"""tensorgate's Python SDK: gateway clients (asyncio and blocking), the model registry's
+client, typed errors, tensors.
 
     async with AsyncGatewayClient("127.0.0.1:50051", api_key=key) as client:
         async for chunk in client.generate("tinylm", "ROMEO:", max_tokens=64):
@@ -11,7 +12,9 @@ and on grpcio, protobuf and numpy. Stubs for other languages come from the same 
 from typing import TYPE_CHECKING, Any
 
 from tensorgate.errors import (
+    AlreadyExistsError,
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -30,6 +33,7 @@ from tensorgate.tensors import from_tensor, to_tensor
 if TYPE_CHECKING:
     from tensorgate.aio import AsyncGatewayClient
     from tensorgate.client import GatewayClient
+    from tensorgate.registry_client import AsyncRegistryClient
 
 
 def __getattr__(name: str) -> Any:
@@ -44,12 +48,19 @@ def __getattr__(name: str) -> Any:
         from tensorgate.client import GatewayClient
 
         return GatewayClient
+    if name == "AsyncRegistryClient":
+        from tensorgate.registry_client import AsyncRegistryClient
+
+        return AsyncRegistryClient
     raise AttributeError(f"module 'tensorgate' has no attribute {name!r}")
 
 
 __all__ = [
+    "AlreadyExistsError",
     "AsyncGatewayClient",
+    "AsyncRegistryClient",
     "CancelledError",
+    "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "GatewayClient",

@@ -4,6 +4,7 @@
     ├── UnauthenticatedError              no, unknown, revoked or expired key
     ├── PermissionDeniedError             the key may not use that model
     ├── NotFoundError                     unknown model, version or alias
+    ├── AlreadyExistsError                the name is taken (a model, ...)
     ├── InvalidArgumentError              .violations: (field, description) pairs
     ├── FailedPreconditionError           the system is not in a state to do it
     ├── ResourceExhaustedError            over quota or overloaded; .subject, .retry_after_s
@@ -11,6 +12,7 @@
     ├── DeadlineExceededError
     ├── CancelledError
     ├── UnimplementedError
+    ├── DataLossError                     stored or received bytes do not match their sha256
     └── InternalError                     a bug; quote the request id when reporting it
 
 The services send google.rpc rich details (BadRequest, QuotaFailure, RetryInfo) in the
@@ -60,6 +62,10 @@ class NotFoundError(TensorgateClientError):
     pass
 
 
+class AlreadyExistsError(TensorgateClientError):
+    pass
+
+
 class InvalidArgumentError(TensorgateClientError):
     """`violations` holds (field, description) for each bad field the service named."""
 
@@ -93,6 +99,10 @@ class UnimplementedError(TensorgateClientError):
     pass
 
 
+class DataLossError(TensorgateClientError):
+    pass
+
+
 class InternalError(TensorgateClientError):
     pass
 
@@ -101,6 +111,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorgateClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
@@ -108,6 +119,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TensorgateClientError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: CancelledError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
     grpc.StatusCode.INTERNAL: InternalError,
 }
 

@@ -2,12 +2,18 @@
 
 Built from Triton's own model configs, so the gateway and callers see exactly
 what Triton will enforce. Facts Triton has no field for (task, context length,
-tokenizer, description) come from the config's `parameters`.
+tokenizer, description) come from the config's `parameters`; so does the registry
+model and version a Triton model serves (`tensorgate_model`, `tensorgate_version`),
+since in registry mode each version is its own Triton model (`digits__v3`).
+
+The catalog changes while the worker runs (registry mode loads and retires
+versions); `watch` follows it, always giving the latest list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from tensorgate.inference.v1 import inference_pb2
@@ -15,10 +21,14 @@ from tensorgate.model_ref import ModelRef
 from tritonclient.grpc import model_config_pb2
 
 from services.runtime.errors import InvalidArgument, NotFound, shown
+from services.runtime.triton_config import tensor_specs
 
 # For a generate model whose config does not say (models/README.md has the contract).
 DEFAULT_MAX_STOP_SEQUENCES = 8
 DEFAULT_MAX_STOP_LENGTH = 64
+# Config parameters a registry-mode worker writes (model_loader.py).
+MODEL_PARAMETER = "tensorgate_model"
+VERSION_PARAMETER = "tensorgate_version"
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,9 @@ class LoadedModel:
     decoupled: bool
     tokenizer: str
     output_names: frozenset[str]
+    # The model and version as Triton knows them; `info` has them as callers do.
+    triton_name: str
+    triton_version: str
     # Limits on a generate model's `stop` input, from its config's parameters.
     max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
     max_stop_length: int = DEFAULT_MAX_STOP_LENGTH
@@ -41,36 +54,17 @@ class LoadedModel:
         return next((spec for spec in self.info.inputs if spec.name == name), None)
 
 
-def _datatype(data_type: int) -> str:
-    # TYPE_FP32 -> FP32, TYPE_STRING -> BYTES (the KServe v2 name).
-    name = model_config_pb2.DataType.Name(data_type).removeprefix("TYPE_")
-    return "BYTES" if name == "STRING" else name
-
-
-def _specs(
-    entries: Iterable[model_config_pb2.ModelInput] | Iterable[model_config_pb2.ModelOutput],
-) -> list[inference_pb2.TensorSpec]:
-    return [
-        inference_pb2.TensorSpec(
-            name=e.name,
-            datatype=_datatype(e.data_type),
-            shape=list(e.dims),
-            optional=getattr(e, "optional", False),
-        )
-        for e in entries
-    ]
-
-
 def loaded_model(version: int, config: model_config_pb2.ModelConfig) -> LoadedModel:
+    """A Triton model version from its config; named as the registry names it, if it says."""
     params = {key: value.string_value for key, value in config.parameters.items()}
     decoupled = config.model_transaction_policy.decoupled
     info = inference_pb2.ModelInfo(
-        name=config.name,
-        version=version,
+        name=params.get(MODEL_PARAMETER) or config.name,
+        version=int(params.get(VERSION_PARAMETER) or version),
         task=params.get("task", "generate" if decoupled else "infer"),
         description=params.get("description", ""),
-        inputs=_specs(config.input),
-        outputs=_specs(config.output),
+        inputs=tensor_specs(config.input),
+        outputs=tensor_specs(config.output),
         max_batch_size=config.max_batch_size,
         context_length=int(params.get("context_length", "0") or 0),
     )
@@ -79,6 +73,8 @@ def loaded_model(version: int, config: model_config_pb2.ModelConfig) -> LoadedMo
         decoupled=decoupled,
         tokenizer=params.get("tokenizer", ""),
         output_names=frozenset(o.name for o in config.output),
+        triton_name=config.name,
+        triton_version=str(version),
         max_stop_sequences=int(params.get("max_stop_sequences") or DEFAULT_MAX_STOP_SEQUENCES),
         max_stop_length=int(params.get("max_stop_length") or DEFAULT_MAX_STOP_LENGTH),
     )
@@ -90,13 +86,61 @@ class ModelCatalog:
     def __init__(self, models: Iterable[LoadedModel] = ()) -> None:
         self._by_name: dict[str, dict[int, LoadedModel]] = {}
         # Resolved refs, so a call pays one dict lookup rather than a parse. Only refs
-        # that name a loaded model get in, so callers cannot grow it without bound.
+        # that name a loaded model get in, so callers cannot grow it without bound;
+        # any change empties it ("name" may now mean another version).
         self._resolved: dict[str, LoadedModel] = {}
+        # Set (and replaced) on every change: a watcher waits on the one it saw last.
+        self._changed = asyncio.Event()
+        self._closed = False
         for model in models:
             self._by_name.setdefault(model.info.name, {})[model.info.version] = model
 
     def models(self) -> list[LoadedModel]:
-        return [m for versions in self._by_name.values() for _, m in sorted(versions.items())]
+        """Every loaded version, by name and then version."""
+        return [
+            model
+            for _, versions in sorted(self._by_name.items())
+            for _, model in sorted(versions.items())
+        ]
+
+    def add(self, model: LoadedModel) -> None:
+        """Makes `model` routable (replacing an entry with the same name and version)."""
+        self._by_name.setdefault(model.info.name, {})[model.info.version] = model
+        self._changed_now()
+
+    def remove(self, name: str, version: int) -> LoadedModel | None:
+        """Stops routing to `name:version`; the entry removed, or None if there was none."""
+        versions = self._by_name.get(name, {})
+        model = versions.pop(version, None)
+        if not versions:
+            self._by_name.pop(name, None)
+        if model is not None:
+            self._changed_now()
+        return model
+
+    def _changed_now(self) -> None:
+        self._resolved.clear()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def close(self) -> None:
+        """Ends every `watch` after its next list (the worker is shutting down)."""
+        self._closed = True
+        self._changed.set()
+
+    async def watch(self) -> AsyncIterator[list[LoadedModel]]:
+        """The current models at once, then again after each change.
+
+        A watcher that is slow to take a list is given only the latest one when it
+        comes back, however many changes it missed: what is loaded is a state, not
+        a queue of events.
+        """
+        while True:
+            changed = self._changed
+            yield self.models()
+            if self._closed:
+                return
+            await changed.wait()
 
     def resolve(self, ref: str) -> LoadedModel:
         """The loaded version `ref` names ("name" means the newest loaded version)."""

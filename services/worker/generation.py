@@ -95,7 +95,7 @@ def to_triton_stream_request(
     model: LoadedModel, request: inference_pb2.GenerateRequest
 ) -> service_pb2.ModelInferRequest:
     triton = service_pb2.ModelInferRequest(
-        model_name=model.info.name, model_version=str(model.info.version)
+        model_name=model.triton_name, model_version=model.triton_version
     )
     _scalar(triton, "prompt", "BYTES", encode_bytes([request.prompt.encode("utf-8")]))
     _scalar(triton, "max_tokens", "INT32", struct.pack("<i", request.max_tokens))

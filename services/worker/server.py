@@ -1,4 +1,10 @@
-"""Builds and runs the worker: Triton (bundled or remote), its models, and the gRPC server."""
+"""Builds and runs the worker: Triton (bundled or remote), its models, and the gRPC server.
+
+Static mode loads the configured models at start. Registry mode (--registry) starts
+with none and serves what the registry's deployments say (deployments.py); the
+worker reports SERVING once it has caught up with the registry and tried each
+wanted version once.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
 from services.runtime.server import GrpcService, ServiceBinding, build_server
+from services.runtime.tls import channel_credentials
 from services.worker.catalog import ModelCatalog, loaded_model
+from services.worker.deployments import DeploymentSync
 from services.worker.servicer import InferenceWorkerServicer
 from services.worker.settings import WorkerSettings
 from services.worker.triton_client import TritonConnection
@@ -31,6 +39,9 @@ class Worker:
     service: GrpcService
     triton: TritonConnection
     bundled: BundledTriton | None
+    catalog: ModelCatalog
+    # Registry mode only.
+    deployments: DeploymentSync | None = None
 
     @property
     def address(self) -> str:
@@ -47,12 +58,21 @@ class Worker:
         return f"the bundled Triton exited with code {code}; log tail:\n{self.bundled.log_tail()}"
 
     async def stop(self) -> None:
+        async def draining() -> None:
+            # Model watchers (gateways) end their streams now rather than holding
+            # the shutdown for the whole grace period.
+            self.catalog.close()
+
         try:
-            await self.service.stop()
+            await self.service.stop(on_draining=draining)
         finally:
-            await self.triton.close()
-            if self.bundled is not None:
-                await self.bundled.stop()
+            try:
+                if self.deployments is not None:
+                    await self.deployments.stop()
+            finally:
+                await self.triton.close()
+                if self.bundled is not None:
+                    await self.bundled.stop()
 
 
 async def load_catalog(triton: TritonConnection, models: Sequence[str]) -> ModelCatalog:
@@ -80,15 +100,24 @@ async def start_worker(settings: WorkerSettings) -> Worker:
     bundled: BundledTriton | None = None
     url = settings.triton_url
     if not url:
-        bundled = BundledTriton(
-            settings.model_repository, settings.data_dir, threads=settings.triton_threads
-        )
+        repository = settings.served_repository
+        if settings.registry:
+            repository.mkdir(parents=True, exist_ok=True)  # the worker's own
+        bundled = BundledTriton(repository, settings.data_dir, threads=settings.triton_threads)
         await bundled.start(settings.triton_start_timeout)
         url = bundled.grpc_url
     triton = TritonConnection(url)
+    deployments: DeploymentSync | None = None
     try:
         await triton.wait_ready(settings.triton_start_timeout)
-        catalog = await load_catalog(triton, settings.models)
+        if settings.registry:
+            catalog = ModelCatalog()
+            credentials = channel_credentials(
+                settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
+            )
+            deployments = DeploymentSync.open(settings, triton, catalog, credentials)
+        else:
+            catalog = await load_catalog(triton, settings.models)
         metrics = ServiceMetrics("worker")
         servicer = InferenceWorkerServicer(
             catalog, triton, stream_linger=settings.stream_linger_seconds
@@ -100,13 +129,25 @@ async def start_worker(settings: WorkerSettings) -> Worker:
             metrics=metrics,
         )
         await service.start()
+        if deployments is not None:
+            # Not SERVING until in sync with the registry: a gateway that routed here
+            # now would find none of the models it expects.
+            await service.set_serving(False)
+            deployments.start(on_synced=lambda: service.set_serving(True))
     except BaseException:
+        if deployments is not None:
+            await deployments.stop()
         await triton.close()
         if bundled is not None:
             await bundled.stop()
         raise
-    log.info("worker ready", models=[m.label for m in catalog.models()], triton=url)
-    return Worker(service=service, triton=triton, bundled=bundled)
+    if deployments is not None:
+        log.info("worker started; following the registry", registry=settings.registry, triton=url)
+    else:
+        log.info("worker ready", models=[m.label for m in catalog.models()], triton=url)
+    return Worker(
+        service=service, triton=triton, bundled=bundled, catalog=catalog, deployments=deployments
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""InferenceWorker: forwards Generate and Infer to this worker's Triton."""
+"""InferenceWorker: forwards Generate and Infer to this worker's Triton, and says what it has."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
                     f"(outputs: {', '.join(sorted(model.output_names))})",
                 )
         calls.note(resolved=model.label)
-        triton_request = to_triton_request(model.info.name, model.info.version, request)
+        triton_request = to_triton_request(model.triton_name, model.triton_version, request)
         response = await self._triton.infer(triton_request, calls.remaining())
         return from_triton_response(model.label, response)
 
@@ -90,3 +90,11 @@ class InferenceWorkerServicer(worker_pb2_grpc.InferenceWorkerServicer):
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(models=[m.info for m in self._catalog.models()])
+
+    async def WatchModels(
+        self, request: inference_pb2.ListModelsRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.ListModelsResponse]:
+        # Until the caller goes away (or the worker shuts down); each message is the
+        # whole list, the latest one only, however many changes happened meanwhile.
+        async for models in self._catalog.watch():
+            yield inference_pb2.ListModelsResponse(models=[m.info for m in models])

@@ -1,11 +1,18 @@
-"""The worker's settings (flags, or TENSORGATE_WORKER_* variables)."""
+"""The worker's settings (flags, or TENSORGATE_WORKER_* variables).
+
+Two modes. Static (no --registry): load the `models` named here from
+`model_repository`. Registry: serve what the registry's deployments say; the
+worker then writes the Triton model repository itself, so it is a directory the
+worker owns (`<data_dir>/model-repository` for the bundled Triton, or, for a
+remote Triton, the directory shared with it, named by --model-repository).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import (
@@ -41,15 +48,23 @@ class WorkerSettings(ServiceSettings):
         description="host:port of a running Triton's gRPC endpoint; empty launches the "
         "bundled CPU Triton",
     )
+    registry: OptionalHostPort = Field(
+        "",
+        description="host:port of the model registry: serve what its deployments say; empty "
+        "loads --models from --model-repository instead",
+    )
     model_repository: Path = Field(
         REPO_ROOT / "models" / "repository",
-        description="Triton model repository (explicit model control)",
+        description="Triton model repository (explicit model control); with --registry and "
+        "a remote Triton, the directory shared with that Triton, which the worker writes",
     )
     models: CommaList[Annotated[str, AfterValidator(_model_name)]] = Field(
         ("tinylm", "digits"), description="comma-separated models to load at start"
     )
     data_dir: Path = Field(
-        Path(".data/worker"), description="where the bundled Triton keeps its backends and log"
+        Path(".data/worker"),
+        description="where the bundled Triton keeps its backends and log, and, with "
+        "--registry, the artifact cache and the bundled Triton's model repository",
     )
     triton_start_timeout: PositiveDuration = Field(
         120.0, description="how long to wait for the bundled Triton to be ready"
@@ -62,11 +77,52 @@ class WorkerSettings(ServiceSettings):
         description="a streamed token waits at most this long for the next ones to share "
         "its message, only while the model makes tokens faster than that; 0 sends each alone",
     )
+    retire_seconds: Duration = Field(
+        5.0,
+        description="with --registry, how long a replaced version stays loaded and routable "
+        "after its replacement is ready, so gateways switch over first",
+    )
 
     @field_validator("model_repository")
     @classmethod
     def _repository_exists(cls, path: Path, info: ValidationInfo) -> Path:
-        # Only the bundled Triton reads it; a remote Triton has its own.
-        if info.data.get("triton_url") == "" and not path.is_dir():
+        registry, remote = bool(info.data.get("registry")), bool(info.data.get("triton_url"))
+        # Static mode: only the bundled Triton reads it (a remote Triton has its own).
+        # Registry mode with a remote Triton: it is the directory shared with that
+        # Triton, so it must exist already (a mounted volume, not one made up here).
+        read_here = (not registry and not remote) or (registry and remote)
+        if read_here and not path.is_dir():
             raise SettingsError(f"{path} is not a directory")
         return path
+
+    @model_validator(mode="after")
+    def _registry_mode_owns_the_repository(self) -> WorkerSettings:
+        if not self.registry:
+            return self
+        if "models" in self.model_fields_set:
+            raise SettingsError(
+                "--models and --registry: set one; with a registry its deployments say what to load"
+            )
+        if self.triton_url and "model_repository" not in self.model_fields_set:
+            raise SettingsError(
+                "--registry with --triton-url needs --model-repository: the directory that "
+                "Triton serves from, shared with this worker"
+            )
+        if not self.triton_url and "model_repository" in self.model_fields_set:
+            raise SettingsError(
+                "--model-repository and --registry: with the bundled Triton the worker keeps "
+                "its repository under --data-dir (model-repository); leave it unset"
+            )
+        return self
+
+    @property
+    def served_repository(self) -> Path:
+        """The repository Triton serves: the worker's own one in registry mode."""
+        if self.registry and not self.triton_url:
+            return self.data_dir / "model-repository"
+        return self.model_repository
+
+    @property
+    def artifact_cache(self) -> Path:
+        """Where verified artifacts downloaded from the registry are kept."""
+        return self.data_dir / "artifacts"

@@ -82,10 +82,10 @@ def _dims(shape: Sequence[int]) -> str:
 
 
 def to_triton_request(
-    model: str, version: int, request: inference_pb2.InferRequest
+    model: str, version: str, request: inference_pb2.InferRequest
 ) -> service_pb2.ModelInferRequest:
     """The same tensors as a KServe v2 request; raw contents are referenced, not decoded."""
-    triton = service_pb2.ModelInferRequest(model_name=model, model_version=str(version))
+    triton = service_pb2.ModelInferRequest(model_name=model, model_version=version)
     # Field by field: cheaper than keyword construction on the per-call path.
     inputs, contents = triton.inputs, triton.raw_input_contents
     for tensor in request.inputs:

@@ -56,6 +56,14 @@ class TritonConnection:
             raise RuntimeError(f"Triton could not load {name}: {exc}") from exc
         log.info("model loaded", model=name, seconds=round(time.perf_counter() - started, 2))
 
+    async def unload_model(self, name: str) -> None:
+        """Unloads `name`; Triton lets the requests it has in flight finish first."""
+        try:
+            await self._control.unload_model(name)
+        except InferenceServerException as exc:
+            raise RuntimeError(f"Triton could not unload {name}: {exc}") from exc
+        log.info("model unloaded", model=name)
+
     async def ready_versions(self) -> dict[str, list[int]]:
         """Model name -> versions in state READY, from Triton's repository index."""
         index = await self._control.get_model_repository_index()

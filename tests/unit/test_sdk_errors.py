@@ -11,7 +11,9 @@ import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from tensorgate.errors import (
+    AlreadyExistsError,
     CancelledError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -71,6 +73,8 @@ def rich_trailers(code: grpc.StatusCode, *details: Message, request_id: str = "r
         (grpc.StatusCode.CANCELLED, CancelledError),
         (grpc.StatusCode.UNIMPLEMENTED, UnimplementedError),
         (grpc.StatusCode.INTERNAL, InternalError),
+        (grpc.StatusCode.ALREADY_EXISTS, AlreadyExistsError),
+        (grpc.StatusCode.DATA_LOSS, DataLossError),
     ],
 )
 def test_each_status_has_its_own_error(
@@ -88,8 +92,6 @@ def test_each_status_has_its_own_error(
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.DATA_LOSS,
     ],
 )
 def test_other_statuses_become_the_base_error(code: grpc.StatusCode) -> None:

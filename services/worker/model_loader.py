@@ -1,0 +1,259 @@
+"""Makes what this worker's Triton serves match what the registry wants.
+
+For each wanted version not loaded yet, one at a time: the artifact is fetched
+into the cache and verified (sha256 and size) before anything is written into
+the model repository, its folder is written (model_repository.py), Triton loads
+it (explicit model control) and the catalog starts routing to it.
+
+A version no longer wanted is let go only once every wanted version of its model
+is loaded, and then only after `retire_seconds`, so gateways move to the new one
+first: it leaves the catalog (no new calls), Triton unloads it (calls in flight
+finish) and its folder goes.
+
+Failures never stop the worker. An artifact that is not what the registry
+recorded is logged and not tried again while that version stays wanted; any
+other failure (registry or Triton trouble) is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+from tensorgate.registry.v1 import registry_pb2
+from tritonclient.grpc import model_config_pb2
+
+from services.worker.artifact_cache import ArtifactCache, ArtifactRejected
+from services.worker.catalog import ModelCatalog, loaded_model
+from services.worker.desired_state import VersionKey, WantedVersion
+from services.worker.model_repository import TRITON_VERSION, ModelRepository, triton_name
+
+log = structlog.get_logger("tensorgate.worker.loader")
+
+Wanted = Mapping[VersionKey, WantedVersion]
+Download = Callable[[str, int], AsyncIterable[registry_pb2.DownloadVersionResponse]]
+
+_FIRST_RETRY_S = 1.0
+
+
+class TritonControl(Protocol):
+    """What the loader asks of Triton (TritonConnection, or a stand-in in tests)."""
+
+    async def load_model(self, name: str) -> None: ...
+    async def unload_model(self, name: str) -> None: ...
+    async def ready_versions(self) -> dict[str, list[int]]: ...
+    async def model_config(self, name: str, version: int) -> model_config_pb2.ModelConfig: ...
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    triton_name: str
+    instances: int
+
+
+@dataclass(frozen=True)
+class _Failure:
+    attempts: int
+    # When to try again (event-loop time); None: not while this version stays wanted.
+    retry_at: float | None
+
+
+class ModelLoader:
+    """Loads and retires registry versions in one Triton, keeping the catalog in step."""
+
+    def __init__(
+        self,
+        *,
+        triton: TritonControl,
+        catalog: ModelCatalog,
+        repository: ModelRepository,
+        cache: ArtifactCache,
+        download: Download,
+        retire_seconds: float,
+        max_retry_seconds: float = 60.0,
+    ) -> None:
+        self._triton = triton
+        self._catalog = catalog
+        self._repository = repository
+        self._cache = cache
+        self._download = download
+        self._retire_seconds = retire_seconds
+        self._max_retry = max_retry_seconds
+        self._loaded: dict[VersionKey, _Loaded] = {}
+        self._failed: dict[VersionKey, _Failure] = {}
+        self._retiring: dict[VersionKey, asyncio.Task[None]] = {}
+        # One change to Triton at a time: loads, unloads and retirements.
+        self._lock = asyncio.Lock()
+
+    def loaded(self) -> set[VersionKey]:
+        return set(self._loaded)
+
+    async def adopt(self, wanted: Wanted) -> None:
+        """At start: keeps what Triton already serves and is wanted, lets go of the rest.
+
+        A remote Triton may still serve versions from before a worker restart;
+        loading them again would reload them in place. Anything else Triton has
+        ready is unloaded, and folders this worker wrote that are not kept go.
+        """
+        by_name = {triton_name(*key): want for key, want in wanted.items()}
+        async with self._lock:
+            for name, versions in (await self._triton.ready_versions()).items():
+                want = by_name.get(name)
+                if want is not None and TRITON_VERSION in versions and self._repository.has(name):
+                    config = await self._triton.model_config(name, TRITON_VERSION)
+                    if _instances(config) == want.instances:
+                        self._loaded[want.key] = _Loaded(name, want.instances)
+                        self._catalog.add(loaded_model(TRITON_VERSION, config))
+                        log.info("version already loaded; serving it", version=want.label)
+                        continue
+                log.info("unloading what is not wanted", triton_model=name)
+                await self._triton.unload_model(name)
+            kept = {loaded.triton_name for loaded in self._loaded.values()}
+            removed = await asyncio.to_thread(self._repository.sweep, kept)
+            if removed:
+                log.info("removed model folders not wanted", triton_models=removed)
+            self._discard_artifacts(wanted)
+
+    async def reconcile(self, wanted_now: Callable[[], Wanted]) -> float | None:
+        """One pass: loads what is missing, schedules retirements.
+
+        `wanted_now` is asked again before each load, since a load takes seconds
+        and the registry may have moved on. Returns the seconds until a failed
+        load is due again, or None when none is.
+        """
+        self._forget(wanted_now())
+        for key in sorted(wanted_now()):
+            want = wanted_now().get(key)
+            if want is not None and self._due(want):
+                async with self._lock:
+                    await self._load(want)
+        self._schedule_retirements(wanted_now)
+        return self._next_retry()
+
+    async def close(self) -> None:
+        tasks = list(self._retiring.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget(self, wanted: Wanted) -> None:
+        # A version that is no longer wanted gets a fresh start if it is wanted again.
+        for key in [key for key in self._failed if key not in wanted]:
+            del self._failed[key]
+        for key in [key for key in self._retiring if key in wanted]:
+            self._retiring.pop(key).cancel()
+            log.info("retirement called off; the version is wanted again", version=_label(key))
+
+    def _due(self, want: WantedVersion) -> bool:
+        loaded = self._loaded.get(want.key)
+        if loaded is not None and loaded.instances == want.instances:
+            return False
+        failure = self._failed.get(want.key)
+        if failure is None:
+            return True
+        return failure.retry_at is not None and failure.retry_at <= _now()
+
+    async def _load(self, want: WantedVersion) -> None:
+        version, label = want.version, want.label
+        if want.key in self._loaded:
+            # Triton cannot change a loaded model's instances without reloading it in
+            # place, which the Python backend does not survive reliably: unload first.
+            log.warning(
+                "reloading to change its instances", version=label, instances=want.instances
+            )
+            await self._unload(want.key)
+        try:
+            artifact = await self._cache.cached(version)
+            if artifact is None:
+                artifact = await self._cache.store(
+                    version, self._download(version.model, version.version)
+                )
+            name = await asyncio.to_thread(
+                self._repository.write, version, artifact, instances=want.instances
+            )
+            await self._triton.load_model(name)
+            config = await self._triton.model_config(name, TRITON_VERSION)
+        except ArtifactRejected as exc:
+            self._failed[want.key] = _Failure(attempts=1, retry_at=None)
+            log.error(
+                "artifact rejected; this version is not loaded", version=label, reason=str(exc)
+            )
+            return
+        except Exception as exc:
+            attempts = self._failed[want.key].attempts + 1 if want.key in self._failed else 1
+            delay = min(self._max_retry, _FIRST_RETRY_S * 2 ** (attempts - 1))
+            self._failed[want.key] = _Failure(attempts=attempts, retry_at=_now() + delay)
+            log.error(
+                "could not load version; will retry",
+                version=label,
+                reason=f"{type(exc).__name__}: {exc}",
+                attempts=attempts,
+                retry_in_s=delay,
+            )
+            return
+        self._failed.pop(want.key, None)
+        self._loaded[want.key] = _Loaded(name, want.instances)
+        self._catalog.add(loaded_model(TRITON_VERSION, config))
+        log.info("version serving", version=label, triton_model=name, instances=want.instances)
+
+    def _schedule_retirements(self, wanted_now: Callable[[], Wanted]) -> None:
+        wanted = wanted_now()
+        for key in self._loaded:
+            if key in wanted or key in self._retiring:
+                continue
+            replacements = [other for other in wanted if other[0] == key[0]]
+            if all(other in self._loaded for other in replacements):
+                log.info(
+                    "retiring version",
+                    version=_label(key),
+                    replaced_by=[_label(other) for other in sorted(replacements)],
+                    in_s=self._retire_seconds,
+                )
+                self._retiring[key] = asyncio.create_task(self._retire(key, wanted_now))
+
+    async def _retire(self, key: VersionKey, wanted_now: Callable[[], Wanted]) -> None:
+        try:
+            await asyncio.sleep(self._retire_seconds)
+        finally:
+            # Past the wait, a retirement is no longer called off by cancelling it (an
+            # unload half done would be worse); the check under the lock covers that.
+            if self._retiring.get(key) is asyncio.current_task():
+                del self._retiring[key]
+        async with self._lock:
+            if key in wanted_now() or key not in self._loaded:
+                return
+            await self._unload(key)
+            self._discard_artifacts(wanted_now())
+
+    async def _unload(self, key: VersionKey) -> None:
+        loaded = self._loaded.pop(key)
+        # Out of the catalog first, so no new call is routed to what goes next.
+        self._catalog.remove(*key)
+        try:
+            await self._triton.unload_model(loaded.triton_name)
+        except RuntimeError as exc:
+            log.error("could not unload version", version=_label(key), reason=str(exc))
+        await asyncio.to_thread(self._repository.remove, loaded.triton_name)
+        log.info("version retired", version=_label(key), triton_model=loaded.triton_name)
+
+    def _discard_artifacts(self, wanted: Wanted) -> None:
+        self._cache.discard({want.version.artifact.sha256 for want in wanted.values()})
+
+    def _next_retry(self) -> float | None:
+        due = [f.retry_at for f in self._failed.values() if f.retry_at is not None]
+        return max(0.0, min(due) - _now()) if due else None
+
+
+def _instances(config: model_config_pb2.ModelConfig) -> int:
+    return sum(group.count for group in config.instance_group)
+
+
+def _label(key: VersionKey) -> str:
+    return f"{key[0]}:{key[1]}"
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()

@@ -1,0 +1,69 @@
+"""Which version an alias's calls go to during a rollout: pure logic, no servers."""
+
+from __future__ import annotations
+
+import pytest
+from tensorgate.registry.v1 import registry_pb2
+
+from gateway.aliases import AliasFeed, AliasRouting, pick_version
+from services.runtime.errors import NotFound, Unavailable
+
+
+def test_first_call_goes_to_the_target() -> None:
+    assert pick_version(3, None, {3: ["a"]}) == 3
+
+
+def test_traffic_stays_until_the_target_is_everywhere_the_current_version_is() -> None:
+    # a has the new version, b not yet: both still serve v3, so v3 keeps the traffic.
+    assert pick_version(4, 3, {3: ["a", "b"], 4: ["a"]}) == 3
+    assert pick_version(4, 3, {3: ["a", "b"], 4: ["a", "b"]}) == 4
+    # a already let go of v3 after loading v4; b still only has v3.
+    assert pick_version(4, 3, {3: ["b"], 4: ["a"]}) == 3
+
+
+def test_a_current_version_served_nowhere_gives_way_to_the_target() -> None:
+    assert pick_version(4, 3, {4: ["a"]}) == 4
+    # Neither is loaded: the target is named, and routing says it is not loaded yet.
+    assert pick_version(4, 3, {}) == 4
+
+
+def test_rollback_is_the_same_move_backwards() -> None:
+    assert pick_version(3, 4, {3: ["a"], 4: ["a", "b"]}) == 4
+    assert pick_version(3, 4, {3: ["a", "b"], 4: ["a", "b"]}) == 3
+
+
+def _moved(revision: int, model: str, alias: str, version: int) -> registry_pb2.RegistryEvent:
+    return registry_pb2.RegistryEvent(
+        revision=revision,
+        alias_moved=registry_pb2.Alias(model=model, name=alias, version=version),
+    )
+
+
+async def test_routing_remembers_where_traffic_is() -> None:
+    feed = AliasFeed("127.0.0.1:1")  # never started: events are applied by hand
+    try:
+        with pytest.raises(Unavailable, match="not been reached"):
+            feed.target("digits", "production")
+        feed.synced.set()
+        with pytest.raises(NotFound, match="no alias 'production'"):
+            feed.target("digits", "production")
+        routing = AliasRouting(feed)
+        feed.apply(_moved(1, "digits", "production", 1))
+        assert routing.version("digits", "production", {1: ["a"]}) == 1
+        feed.apply(_moved(2, "digits", "production", 2))
+        # v2 is not loaded anywhere yet: traffic stays on v1.
+        assert routing.version("digits", "production", {1: ["a"]}) == 1
+        assert routing.version("digits", "production", {1: ["a"], 2: ["a"]}) == 2
+        # Once moved, it does not go back when v1 disappears or reappears.
+        assert routing.version("digits", "production", {1: ["a"], 2: ["a"]}) == 2
+        assert feed.revision == 2
+        feed.apply(
+            registry_pb2.RegistryEvent(
+                revision=3,
+                alias_deleted=registry_pb2.AliasDeleted(model="digits", alias="production"),
+            )
+        )
+        with pytest.raises(NotFound):
+            routing.version("digits", "production", {2: ["a"]})
+    finally:
+        await feed.close()
