@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
+import asyncpg  # asyncpg ships no type hints
 import pytest
 from sqlalchemy import make_url
 
