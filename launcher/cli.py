@@ -232,7 +232,7 @@ def infer(
 def demo(
     prompt: Annotated[str, typer.Option(help="the prompt to stream")] = DEMO_PROMPT,
     data_dir: DataDir = Path(".data"),
-    model: Model = "tinylm",
+    model: Model = "tinylm@production",
     max_tokens: MaxTokens = 200,
     temperature: Temperature = 0.8,
     top_p: TopP = None,
@@ -249,7 +249,8 @@ async def _demo(ask: Generation, data_dir: Path) -> None:
     log_file = data_dir / "logs" / "demo.log"
     platform = LocalPlatform(gateway_port=0, data_dir=data_dir, log_file=log_file)
     print(
-        f"starting tensorgate (worker + bundled CPU Triton + gateway; logs in {log_file})...",
+        "starting tensorgate (model registry + worker with the bundled CPU Triton + gateway; "
+        f"logs in {log_file}); the demo models are registered through the registry...",
         file=sys.stderr,
     )
     started = time.perf_counter()
@@ -262,15 +263,17 @@ async def _demo(ask: Generation, data_dir: Path) -> None:
     try:
         async with AsyncGatewayClient(platform.gateway_address) as client:
             print(
-                f"$ tensorgate generate {ask.prompt!r} --max-tokens {ask.max_tokens}",
+                f"$ tensorgate generate {ask.prompt!r} --model {ask.model} "
+                f"--max-tokens {ask.max_tokens}",
                 file=sys.stderr,
             )
             sys.stdout.write(ask.prompt)
             await _stream(client, ask)
             rows = json.loads((EXAMPLES / "digits.json").read_text())
-            outputs = await client.infer("digits", {"image": np.asarray(rows, dtype=np.float32)})
+            image = np.asarray(rows, dtype=np.float32)
+            outputs = await client.infer("digits@production", {"image": image})
             print(
-                f"\n$ tensorgate infer digits  (four handwritten digits, 0 to 3)\n"
+                f"\n$ tensorgate infer digits@production  (four handwritten digits, 0 to 3)\n"
                 f"labels: {outputs['label'].ravel().tolist()}",
                 file=sys.stderr,
             )
