@@ -132,8 +132,12 @@ class GrpcService:
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
-    async def start(self) -> None:
-        """Starts serving; on failure (a taken metrics port, ...) nothing is left listening."""
+    async def start(self, *, serving: bool = True) -> None:
+        """Starts serving; on failure (a taken metrics port, ...) nothing is left listening.
+
+        `serving=False` starts with health NOT_SERVING, for a service that must catch up
+        with something first (a worker with its registry) and says SERVING itself.
+        """
         try:
             if self.settings.metrics_port >= 0:
                 self.metrics_endpoint = MetricsEndpoint(
@@ -145,7 +149,7 @@ class GrpcService:
                 self.metrics_endpoint.close()
             await self.server.stop(None)
             raise
-        await self.set_serving(True)
+        await self.set_serving(serving)
         log.info(
             "serving",
             service=self.name,

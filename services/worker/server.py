@@ -128,11 +128,10 @@ async def start_worker(settings: WorkerSettings) -> Worker:
             name="worker",
             metrics=metrics,
         )
-        await service.start()
+        # Not SERVING until in sync with the registry: a gateway that routed here
+        # before would find none of the models it expects.
+        await service.start(serving=deployments is None)
         if deployments is not None:
-            # Not SERVING until in sync with the registry: a gateway that routed here
-            # now would find none of the models it expects.
-            await service.set_serving(False)
             deployments.start(on_synced=lambda: service.set_serving(True))
     except BaseException:
         if deployments is not None:

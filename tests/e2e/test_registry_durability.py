@@ -1,5 +1,6 @@
 """kill -9 of the registry during uploads and alias moves: after a restart, everything it
-acknowledged is there and consistent, and nothing half-written is visible."""
+acknowledged is there and consistent, and nothing half-written is visible. On SQLite (the
+embedded default) and on PostgreSQL (tests/databases.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ from services.runtime.process import free_port
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "models" / "repository" / "digits"
 
+pytest_plugins = ("tests.databases",)
 
-async def _start(data_dir: Path, port: int, log: Path) -> asyncio.subprocess.Process:
+
+async def _start(
+    data_dir: Path, database_url: str, port: int, log: Path
+) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -34,6 +39,8 @@ async def _start(data_dir: Path, port: int, log: Path) -> asyncio.subprocess.Pro
             "-1",
             "--data-dir",
             str(data_dir),
+            "--database-url",
+            database_url,
             "--log-format",
             "json",
             stdout=out,
@@ -62,11 +69,11 @@ def _tar_of(payload: bytes, tmp: Path, index: int) -> Path:
     return folder
 
 
-async def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
+async def test_acknowledged_writes_survive_kill_9(tmp_path: Path, database_url: str) -> None:
     data_dir, log = tmp_path / "registry", tmp_path / "registry.log"
     port = free_port()
     address = f"127.0.0.1:{port}"
-    process = await _start(data_dir, port, log)
+    process = await _start(data_dir, database_url, port, log)
     folders = [_tar_of(os.urandom(200_000 + i), tmp_path, i) for i in range(12)]
     acknowledged_versions: dict[int, str] = {}  # version -> sha256 the registry confirmed
     acknowledged_moves: list[int] = []  # versions `production` was confirmed to point at
@@ -108,7 +115,7 @@ async def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
             process.kill()
         await process.wait()
 
-    process = await _start(data_dir, port, log)
+    process = await _start(data_dir, database_url, port, log)
     try:
         async with AsyncRegistryClient(address, timeout=10.0) as client:
             versions = {v.version: v for v in await client.list_versions("digits")}
