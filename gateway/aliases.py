@@ -37,6 +37,9 @@ class AliasFeed:
         self._channel = open_channel(address, credentials)
         self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
         self._targets: dict[tuple[str, str], int] = {}
+        # Where each alias pointed before its last move: where traffic still is for a
+        # gateway that has not routed the alias itself yet (a new or restarted one).
+        self._previous: dict[tuple[str, str], int] = {}
         self.revision = 0
         # Set once the feed has caught up with the registry at least once: before
         # that an unknown alias may simply not have arrived yet.
@@ -65,14 +68,24 @@ class AliasFeed:
             )
         raise NotFound(f"model {shown(model)} has no alias {shown(alias)}")
 
+    def previous(self, model: str, alias: str) -> int | None:
+        """The version `model@alias` pointed at before its last move, if any."""
+        return self._previous.get((model, alias)) or None
+
     def apply(self, event: registry_pb2.RegistryEvent) -> None:
         change = event.WhichOneof("change")
         if change == "alias_moved":
-            moved = event.alias_moved
-            self._targets[(moved.model, moved.name)] = moved.version
+            self._set(event.alias_moved)
         elif change == "alias_deleted":
-            self._targets.pop((event.alias_deleted.model, event.alias_deleted.alias), None)
+            key = (event.alias_deleted.model, event.alias_deleted.alias)
+            self._targets.pop(key, None)
+            self._previous.pop(key, None)
         self.revision = event.revision
+
+    def _set(self, alias: registry_pb2.Alias) -> None:
+        key = (alias.model, alias.name)
+        self._targets[key] = alias.version
+        self._previous[key] = alias.previous_version
 
     async def _follow(self) -> None:
         backoff = _BACKOFF_FIRST_S
@@ -84,7 +97,9 @@ class AliasFeed:
                     listing = await self._stub.ListAliases(
                         registry_pb2.ListAliasesRequest(), timeout=10.0
                     )
-                    self._targets = {(a.model, a.name): a.version for a in listing.aliases}
+                    self._targets, self._previous = {}, {}
+                    for alias in listing.aliases:
+                        self._set(alias)
                     self.revision = listing.revision
                     self.synced.set()
                 async for event in self._stub.Watch(
@@ -133,7 +148,18 @@ class AliasRouting:
 
     def version(self, model: str, alias: str, serving: Mapping[int, Collection[object]]) -> int:
         key = (model, alias)
-        chosen = pick_version(self._feed.target(model, alias), self._current.get(key), serving)
+        # Where this gateway sent the alias's traffic last, or else where every gateway's
+        # was before the alias's last move (a gateway started mid-rollout, or one whose
+        # last version is gone, must not run ahead of the others onto an unloaded one).
+        current = next(
+            (
+                version
+                for version in (self._current.get(key), self._feed.previous(model, alias))
+                if version is not None and serving.get(version)
+            ),
+            None,
+        )
+        chosen = pick_version(self._feed.target(model, alias), current, serving)
         if self._current.get(key) != chosen:
             log.info("alias traffic moved", model=model, alias=alias, version=chosen)
             self._current[key] = chosen

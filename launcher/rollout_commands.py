@@ -107,13 +107,24 @@ def rollback(
     name: Name,
     alias_name: AliasName,
     reason: Reason = "",
+    expect: Annotated[
+        int | None,
+        typer.Option(
+            help="roll back only if the alias points at this version now, so two rollbacks "
+            "at once cannot undo each other"
+        ),
+    ] = None,
     address: Address = DEFAULT_ADDRESS,
     api_key: ApiKey = None,
 ) -> None:
     """Point an alias back where it pointed before its last move."""
 
     moved = with_registry(
-        address, api_key, lambda registry: registry.rollback_alias(name, alias_name, reason=reason)
+        address,
+        api_key,
+        lambda registry: registry.rollback_alias(
+            name, alias_name, reason=reason, expected_version=expect
+        ),
     )
     output.result(
         f"{moved.model}@{moved.name} -> {moved.version} (rolled back)",

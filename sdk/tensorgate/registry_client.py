@@ -304,9 +304,13 @@ class AsyncRegistryClient:
         return await self._unary(self._stub.SetAlias, request)
 
     async def rollback_alias(
-        self, model: str, alias: str, *, reason: str = ""
+        self, model: str, alias: str, *, reason: str = "", expected_version: int | None = None
     ) -> registry_pb2.Alias:
-        request = registry_pb2.RollbackAliasRequest(model=model, alias=alias, reason=reason)
+        """Points `alias` back where it pointed before its last move; with
+        `expected_version`, only if it points there now (else FailedPreconditionError)."""
+        request = registry_pb2.RollbackAliasRequest(
+            model=model, alias=alias, reason=reason, expected_version=expected_version
+        )
         return await self._unary(self._stub.RollbackAlias, request)
 
     async def delete_alias(self, model: str, alias: str, *, reason: str = "") -> None:

@@ -69,10 +69,21 @@ async def set_alias(
 
 
 async def rollback_alias(
-    change: Change, model: str, alias: str, *, reason: str, actor: str
+    change: Change,
+    model: str,
+    alias: str,
+    *,
+    expected_version: int | None = None,
+    reason: str,
+    actor: str,
 ) -> pb.Alias:
     connection = change.connection
     current = await require_alias(connection, model, alias)
+    if expected_version is not None and expected_version != current.version:
+        raise FailedPrecondition(
+            f"{_named(model, alias)} points at version {current.version}, not "
+            f"{expected_version}: someone moved it since (see its history)"
+        )
     query = (
         select(alias_moves)
         .where(alias_moves.c.model == model, alias_moves.c.alias == alias)
@@ -152,16 +163,33 @@ async def _move(
         await change.record("alias_deleted", pb.AliasDeleted(model=model, alias=alias))
         return pb.Alias(model=model, name=alias)
     message = alias_message(moved)
+    message.previous_version = from_version
     await change.record("alias_moved", message)
     return message
 
 
 async def list_aliases(connection: AsyncConnection, model: str | None) -> list[pb.Alias]:
-    query = select(aliases).order_by(aliases.c.model, aliases.c.name)
+    # Each alias with the version its last move came from (that move has its revision).
+    last_move = alias_moves.alias("last_move")
+    query = (
+        select(aliases, last_move.c.from_version.label("previous"))
+        .outerjoin(
+            last_move,
+            (last_move.c.model == aliases.c.model)
+            & (last_move.c.alias == aliases.c.name)
+            & (last_move.c.revision == aliases.c.revision),
+        )
+        .order_by(aliases.c.model, aliases.c.name)
+    )
     if model is not None:
         await require_model(connection, model)
         query = query.where(aliases.c.model == model)
-    return [alias_message(row) for row in await connection.execute(query)]
+    listed = []
+    for row in await connection.execute(query):
+        message = alias_message(row)
+        message.previous_version = row.previous or 0
+        listed.append(message)
+    return listed
 
 
 def _moves_of(model: str, alias: str) -> Select[Any]:

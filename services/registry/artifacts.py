@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import IO, Protocol, Self
 
 import structlog
+from tensorgate.model_folder import ModelFolderError, check_tar
 from tensorgate.registry.v1 import registry_pb2
 
 from services.runtime.errors import DataLoss, InvalidArgument, NotFound
@@ -82,6 +83,15 @@ class ArtifactStore(Protocol):
         """Removes unfinished uploads and blobs not in `referenced`; returns how many."""
         ...
 
+    async def check_archive(self, sha256: str) -> None:
+        """InvalidArgument unless the blob is a tar of relative regular files and folders
+        (what a worker unpacks into Triton's model repository)."""
+        ...
+
+    async def remove(self, sha256: str) -> None:
+        """Deletes a blob no version references (an upload refused after its bytes landed)."""
+        ...
+
 
 def check_sha256(sha256: str) -> str:
     """`sha256` as the store names blobs (64 lowercase hex), or InvalidArgument("sha256")."""
@@ -132,6 +142,17 @@ class LocalArtifactStore:
     async def verify(self, sha256: str) -> bool:
         path = self.blob_path(sha256)
         return await asyncio.to_thread(_blob_is_intact, path)
+
+    async def check_archive(self, sha256: str) -> None:
+        try:
+            await asyncio.to_thread(check_tar, self.blob_path(sha256))
+        except ModelFolderError as exc:
+            # The message names a path inside the store: the caller needs only what.
+            reason = str(exc).split(": ", 1)[-1]
+            raise InvalidArgument("chunk", f"the artifact is not a usable tar: {reason}") from None
+
+    async def remove(self, sha256: str) -> None:
+        await asyncio.to_thread(self.blob_path(sha256).unlink, missing_ok=True)
 
     async def collect_garbage(self, referenced: set[str]) -> int:
         """Call at start, before serving: an upload in progress counts as garbage here."""

@@ -32,6 +32,8 @@ from services.registry.schema import (
 from services.runtime.errors import InvalidArgument, NotFound, shown
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Far below gRPC's default 4 MiB receive limit, which plain clients (grpcurl) keep.
+MAX_EVENT_BYTES = 1 << 20
 _NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit, at most 128"
 
 
@@ -223,7 +225,14 @@ class Change:
             raise RuntimeError("a change is stamped first, then records one event")
         event = pb.RegistryEvent(revision=self.revision, time=timestamp(self.at_us))
         getattr(event, kind).CopyFrom(change)
-        row = {"revision": self.revision, "at_us": self.at_us, "payload": event.SerializeToString()}
+        payload = event.SerializeToString()
+        if len(payload) > MAX_EVENT_BYTES:
+            # Every watcher must be able to receive every event (gRPC's default limit is
+            # 4 MiB); one that could not be sent would stop the feed for all of them.
+            raise InvalidArgument(
+                kind, f"the change is {len(payload)} bytes; at most {MAX_EVENT_BYTES} are allowed"
+            )
+        row = {"revision": self.revision, "at_us": self.at_us, "payload": payload}
         await self.connection.execute(insert(events).values(row))
         self._recorded = True
 

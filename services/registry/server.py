@@ -64,6 +64,7 @@ async def start_registry(settings: RegistrySettings) -> Registry:
             artifacts,
             max_bytes=settings.max_artifact_bytes,
             chunk_bytes=settings.chunk_bytes,
+            max_uploads=settings.max_uploads,
         )
         service = build_server(
             settings,

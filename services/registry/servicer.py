@@ -15,11 +15,12 @@ import grpc
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from services.registry import requests as check
 from services.registry.artifacts import ArtifactStore
 from services.registry.store import RegistryStore
 from services.registry.uploads import artifact_chunks, receive_artifact
 from services.runtime import calls
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.triton_config import parse_config
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -46,12 +47,22 @@ def actor() -> str:
 
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     def __init__(
-        self, store: RegistryStore, artifacts: ArtifactStore, *, max_bytes: int, chunk_bytes: int
+        self,
+        store: RegistryStore,
+        artifacts: ArtifactStore,
+        *,
+        max_bytes: int,
+        chunk_bytes: int,
+        max_uploads: int,
     ) -> None:
         self._store = store
         self._artifacts = artifacts
         self._max_bytes = max_bytes
         self._chunk_bytes = chunk_bytes
+        self._max_uploads = max_uploads
+        # Uploads in flight, by the sha256 they declared: a refused upload removes its
+        # stored bytes only when no other upload of the same bytes is on its way.
+        self._uploading: dict[str, int] = {}
 
     # --- models ---------------------------------------------------------------------------
 
@@ -59,6 +70,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.CreateModelRequest, context: Context
     ) -> registry_pb2.Model:
         calls.note(model=request.model.name)
+        check.model(request.model)
         return await self._store.create_model(request.model, actor=actor())
 
     async def GetModel(
@@ -81,6 +93,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.UpdateModelRequest, context: Context
     ) -> registry_pb2.Model:
         calls.note(model=request.name)
+        check.name("name", request.name)
+        check.text("description", request.description, check.MAX_DESCRIPTION)
+        check.labels("labels", request.labels)
         return await self._store.update_model(
             request.name,
             description=request.description if request.HasField("description") else None,
@@ -98,27 +113,64 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             raise InvalidArgument("header", "the first message of an upload must be its header")
         header = first.header
         calls.note(model=header.model)
-        # Refused before a byte is stored: an unknown model, a config Triton would not load.
+        check.name("header.model", header.model)
+        check.text("header.description", header.description, check.MAX_DESCRIPTION)
+        check.lineage(header.lineage)
+        # Refused before a byte is stored: an unknown model or parent, a config Triton
+        # would not load, a registry already taking as many uploads as it may.
         await self._store.get_model(header.model)
+        if header.lineage.parent_version:
+            await self._store.get_version(header.model, header.lineage.parent_version)
         config = parse_config(header.config_pbtxt)
-        artifact = await receive_artifact(
-            header, request_iterator, self._artifacts, max_bytes=self._max_bytes
-        )
-        version = await self._store.create_version(
-            header.model,
-            artifact=artifact,
-            config=config,
-            lineage=header.lineage,
-            facts={"artifact_bytes": float(artifact.size_bytes)},
-            description=header.description,
-            actor=actor(),
-        )
+        if sum(self._uploading.values()) >= self._max_uploads:
+            raise ResourceExhausted(
+                f"the registry is taking {self._max_uploads} uploads already; retry shortly",
+                subject="registry:concurrent_uploads",
+                retry_after_s=1.0,
+            )
+        sha256 = header.sha256.lower()
+        self._uploading[sha256] = self._uploading.get(sha256, 0) + 1
+        try:
+            return await self._register(header, config, request_iterator)
+        finally:
+            self._uploading[sha256] -= 1
+            if not self._uploading[sha256]:
+                del self._uploading[sha256]
+
+    async def _register(
+        self,
+        header: registry_pb2.UploadVersionRequest.Header,
+        config: registry_pb2.TritonConfig,
+        parts: AsyncIterator[registry_pb2.UploadVersionRequest],
+    ) -> registry_pb2.ModelVersion:
+        artifact = await receive_artifact(header, parts, self._artifacts, max_bytes=self._max_bytes)
+        try:
+            if artifact.format == "triton-python":
+                await self._artifacts.check_archive(artifact.sha256)
+            version = await self._store.create_version(
+                header.model,
+                artifact=artifact,
+                config=config,
+                lineage=header.lineage,
+                facts={"artifact_bytes": float(artifact.size_bytes)},
+                description=header.description,
+                actor=actor(),
+            )
+        except BaseException:
+            # The bytes landed but no version names them: unless another upload of the
+            # same bytes is under way or a version has them, they go now.
+            if self._uploading.get(artifact.sha256, 0) <= 1 and (
+                artifact.sha256 not in await self._store.referenced_artifacts()
+            ):
+                await self._artifacts.remove(artifact.sha256)
+            raise
         calls.note(resolved=f"{version.model}:{version.version}")
         return version
 
     async def GetVersion(
         self, request: registry_pb2.GetVersionRequest, context: Context
     ) -> registry_pb2.ModelVersion:
+        check.model_version(request.model, request.version)
         return await self._store.get_version(request.model, request.version)
 
     async def ListVersions(
@@ -132,6 +184,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.DownloadVersionRequest, context: Context
     ) -> AsyncIterator[registry_pb2.DownloadVersionResponse]:
         calls.note(model=f"{request.model}:{request.version}")
+        check.model_version(request.model, request.version)
         version = await self._store.get_version(request.model, request.version)
         async for part in artifact_chunks(version, self._artifacts, chunk_size=self._chunk_bytes):
             yield part
@@ -140,6 +193,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.DeleteVersionRequest, context: Context
     ) -> registry_pb2.DeleteVersionResponse:
         calls.note(model=f"{request.model}:{request.version}")
+        check.model_version(request.model, request.version)
         await self._store.delete_version(request.model, request.version, actor=actor())
         return registry_pb2.DeleteVersionResponse()
 
@@ -149,6 +203,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.SetAliasRequest, context: Context
     ) -> registry_pb2.Alias:
         calls.note(model=f"{request.model}@{request.alias}")
+        check.alias(request.model, request.alias, request.reason)
+        check.version_number("version", request.version)
         expected = request.expected_version if request.HasField("expected_version") else None
         return await self._store.set_alias(
             request.model,
@@ -163,14 +219,21 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.RollbackAliasRequest, context: Context
     ) -> registry_pb2.Alias:
         calls.note(model=f"{request.model}@{request.alias}")
+        check.alias(request.model, request.alias, request.reason)
+        expected = request.expected_version if request.HasField("expected_version") else None
         return await self._store.rollback_alias(
-            request.model, request.alias, reason=request.reason, actor=actor()
+            request.model,
+            request.alias,
+            expected_version=expected,
+            reason=request.reason,
+            actor=actor(),
         )
 
     async def DeleteAlias(
         self, request: registry_pb2.DeleteAliasRequest, context: Context
     ) -> registry_pb2.DeleteAliasResponse:
         calls.note(model=f"{request.model}@{request.alias}")
+        check.alias(request.model, request.alias, request.reason)
         await self._store.delete_alias(
             request.model, request.alias, reason=request.reason, actor=actor()
         )
@@ -198,6 +261,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     ) -> registry_pb2.AliasMove:
         if not request.HasField("time"):
             raise InvalidArgument("time", "is required: the moment to look the alias up at")
+        check.alias(request.model, request.alias)
+        check.timestamp("time", request.time)
         return await self._store.alias_at(
             request.model, request.alias, request.time.ToDatetime(tzinfo=UTC)
         )
@@ -213,14 +278,25 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def SetDeployment(
         self, request: registry_pb2.SetDeploymentRequest, context: Context
     ) -> registry_pb2.Deployment:
-        calls.note(model=request.deployment.model)
-        return await self._store.set_deployment(request.deployment)
+        deployment = request.deployment
+        calls.note(model=deployment.model)
+        check.name("deployment.model", deployment.model)
+        if deployment.WhichOneof("target") == "version":
+            check.version_number("deployment.version", deployment.version)
+        elif deployment.WhichOneof("target") == "alias":
+            check.name("deployment.alias", deployment.alias)
+        return await self._store.set_deployment(deployment)
 
     async def DeleteDeployment(
         self, request: registry_pb2.DeleteDeploymentRequest, context: Context
     ) -> registry_pb2.DeleteDeploymentResponse:
         calls.note(model=request.model)
         target = request.WhichOneof("target")
+        check.name("model", request.model)
+        if target == "version":
+            check.version_number("version", request.version)
+        elif target == "alias":
+            check.name("alias", request.alias)
         await self._store.delete_deployment(
             request.model,
             version=request.version if target == "version" else None,

@@ -11,9 +11,9 @@ from pydantic_settings import SettingsConfigDict
 from services.runtime.settings import MetricsPort, ServiceSettings, SettingsError
 
 
-def _positive_bytes(value: int) -> int:
+def _at_least_one(value: int) -> int:
     if value < 1:
-        raise SettingsError(f"must be at least 1 byte, got {value}")
+        raise SettingsError(f"must be at least 1, got {value}")
     return value
 
 
@@ -38,10 +38,13 @@ class RegistrySettings(ServiceSettings):
     artifact_dir: Path | None = Field(
         None, description="the content-addressed artifact store; default <data-dir>/artifacts"
     )
-    max_artifact_bytes: Annotated[int, AfterValidator(_positive_bytes)] = Field(
+    max_artifact_bytes: Annotated[int, AfterValidator(_at_least_one)] = Field(
         4 << 30, description="largest artifact an upload may carry, in bytes"
     )
-    chunk_bytes: Annotated[int, AfterValidator(_positive_bytes)] = Field(
+    max_uploads: Annotated[int, AfterValidator(_at_least_one)] = Field(
+        8, description="uploads taken at once; more are refused at once (RESOURCE_EXHAUSTED)"
+    )
+    chunk_bytes: Annotated[int, AfterValidator(_at_least_one)] = Field(
         1 << 20, description="size of the chunks a download streams, in bytes"
     )
 

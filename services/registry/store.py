@@ -323,9 +323,19 @@ class RegistryStore:
                 actor=actor,
             )
 
-    async def rollback_alias(self, model: str, alias: str, *, reason: str, actor: str) -> pb.Alias:
+    async def rollback_alias(
+        self,
+        model: str,
+        alias: str,
+        *,
+        expected_version: int | None = None,
+        reason: str,
+        actor: str,
+    ) -> pb.Alias:
         async with self._change() as change:
-            return await alias_ops.rollback_alias(change, model, alias, reason=reason, actor=actor)
+            return await alias_ops.rollback_alias(
+                change, model, alias, expected_version=expected_version, reason=reason, actor=actor
+            )
 
     async def delete_alias(self, model: str, alias: str, *, reason: str, actor: str) -> None:
         async with self._change() as change:

@@ -12,6 +12,7 @@ configs with it, so a version's registered I/O and what the worker advertises ag
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from google.protobuf import text_format
@@ -26,6 +27,7 @@ FIELD = "config_pbtxt"
 # registration can make the registry parse and store.
 MAX_CONFIG_CHARS = 256 * 1024
 MAX_TENSORS = 64
+_BACKEND = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # A platform-only config (the older spelling) names its backend through the platform.
 _PLATFORM_BACKENDS = {
     "onnxruntime_onnx": "onnxruntime",
@@ -78,6 +80,9 @@ def parse_config(pbtxt: str) -> registry_pb2.TritonConfig:
     backend = model.backend or _PLATFORM_BACKENDS.get(model.platform, model.platform)
     if not backend:
         raise InvalidArgument(FIELD, 'names no backend (e.g. backend: "python") or platform')
+    if not _BACKEND.fullmatch(backend):
+        # Triton finds a backend by its name on disk: a name is all it may be.
+        raise InvalidArgument(FIELD, f"backend {backend[:64]!r} is not a backend name")
     if model.max_batch_size < 0:
         raise InvalidArgument(FIELD, f"max_batch_size is {model.max_batch_size}; it must be >= 0")
     _check_tensors("input", model.input)

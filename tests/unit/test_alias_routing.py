@@ -67,3 +67,23 @@ async def test_routing_remembers_where_traffic_is() -> None:
             routing.version("digits", "production", {2: ["a"]})
     finally:
         await feed.close()
+
+
+async def test_a_gateway_that_never_routed_the_alias_starts_where_the_others_are() -> None:
+    feed = AliasFeed("127.0.0.1:1")
+    try:
+        feed.synced.set()
+        feed.apply(
+            registry_pb2.RegistryEvent(
+                revision=1,
+                alias_moved=registry_pb2.Alias(
+                    model="digits", name="canary", version=3, previous_version=1
+                ),
+            )
+        )
+        routing = AliasRouting(feed)
+        # v3 is not loaded yet: the new gateway stays on v1 like every other gateway.
+        assert routing.version("digits", "canary", {1: ["a"]}) == 1
+        assert routing.version("digits", "canary", {1: ["a"], 3: ["a"]}) == 3
+    finally:
+        await feed.close()

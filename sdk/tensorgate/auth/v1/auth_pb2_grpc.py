@@ -39,30 +39,65 @@ class AuthServiceStub:
                 request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateTenantRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.FromString,
                 _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/GetTenant',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/ListTenants',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.UpdateTenant = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/UpdateTenant',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/tensorgate.auth.v1.AuthService/CreateApiKey',
                 request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/ListApiKeys',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysResponse.FromString,
                 _registered_method=True)
         self.RevokeApiKey = channel.unary_unary(
                 '/tensorgate.auth.v1.AuthService/RevokeApiKey',
                 request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.RotateApiKey = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/RotateApiKey',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RotateApiKeyRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.UpdateApiKey = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/UpdateApiKey',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.UpdateApiKeyRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
+                _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/SetPrice',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Price.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/ListPrices',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
         self.Authenticate = channel.unary_unary(
                 '/tensorgate.auth.v1.AuthService/Authenticate',
                 request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.AuthenticateRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Principal.FromString,
                 _registered_method=True)
-        self.Reserve = channel.unary_unary(
-                '/tensorgate.auth.v1.AuthService/Reserve',
-                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ReserveRequest.SerializeToString,
-                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Reservation.FromString,
-                _registered_method=True)
-        self.Settle = channel.unary_unary(
-                '/tensorgate.auth.v1.AuthService/Settle',
-                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.SettleRequest.SerializeToString,
-                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.SettleResponse.FromString,
+        self.RecordUsage = channel.unary_unary(
+                '/tensorgate.auth.v1.AuthService/RecordUsage',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
         self.GetUsage = channel.unary_unary(
                 '/tensorgate.auth.v1.AuthService/GetUsage',
@@ -80,42 +115,92 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CreateApiKey(self, request, context):
-        """The secret is in the response once and is stored only as a hash.
+    def GetTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTenant(self, request, context):
+        """Sets a tenant's quotas and monthly spend cap (fields left unset are kept).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateApiKey(self, request, context):
+        """Creates a key; its secret is in the response, once, and stored only as a hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RevokeApiKey(self, request, context):
+        """Revokes a key at once (gateways notice within their cache time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateApiKey(self, request, context):
+        """A new key with the same tenant, scopes and quotas; the old one keeps working
+        for `grace_seconds`, and not after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateApiKey(self, request, context):
+        """Sets a key's own quotas (fields left unset are kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPrice(self, request, context):
+        """The price of a model's usage, for the ledger's cost and the spend cap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Authenticate(self, request, context):
-        """Checks a presented secret; UNAUTHENTICATED whatever the reason.
+        """For gateways: who a presented key is, with everything needed to enforce its
+        scopes and quotas. UNAUTHENTICATED whatever the reason (never says which).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Reserve(self, request, context):
-        """Reserves quota before a call; RESOURCE_EXHAUSTED names the quota.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Settle(self, request, context):
-        """Settles a reservation with what the call actually used.
+    def RecordUsage(self, request, context):
+        """For gateways: what calls used, in batches; a batch id makes a retried batch
+        count once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The ledger, summed per tenant, key, model and day in a date range.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -128,30 +213,65 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateTenantRequest.FromString,
                     response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.SerializeToString,
             ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListTenantsRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'UpdateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenant,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.SerializeToString,
+            ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
                     request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysResponse.SerializeToString,
             ),
             'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeApiKey,
                     request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.SerializeToString,
             ),
+            'RotateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateApiKey,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RotateApiKeyRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'UpdateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApiKey,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.UpdateApiKeyRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.SetPriceRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Price.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListPricesRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListPricesResponse.SerializeToString,
+            ),
             'Authenticate': grpc.unary_unary_rpc_method_handler(
                     servicer.Authenticate,
                     request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.AuthenticateRequest.FromString,
                     response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Principal.SerializeToString,
             ),
-            'Reserve': grpc.unary_unary_rpc_method_handler(
-                    servicer.Reserve,
-                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.ReserveRequest.FromString,
-                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.Reservation.SerializeToString,
-            ),
-            'Settle': grpc.unary_unary_rpc_method_handler(
-                    servicer.Settle,
-                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.SettleRequest.FromString,
-                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.SettleResponse.SerializeToString,
+            'RecordUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsage,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageResponse.SerializeToString,
             ),
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
@@ -197,6 +317,87 @@ class AuthService:
             _registered_method=True)
 
     @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/GetTenant',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.GetTenantRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/ListTenants',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListTenantsRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/UpdateTenant',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.UpdateTenantRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CreateApiKey(request,
             target,
             options=(),
@@ -213,6 +414,33 @@ class AuthService:
             '/tensorgate.auth.v1.AuthService/CreateApiKey',
             tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyRequest.SerializeToString,
             tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/ListApiKeys',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListApiKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -251,6 +479,114 @@ class AuthService:
             _registered_method=True)
 
     @staticmethod
+    def RotateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/RotateApiKey',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.RotateApiKeyRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/UpdateApiKey',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.UpdateApiKeyRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/SetPrice',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.SetPriceRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.Price.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/ListPrices',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListPricesRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ListPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Authenticate(request,
             target,
             options=(),
@@ -278,7 +614,7 @@ class AuthService:
             _registered_method=True)
 
     @staticmethod
-    def Reserve(request,
+    def RecordUsage(request,
             target,
             options=(),
             channel_credentials=None,
@@ -291,36 +627,9 @@ class AuthService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/tensorgate.auth.v1.AuthService/Reserve',
-            tensorgate_dot_auth_dot_v1_dot_auth__pb2.ReserveRequest.SerializeToString,
-            tensorgate_dot_auth_dot_v1_dot_auth__pb2.Reservation.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Settle(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/tensorgate.auth.v1.AuthService/Settle',
-            tensorgate_dot_auth_dot_v1_dot_auth__pb2.SettleRequest.SerializeToString,
-            tensorgate_dot_auth_dot_v1_dot_auth__pb2.SettleResponse.FromString,
+            '/tensorgate.auth.v1.AuthService/RecordUsage',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -327,6 +327,7 @@ class Alias(_message.Message):
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -334,6 +335,8 @@ class Alias(_message.Message):
     reason: _builtins.str
     revision: _builtins.int
     """The feed revision of the last move."""
+    previous_version: _builtins.int
+    """The version it pointed at before its last move; 0 if that move created it."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -346,10 +349,11 @@ class Alias(_message.Message):
         updated_by: _builtins.str = ...,
         reason: _builtins.str = ...,
         revision: _builtins.int = ...,
+        previous_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "reason", b"reason", "revision", b"revision", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "previous_version", b"previous_version", "reason", b"reason", "revision", b"revision", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -878,21 +882,29 @@ class RollbackAliasRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     alias: _builtins.str
     reason: _builtins.str
+    expected_version: _builtins.int
+    """Compare-and-set: when set, the rollback happens only if the alias points at this
+    version now, so two operators rolling back at once do not undo each other.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         alias: _builtins.str = ...,
         reason: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model", b"model", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "alias", b"alias", "expected_version", b"expected_version", "model", b"model", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
 
 Global___RollbackAliasRequest: _TypeAlias = RollbackAliasRequest  # noqa: Y015
 

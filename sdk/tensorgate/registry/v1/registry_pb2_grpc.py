@@ -248,7 +248,8 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveModelRef(self, request, context):
-        """"name" (newest version), "name:3" or "name@alias" to the version it means now.
+        """"name" (its newest registered version), "name:3" or "name@alias" to the version
+        it means now. (At the gateway, a bare "name" means the newest version loaded.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,7 +73,9 @@ class ModelRegistryStub:
     GetAliasAt: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetAliasAtRequest, _registry_pb2.AliasMove]
     """Which version an alias pointed at, at a given time."""
     ResolveModelRef: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ResolveModelRefRequest, _registry_pb2.ModelVersion]
-    """"name" (newest version), "name:3" or "name@alias" to the version it means now."""
+    """"name" (its newest registered version), "name:3" or "name@alias" to the version
+    it means now. (At the gateway, a bare "name" means the newest version loaded.)
+    """
     SetDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetDeploymentRequest, _registry_pb2.Deployment]
     """Says a model version (directly, or whatever an alias points at) must be
     served, and by how many Triton instances per worker.
@@ -127,7 +129,9 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     GetAliasAt: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetAliasAtRequest, _registry_pb2.AliasMove]  # type: ignore[assignment]
     """Which version an alias pointed at, at a given time."""
     ResolveModelRef: _aio.UnaryUnaryMultiCallable[_registry_pb2.ResolveModelRefRequest, _registry_pb2.ModelVersion]  # type: ignore[assignment]
-    """"name" (newest version), "name:3" or "name@alias" to the version it means now."""
+    """"name" (its newest registered version), "name:3" or "name@alias" to the version
+    it means now. (At the gateway, a bare "name" means the newest version loaded.)
+    """
     SetDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetDeploymentRequest, _registry_pb2.Deployment]  # type: ignore[assignment]
     """Says a model version (directly, or whatever an alias points at) must be
     served, and by how many Triton instances per worker.
@@ -274,7 +278,9 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.ResolveModelRefRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ModelVersion, _abc.Awaitable[_registry_pb2.ModelVersion]]:
-        """"name" (newest version), "name:3" or "name@alias" to the version it means now."""
+        """"name" (its newest registered version), "name:3" or "name@alias" to the version
+        it means now. (At the gateway, a bare "name" means the newest version loaded.)
+        """
 
     @_abc_1.abstractmethod
     def SetDeployment(

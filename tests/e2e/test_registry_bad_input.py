@@ -1,0 +1,170 @@
+"""Bad input to the registry gets INVALID_ARGUMENT (or the status the contract names) with
+a message that says what to fix, and leaves nothing behind; found by attacking it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from tensorgate.errors import FailedPreconditionError
+from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
+from tensorgate.registry_client import AsyncRegistryClient
+
+from tests.conftest import RegistryStack
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = (REPO / "models" / "repository" / "digits" / "config.pbtxt").read_text()
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+async def stub(
+    registry_stack: RegistryStack,
+) -> AsyncIterator[registry_pb2_grpc.ModelRegistryAsyncStub]:
+    async with grpc.aio.insecure_channel(registry_stack.gateway.address) as channel:
+        yield registry_pb2_grpc.ModelRegistryStub(channel)
+
+
+async def _status(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value.code(), caught.value.details() or ""
+
+
+def _stored(stack: RegistryStack) -> set[Path]:
+    return {p for p in (stack.data_dir / "registry" / "artifacts").rglob("*") if p.is_file()}
+
+
+async def _upload(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub,
+    payload: bytes,
+    **header: object,
+) -> tuple[grpc.StatusCode, str]:
+    fields: dict[str, object] = {
+        "model": "digits",
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size_bytes": len(payload),
+        "format": "triton-python",
+        "config_pbtxt": CONFIG,
+    }
+    fields.update(header)
+
+    async def parts() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
+        yield registry_pb2.UploadVersionRequest(
+            header=registry_pb2.UploadVersionRequest.Header(**fields)  # type: ignore[arg-type]
+        )
+        yield registry_pb2.UploadVersionRequest(chunk=payload)
+
+    return await _status(stub.UploadVersion(parts(), timeout=30))
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+async def test_oversized_fields_are_refused_and_the_feed_keeps_flowing(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub, registry_stack: RegistryStack
+) -> None:
+    huge = registry_pb2.Model(name="poison", task="infer", description="x" * (8 << 20))
+    code, details = await _status(
+        stub.CreateModel(registry_pb2.CreateModelRequest(model=huge), timeout=30)
+    )
+    assert code == INVALID and "model.description" in details
+    many = registry_pb2.Model(
+        name="poison", task="infer", labels={f"k{i}": "v" for i in range(1000)}
+    )
+    code, details = await _status(
+        stub.CreateModel(registry_pb2.CreateModelRequest(model=many), timeout=30)
+    )
+    assert code == INVALID and "labels" in details
+    reason = registry_pb2.SetAliasRequest(model="digits", alias="x", version=1, reason="r" * 5000)
+    code, details = await _status(stub.SetAlias(reason, timeout=30))
+    assert code == INVALID and "reason" in details
+    # The feed from the start still arrives whole, within a default 4 MiB client limit.
+    async with grpc.aio.insecure_channel(registry_stack.gateway.address) as small:
+        plain = registry_pb2_grpc.ModelRegistryStub(small)
+        async for event in plain.Watch(registry_pb2.WatchRequest(since_revision=0), timeout=30):
+            if event.revision >= 5:
+                break
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(-62135596801, 0), (253402300800, 0), (2**62, 0), (0, -1), (0, 2_000_000_000)],
+)
+async def test_times_out_of_range_are_invalid(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub, seconds: int, nanos: int
+) -> None:
+    request = registry_pb2.GetAliasAtRequest(
+        model="digits", alias="production", time=Timestamp(seconds=seconds, nanos=nanos)
+    )
+    code, details = await _status(stub.GetAliasAt(request, timeout=30))
+    assert code == INVALID and "time" in details
+
+
+async def test_versions_and_names_that_cannot_exist_are_invalid_not_missing(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub,
+) -> None:
+    calls = [
+        stub.GetVersion(registry_pb2.GetVersionRequest(model="digits", version=-1)),
+        stub.DeleteVersion(registry_pb2.DeleteVersionRequest(model="digits", version=0)),
+        stub.SetDeployment(
+            registry_pb2.SetDeploymentRequest(
+                deployment=registry_pb2.Deployment(model="digits", version=-1)
+            )
+        ),
+        stub.SetAlias(registry_pb2.SetAliasRequest(model="digits", alias="", version=1)),
+        stub.SetAlias(registry_pb2.SetAliasRequest(model="digits", alias="../x", version=1)),
+    ]
+    for call in calls:
+        code, _ = await _status(call)
+        assert code == INVALID
+
+
+async def test_refused_uploads_leave_no_bytes_behind(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub, registry_stack: RegistryStack
+) -> None:
+    before = _stored(registry_stack)
+    archive = _tar({"model.py": os.urandom(64)})
+    code, details = await _upload(stub, archive, lineage=registry_pb2.Lineage(parent_version=999))
+    assert code == grpc.StatusCode.NOT_FOUND and "999" in details
+    code, details = await _upload(stub, b"not a tar at all " + os.urandom(600))
+    assert code == INVALID and "tar" in details
+    code, details = await _upload(stub, _tar({"../escape.py": b"x"}))
+    assert code == INVALID and "tar" in details
+    code, details = await _upload(stub, archive, config_pbtxt='backend: "../x"')
+    assert code == INVALID
+    assert _stored(registry_stack) == before
+
+
+async def test_two_rollbacks_at_once_cannot_undo_each_other(
+    registry_stack: RegistryStack, tmp_path: Path
+) -> None:
+    async with AsyncRegistryClient(registry_stack.gateway.address) as registry:
+        folder = REPO / "models" / "repository" / "digits"
+        first = (await registry.upload("digits", folder)).version
+        second = (await registry.upload("digits", folder)).version
+        await registry.set_alias("digits", "rb", first)
+        await registry.set_alias("digits", "rb", second, reason="a bad release")
+        results = await asyncio.gather(
+            registry.rollback_alias("digits", "rb", expected_version=second),
+            registry.rollback_alias("digits", "rb", expected_version=second),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, FailedPreconditionError) for r in results) == 1, results
+        alias = next(a for a in await registry.list_aliases("digits") if a.name == "rb")
+        assert alias.version == first and alias.previous_version == second
