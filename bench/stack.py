@@ -101,6 +101,7 @@ class BenchStack:
             port=self.ports["gateway"],
             metrics_port=-1,
             workers=self.address("worker"),
+            allow_anonymous=True,
             log_format="json",
         )
         await self._spawn("gateway", "gateway", *gateway)
@@ -165,5 +166,9 @@ class BenchStack:
 
 
 def _flags(**values: object) -> list[str]:
-    """`--name value` pairs, in the services' flag spelling (dashes)."""
-    return [part for k, v in values.items() for part in ("--" + k.replace("_", "-"), str(v))]
+    """`--name value` pairs in the services' flag spelling (dashes); True is a bare `--name`."""
+    flags: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags

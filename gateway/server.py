@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from gateway.aliases import AliasFeed, AliasRouting
+from gateway.aliases import AliasRouting
+from gateway.control_plane import ControlPlane
 from gateway.discovery import StaticDiscovery
 from gateway.metrics import GatewayMetrics
-from gateway.registry_proxy import RegistryProxy
 from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
@@ -28,8 +28,7 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["InferenceGateway"].full_
 class Gateway:
     service: GrpcService
     pool: WorkerPool
-    aliases: AliasFeed | None = None
-    registry: RegistryProxy | None = None
+    control: ControlPlane
 
     @property
     def address(self) -> str:
@@ -45,21 +44,15 @@ class Gateway:
             await self.service.stop()
         finally:
             await self.pool.close()
-            if self.aliases is not None:
-                await self.aliases.close()
-            if self.registry is not None:
-                await self.registry.close()
+            await self.control.close()
 
 
 async def start_gateway(settings: GatewaySettings) -> Gateway:
     credentials = channel_credentials(
         settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
     )
-    aliases = registry = None
-    if settings.registry:
-        aliases = AliasFeed(settings.registry, credentials)
-        aliases.start()
-        registry = RegistryProxy(settings.registry, credentials)
+    control = await ControlPlane.open(settings, credentials)
+    aliases = control.aliases
     pool = WorkerPool(
         StaticDiscovery(list(settings.workers)),
         refresh_seconds=settings.refresh_seconds,
@@ -79,20 +72,23 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
             pool, metrics, upstream_timeout=settings.upstream_timeout
         )
         bindings = [
-            ServiceBinding.of(gateway_pb2_grpc.add_InferenceGatewayServicer_to_server, servicer)
+            ServiceBinding.of(gateway_pb2_grpc.add_InferenceGatewayServicer_to_server, servicer),
+            *control.bindings,
         ]
-        if registry is not None:
-            bindings.append(registry.binding())
-        service = build_server(settings, bindings, name="gateway", metrics=metrics)
+        service = build_server(
+            settings,
+            bindings,
+            name="gateway",
+            metrics=metrics,
+            authenticator=control.authenticator,
+            quota=control.quota,
+        )
         await service.start()
     except BaseException:
         await pool.close()
-        if aliases is not None:
-            await aliases.close()
-        if registry is not None:
-            await registry.close()
+        await control.close()
         raise
-    return Gateway(service=service, pool=pool, aliases=aliases, registry=registry)
+    return Gateway(service=service, pool=pool, control=control)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,7 +70,8 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
             # rather than copying it (the caller's ref is already in the log line).
             request.model = resolved = f"{info.name}:{info.version}"
             calls.note(resolved=resolved, worker=worker.address)
-            chunks = 0
+            chunks = completion = 0
+            finished = False
             worker.outstanding += 1
             call = worker.generate(request, timeout=self._timeout(), metadata=metadata)
             try:
@@ -81,7 +82,9 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                         )
                     chunks += 1
                     chunk = _parse_chunk(raw)
+                    completion += len(chunk.token_ids)
                     if chunk.finish_reason:
+                        finished = True
                         self._finished(info.name, chunk)
                     yield raw
                 return
@@ -96,6 +99,10 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                 worker.outstanding -= 1
                 if not call.done():
                     call.cancel()
+                if chunks and not finished:
+                    # Cut short (cancelled, a deadline, a lost worker): the tokens the
+                    # caller got were made and are billed; the prompt at its bound.
+                    calls.note_usage(len(request.prompt.encode()), completion)
 
     def _finished(self, model: str, chunk: inference_pb2.GenerateChunk) -> None:
         usage = chunk.usage

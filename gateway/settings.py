@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import (
@@ -36,6 +36,34 @@ class GatewaySettings(ServiceSettings):
         description="host:port of the model registry: resolves name@alias and is offered "
         "to callers at this address; empty serves only name and name:version",
     )
+    auth: OptionalHostPort = Field(
+        "",
+        description="host:port of the auth/quota service: every call then needs an API key "
+        "(authorization: Bearer tg_...), allowed that model and within its quotas",
+    )
+    allow_anonymous: bool = Field(
+        False,
+        description="without --auth, serve callers without keys (development only); the "
+        "gateway refuses to start with neither",
+    )
+    auth_cache_seconds: Annotated[Duration, duration_between(0, 60)] = Field(
+        5.0,
+        description="how long a key the auth service vouched for is trusted without asking "
+        "again: a revoked key stops working within this time (expiry is exact)",
+    )
+    redis_url: SecretStr = Field(
+        SecretStr(""),
+        description="redis://host:port/db for quota counters shared by every gateway; "
+        "empty keeps them in this process",
+    )
+    quota_fail_open: bool = Field(
+        False,
+        description="with Redis unreachable, admit calls and count them in this process "
+        "instead of refusing them (UNAVAILABLE)",
+    )
+    price_refresh_seconds: Annotated[Duration, duration_between(0.1, 3600)] = Field(
+        30.0, description="how often to re-read model prices from the auth service"
+    )
     refresh_seconds: Annotated[Duration, duration_between(0.1, 3600)] = Field(
         5.0, description="how often to re-read the worker list from discovery"
     )
@@ -50,3 +78,14 @@ class GatewaySettings(ServiceSettings):
         if not workers:
             raise SettingsError("at least one worker address is needed (host:port,...)")
         return workers
+
+    @model_validator(mode="after")
+    def _callers_are_known(self) -> GatewaySettings:
+        if not self.auth and not self.allow_anonymous:
+            raise SettingsError(
+                "--auth: set the auth service's host:port, or --allow-anonymous to serve "
+                "callers without API keys (development only)"
+            )
+        if self.auth and self.allow_anonymous:
+            raise SettingsError("--allow-anonymous: not with --auth (keys are then required)")
+        return self

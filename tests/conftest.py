@@ -15,6 +15,8 @@ from tensorgate import AsyncGatewayClient
 from gateway.server import Gateway, start_gateway
 from gateway.settings import GatewaySettings
 from launcher.demo_models import register_demo_models
+from services.auth.server import AuthServer, start_auth
+from services.auth.settings import AuthSettings
 from services.registry.server import Registry, start_registry
 from services.registry.settings import RegistrySettings
 from services.runtime.logging import configure_logging
@@ -59,7 +61,11 @@ async def worker(triton: BundledTriton) -> AsyncIterator[Worker]:
 async def gateway(worker: Worker) -> AsyncIterator[Gateway]:
     running = await start_gateway(
         GatewaySettings(
-            workers=(worker.address,), metrics_port=0, drain_seconds=0.0, grace_seconds=2.0
+            allow_anonymous=True,
+            workers=(worker.address,),
+            metrics_port=0,
+            drain_seconds=0.0,
+            grace_seconds=2.0,
         )
     )
     yield running
@@ -104,6 +110,7 @@ async def registry_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
         try:
             gateway = await start_gateway(
                 GatewaySettings(
+                    allow_anonymous=True,
                     workers=(worker.address,),
                     registry=registry.address,
                     metrics_port=0,
@@ -126,3 +133,51 @@ async def registry_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
             await worker.stop()
     finally:
         await registry.stop()
+
+
+@dataclass
+class AuthStack:
+    """The session worker behind a gateway that requires keys, with its auth service
+    (SQLite in a temp dir, in-process counters) and the bootstrap admin key."""
+
+    auth: AuthServer
+    gateway: Gateway
+    admin_key: str
+
+
+async def start_auth_gateway(auth_address: str, worker: Worker, **overrides: object) -> Gateway:
+    """Another gateway in front of the session worker, checking keys with `auth_address`."""
+    values: dict[str, object] = {
+        "workers": (worker.address,),
+        "auth": auth_address,
+        "metrics_port": 0,
+        "drain_seconds": 0.0,
+        "grace_seconds": 2.0,
+        "price_refresh_seconds": 0.2,
+    }
+    values.update(overrides)
+    return await start_gateway(GatewaySettings(**values))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def auth_stack(
+    worker: Worker, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AuthStack]:
+    data_dir = tmp_path_factory.mktemp("auth")
+    key_file = data_dir / "admin.key"
+    auth = await start_auth(
+        AuthSettings(
+            data_dir=data_dir,
+            metrics_port=0,
+            drain_seconds=0.0,
+            bootstrap_admin_key_file=key_file,
+        )
+    )
+    try:
+        gateway = await start_auth_gateway(auth.address, worker)
+        try:
+            yield AuthStack(auth, gateway, key_file.read_text().strip())
+        finally:
+            await gateway.stop()
+    finally:
+        await auth.stop()

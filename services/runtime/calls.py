@@ -18,12 +18,32 @@ from tensorgate.errors import REQUEST_ID_KEY, metadata_value
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Quota limits of a key or a tenant; 0 means no limit."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    concurrent_streams: int = 0
+
+
+@dataclass(frozen=True)
 class Principal:
-    """Who is calling, as the authentication stage established it (never the key itself)."""
+    """Who is calling, as the authentication stage established it (never the key itself),
+    with what the quota stage needs to meter the call."""
 
     key_id: str
     tenant: str
-    scopes: frozenset[str] = frozenset()
+    # Model-name patterns the key may call ("digits", "tiny*", "*").
+    models: tuple[str, ...] = ()
+    admin: bool = False
+    key_limits: Limits = Limits()
+    tenant_limits: Limits = Limits()
+    # Monthly spend cap of the tenant (0: none), and what the ledger says it spent.
+    monthly_spend_cap: float = 0.0
+    month_spend: float = 0.0
+    # Unix time the key stops working (expiry or end of a rotation grace); 0: never.
+    expires_at: float = 0.0
 
 
 @dataclass

@@ -24,7 +24,11 @@ async def test_serving_then_not_serving_during_shutdown(triton: BundledTriton) -
     )
     gateway = await gateway_server.start_gateway(
         GatewaySettings(
-            workers=(worker.address,), metrics_port=0, drain_seconds=1.5, grace_seconds=1.0
+            allow_anonymous=True,
+            workers=(worker.address,),
+            metrics_port=0,
+            drain_seconds=1.5,
+            grace_seconds=1.0,
         )
     )
     services = [
@@ -53,7 +57,11 @@ async def test_in_flight_stream_finishes_during_graceful_shutdown(triton: Bundle
     worker = await worker_server.start_worker(worker_settings(triton, grace_seconds=30.0))
     gateway = await gateway_server.start_gateway(
         GatewaySettings(
-            workers=(worker.address,), metrics_port=0, drain_seconds=0.0, grace_seconds=30.0
+            allow_anonymous=True,
+            workers=(worker.address,),
+            metrics_port=0,
+            drain_seconds=0.0,
+            grace_seconds=30.0,
         )
     )
     prompt = "ROMEO:\n"

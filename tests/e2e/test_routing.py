@@ -24,6 +24,7 @@ from tests.helpers import metric_value, scrape
 def _gateway_settings(*workers: str) -> GatewaySettings:
     # A long refresh interval: the gateway must learn of the failure from the call itself.
     return GatewaySettings(
+        allow_anonymous=True,
         workers=workers,
         refresh_seconds=600,
         eject_seconds=60,

@@ -81,6 +81,7 @@ async def mtls_worker(triton: BundledTriton, certs: Certificates) -> AsyncIterat
 async def tls_gateway(mtls_worker: Worker, certs: Certificates) -> AsyncIterator[Gateway]:
     gateway = await start_gateway(
         GatewaySettings(
+            allow_anonymous=True,
             workers=(mtls_worker.address,),
             metrics_port=0,
             drain_seconds=0.0,
@@ -189,6 +190,7 @@ async def test_gateway_without_an_accepted_client_certificate_cannot_use_the_wor
     stranger = certs.stranger_client if client == "client-cert-from-another-ca" else None
     gateway = await start_gateway(
         GatewaySettings(
+            allow_anonymous=True,
             workers=(mtls_worker.address,),
             metrics_port=0,
             drain_seconds=0.0,

@@ -16,7 +16,7 @@ from services.runtime import main
 from services.runtime.settings import ServiceSettings, SettingsError, load_settings, parse_duration
 from services.worker.settings import WorkerSettings
 
-GATEWAY = ["--workers", "a:1"]
+GATEWAY = ["--workers", "a:1", "--allow-anonymous"]
 
 
 class AuthLikeSettings(ServiceSettings):
@@ -45,7 +45,11 @@ def refused(
 
 
 def test_flags_beat_environment_which_beats_defaults() -> None:
-    env = {"TENSORGATE_GATEWAY_PORT": "7000", "TENSORGATE_GATEWAY_WORKERS": "a:1,b:2"}
+    env = {
+        "TENSORGATE_GATEWAY_PORT": "7000",
+        "TENSORGATE_GATEWAY_WORKERS": "a:1,b:2",
+        "TENSORGATE_GATEWAY_AUTH": "auth:50053",
+    }
     settings = load_settings(GatewaySettings, ["--port", "7001"], env=env)
     assert settings.port == 7001
     assert settings.workers == ("a:1", "b:2")
@@ -53,8 +57,28 @@ def test_flags_beat_environment_which_beats_defaults() -> None:
     assert settings.metrics_port == 9400  # the gateway's own default beats the base's
 
 
+def test_a_gateway_needs_auth_or_an_explicit_anonymous_mode(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(GatewaySettings, ["--workers", "a:1"], env={}, prog="svc")
+    assert "--allow-anonymous" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings(
+            GatewaySettings,
+            ["--workers", "a:1", "--auth", "a:2", "--allow-anonymous"],
+            env={},
+            prog="svc",
+        )
+    assert load_settings(GatewaySettings, ["--workers", "a:1", "--auth", "a:2"], env={}).auth
+
+
 def test_env_names_are_case_insensitive_and_other_services_are_ignored() -> None:
-    env = {"tensorgate_gateway_workers": "a:1", "TENSORGATE_WORKER_PORT": "9"}
+    env = {
+        "tensorgate_gateway_workers": "a:1",
+        "tensorgate_gateway_allow_anonymous": "true",
+        "TENSORGATE_WORKER_PORT": "9",
+    }
     settings = load_settings(GatewaySettings, [], env=env)
     assert settings.workers == ("a:1",) and settings.port == 0
 
@@ -64,7 +88,8 @@ def test_construction_and_an_explicit_env_never_read_the_process_environment(
 ) -> None:
     monkeypatch.setenv("TENSORGATE_GATEWAY_PORT", "7000")
     monkeypatch.setenv("TENSORGATE_GATEWAY_WORKERS", "z:9")
-    assert GatewaySettings(workers=("a:1",)).port == 0
+    monkeypatch.setenv("TENSORGATE_GATEWAY_ALLOW_ANONYMOUS", "true")
+    assert GatewaySettings(allow_anonymous=True, workers=("a:1",)).port == 0
     assert load_settings(GatewaySettings, GATEWAY, env={}).port == 0
     assert load_settings(GatewaySettings, []).port == 7000  # env=None: os.environ
 
@@ -82,7 +107,7 @@ def test_lists_are_comma_separated_in_flags_and_environment(
 ) -> None:
     settings = load_settings(
         GatewaySettings,
-        source.get("argv", []),  # type: ignore[arg-type]
+        [*source.get("argv", []), "--allow-anonymous"],  # type: ignore[misc]
         env=source.get("env", {}),  # type: ignore[arg-type]
     )
     assert settings.workers == expected
@@ -171,9 +196,9 @@ def test_every_bad_value_is_named_in_the_one_message(capsys: pytest.CaptureFixtu
 
 def test_direct_construction_validates_too() -> None:
     with pytest.raises(ValidationError, match=r"must be 0\.\.65535"):
-        GatewaySettings(workers=("a:1",), port=70000)
+        GatewaySettings(allow_anonymous=True, workers=("a:1",), port=70000)
     with pytest.raises(ValidationError, match="Extra inputs"):
-        GatewaySettings(workers=("a:1",), prot=1)  # type: ignore[call-arg]
+        GatewaySettings(allow_anonymous=True, workers=("a:1",), prot=1)  # type: ignore[call-arg]
 
 
 def test_worker_refuses_a_missing_repository_unless_triton_is_remote(

@@ -1,0 +1,137 @@
+"""Who is calling the gateway: API keys checked by the auth service, cached briefly.
+
+Every call through the pipeline presents `authorization: Bearer tg_...`. A key that is
+missing or malformed (its checksum is wrong) is refused here without asking anyone;
+otherwise the auth service says who the key is, and the answer is kept for
+`cache_seconds` so the hot path pays a dict lookup, not a round trip. So a revoked key
+keeps working for at most `cache_seconds` on each gateway; an expiry (a rotation's
+grace included) is checked on every call from the cached expiry time, so it is exact.
+
+Model scopes and admin-only calls are checked here too, once the request is known
+(`check_access`, called by the quota stage). Refusals never say why a key is invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
+from tensorgate.model_ref import InvalidModelRef, ModelRef
+
+from services.runtime.api_keys import bearer_key, parse_key, principal_of
+from services.runtime.calls import Call, Principal
+from services.runtime.errors import PermissionDenied, Unauthenticated, Unavailable, shown
+
+log = structlog.get_logger("tensorgate.gateway.auth")
+
+NO_KEY = "an API key is required: send metadata 'authorization: Bearer tg_...'"
+INVALID_KEY = "invalid API key"
+_CACHE_ENTRIES = 10_000
+# A key the auth service refused is remembered this long, so a client retrying a bad
+# key in a loop costs the auth service one lookup per second, not one per call.
+_REFUSED_SECONDS = 1.0
+# With the auth service unreachable, a key it vouched for this recently still works.
+_STALE_SECONDS = 300.0
+_LOOKUP_TIMEOUT_S = 2.0
+
+
+@dataclass
+class _Cached:
+    principal: Principal | None  # None: the auth service refused the key
+    fetched: float
+
+
+class KeyAuthenticator:
+    """The pipeline's authentication stage at the gateway."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, cache_seconds: float) -> None:
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._cache_seconds = cache_seconds
+        # By the key's sha256, never the key: a heap dump shows no usable key.
+        self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
+        self._auth_down_logged = False
+
+    async def authenticate(self, call: Call) -> Principal:
+        key = bearer_key(call.metadata)
+        if key is None:
+            raise Unauthenticated(NO_KEY)
+        if parse_key(key) is None:
+            raise Unauthenticated(INVALID_KEY)
+        digest = hashlib.sha256(key.encode()).digest()
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
+        if cached is None or now - cached.fetched >= fresh_for:
+            cached = await self._lookup(digest, key, cached, now)
+        principal = cached.principal
+        if principal is None or (principal.expires_at and time.time() >= principal.expires_at):
+            raise Unauthenticated(INVALID_KEY)
+        return principal
+
+    async def _lookup(self, digest: bytes, key: str, stale: _Cached | None, now: float) -> _Cached:
+        # Concurrent calls with the same key share one lookup.
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._ask(key))
+            self._lookups[digest] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        try:
+            principal = await asyncio.shield(pending)
+        except Unavailable:
+            vouched = stale is not None and stale.principal is not None
+            if vouched and stale is not None and now - stale.fetched < _STALE_SECONDS:
+                return stale  # the auth service vouched for it minutes ago
+            raise
+        entry = _Cached(principal, now)
+        self._cache[digest] = entry
+        self._cache.move_to_end(digest)
+        while len(self._cache) > _CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return entry
+
+    async def _ask(self, key: str) -> Principal | None:
+        try:
+            message = await self._stub.Authenticate(
+                auth_pb2.AuthenticateRequest(key=key), timeout=_LOOKUP_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return None
+            if not self._auth_down_logged:
+                log.warning("auth service unreachable", error=exc.code().name)
+                self._auth_down_logged = True
+            raise Unavailable("API keys cannot be checked right now; retry shortly") from None
+        if self._auth_down_logged:
+            log.info("auth service reachable again")
+            self._auth_down_logged = False
+        return principal_of(message)
+
+    async def close(self) -> None:
+        for pending in list(self._lookups.values()):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Unavailable):
+                await pending
+
+
+def check_model_scope(principal: Principal, model_ref: str) -> None:
+    """PERMISSION_DENIED unless the key's model patterns allow the model `model_ref` names."""
+    try:
+        name = ModelRef.parse(model_ref).name
+    except InvalidModelRef:
+        return  # the handler refuses it as INVALID_ARGUMENT, in its own words
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in principal.models):
+        raise PermissionDenied(f"this API key may not call model {shown(name)}")
+
+
+def require_admin(principal: Principal | None, what: str) -> None:
+    if principal is None or not principal.admin:
+        raise PermissionDenied(f"{what} needs an admin API key")

@@ -1,0 +1,122 @@
+"""The gateway's links to the control plane: the registry (aliases, its API) and the auth
+service (keys, quotas, prices, the usage ledger), each over one long-lived channel.
+
+`ControlPlane.open(settings)` builds what the settings ask for and nothing else: with
+no registry, aliases are refused; with no auth service (and --allow-anonymous), calls
+carry no principal and nothing is metered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.aliases import AliasFeed
+from gateway.authentication import KeyAuthenticator, check_model_scope
+from gateway.counters import InProcessCounters
+from gateway.ledger import UsageLedger
+from gateway.prices import PriceBook
+from gateway.quota import QuotaGate, QuotaReservation
+from gateway.redis_counters import RedisCounters
+from gateway.service_proxy import AUTH, AUTH_INTERNAL, REGISTRY, REGISTRY_READS, ServiceProxy
+from gateway.settings import GatewaySettings
+from services.runtime.calls import Call
+from services.runtime.channels import open_channel
+from services.runtime.server import ServiceBinding
+
+
+class ScopedQuotaGate:
+    """The quota stage, after the check that the key may call the model it names."""
+
+    def __init__(self, quota: QuotaGate) -> None:
+        self._quota = quota
+
+    async def reserve(self, call: Call, request: object) -> QuotaReservation | None:
+        principal = call.principal
+        model = getattr(request, "model", None)
+        if principal is not None and type(model) is str:
+            check_model_scope(principal, model)
+        return await self._quota.reserve(call, request)
+
+
+@dataclass
+class ControlPlane:
+    aliases: AliasFeed | None = None
+    authenticator: KeyAuthenticator | None = None
+    quota: ScopedQuotaGate | None = None
+    bindings: list[ServiceBinding] = field(default_factory=list)
+    _gate: QuotaGate | None = None
+    _ledger: UsageLedger | None = None
+    _prices: PriceBook | None = None
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @classmethod
+    async def open(
+        cls, settings: GatewaySettings, credentials: grpc.ChannelCredentials | None
+    ) -> ControlPlane:
+        plane = cls()
+        try:
+            if settings.registry:
+                plane.aliases = AliasFeed(settings.registry, credentials)
+                plane.aliases.start()
+                channel = plane._channel(settings.registry, credentials)
+                plane.bindings.append(
+                    ServiceProxy(
+                        REGISTRY,
+                        channel,
+                        subject="the model registry",
+                        admin_only=frozenset(m.name for m in REGISTRY.methods) - REGISTRY_READS,
+                    ).binding()
+                )
+            if settings.auth:
+                await plane._open_auth(settings, credentials)
+        except BaseException:
+            await plane.close()
+            raise
+        return plane
+
+    def _channel(
+        self, address: str, credentials: grpc.ChannelCredentials | None
+    ) -> grpc.aio.Channel:
+        channel = open_channel(address, credentials)
+        self._channels.append(channel)
+        return channel
+
+    async def _open_auth(
+        self, settings: GatewaySettings, credentials: grpc.ChannelCredentials | None
+    ) -> None:
+        channel = self._channel(settings.auth, credentials)
+        self.authenticator = KeyAuthenticator(channel, cache_seconds=settings.auth_cache_seconds)
+        self._prices = PriceBook(channel, refresh_seconds=settings.price_refresh_seconds)
+        await self._prices.start()
+        self._ledger = UsageLedger(channel)
+        self._ledger.start()
+        redis_url = settings.redis_url.get_secret_value()
+        counters = (
+            RedisCounters(redis_url, fail_open=settings.quota_fail_open)
+            if redis_url
+            else InProcessCounters()
+        )
+        self._gate = QuotaGate(counters, prices=self._prices.price, usage=self._ledger)
+        self.quota = ScopedQuotaGate(self._gate)
+        self.bindings.append(
+            ServiceProxy(AUTH, channel, subject="the auth service", hidden=AUTH_INTERNAL).binding()
+        )
+
+    async def close(self) -> None:
+        """Stops the feeds; what calls used is sent to the ledger before the channels close."""
+        if self.aliases is not None:
+            await self.aliases.close()
+        if self._prices is not None:
+            await self._prices.close()
+        if self._gate is not None:
+            await self._gate.close()
+        if self._ledger is not None:
+            await self._ledger.close()
+        if self.authenticator is not None:
+            await self.authenticator.close()
+        for channel in self._channels:
+            with contextlib.suppress(Exception):
+                await channel.close(None)

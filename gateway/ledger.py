@@ -1,0 +1,106 @@
+"""What calls used, on its way to the auth service's ledger: summed in memory, sent in
+batches, and never lost to a failed send.
+
+The quota stage hands every ended call to `UsageLedger.record` (a dict update, on
+the hot path). Once a second the sums go to the auth service as one RecordUsage
+batch with an id of its own; a batch that fails is sent again with the same id (the
+auth service counts a batch id once), and later calls start a new batch beside it.
+Stopping the gateway sends what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from gateway.quota import UsageRecord
+
+log = structlog.get_logger("tensorgate.gateway.ledger")
+
+_SEND_TIMEOUT_S = 5.0
+_Key = tuple[str, str, str, str]  # tenant, key id, model, day
+
+
+@dataclass
+class _Batch:
+    batch_id: str
+    records: list[auth_pb2.UsageRecord]
+
+
+def _summed(records: dict[_Key, auth_pb2.UsageRecord], record: UsageRecord) -> None:
+    key = (record.tenant, record.key_id, record.model, record.day)
+    total = records.get(key)
+    if total is None:
+        total = records[key] = auth_pb2.UsageRecord(
+            tenant_id=record.tenant, key_id=record.key_id, model=record.model, day=record.day
+        )
+    total.requests += record.requests
+    total.errors += record.errors
+    total.prompt_tokens += record.prompt_tokens
+    total.completion_tokens += record.completion_tokens
+    total.compute_micros += round(record.compute_seconds * 1e6)
+    total.cost += record.cost
+
+
+class UsageLedger:
+    """The gateway's `UsageSink`: batches usage to the auth service's RecordUsage."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, flush_seconds: float = 1.0) -> None:
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._flush_seconds = flush_seconds
+        self._open: dict[_Key, auth_pb2.UsageRecord] = {}
+        self._unsent: list[_Batch] = []
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    def record(self, record: UsageRecord) -> None:
+        _summed(self._open, record)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._send_forever(), name="usage-ledger")
+
+    async def _send_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_seconds)
+            await self.flush()
+
+    async def flush(self) -> bool:
+        """Sends everything recorded so far; True once nothing is left unsent."""
+        if self._open:
+            records, self._open = list(self._open.values()), {}
+            self._unsent.append(_Batch(uuid.uuid4().hex, records))
+        while self._unsent:
+            batch = self._unsent[0]
+            request = auth_pb2.RecordUsageRequest(batch_id=batch.batch_id, records=batch.records)
+            try:
+                await self._stub.RecordUsage(request, timeout=_SEND_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                # Kept and sent again with the same id: nothing is lost or counted twice.
+                if not self._failing:
+                    log.warning(
+                        "usage not recorded yet; will retry",
+                        error=exc.code().name,
+                        batches=len(self._unsent),
+                    )
+                    self._failing = True
+                return False
+            self._unsent.pop(0)
+        if self._failing:
+            log.info("usage recorded again")
+            self._failing = False
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not await self.flush():
+            lost = sum(len(b.records) for b in self._unsent)
+            log.error("usage records could not be sent before stopping", records=lost)

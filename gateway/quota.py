@@ -1,0 +1,236 @@
+"""The gateway's quota stage: what a Generate or Infer call may use is reserved before it
+is forwarded, and settled with what it really used when it ends.
+
+A reservation is one request, an upper bound of the call's tokens and, for Generate, one
+stream slot, per key and per tenant (services.runtime.calls.Limits), and its cost against
+the tenant's monthly spend cap. All of it is reserved in one atomic step of the counter
+store (counters.py in process, redis_counters.py across replicas), or none of it.
+
+Tokens: the prompt's bound is its length in UTF-8 bytes (byte-level tokenizers use one
+token per byte and BPE fewer), plus max_tokens. Cost: the per-model `Price` of those
+tokens at reserve; at settle the price of the tokens really used plus compute time (the
+call's duration). So the spend cap bounds token cost exactly; compute cost is known only
+at the end, settles after, and can take a tenant past its cap by the compute of the calls
+in flight.
+
+When a call ends, its usage goes to a `UsageSink` (the auth service's ledger).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tensorgate.inference.v1 import inference_pb2
+
+from gateway.counters import (
+    MICROS,
+    CounterHold,
+    CounterStore,
+    Demand,
+    UtcCalendar,
+    check_fits,
+    is_limited,
+)
+from services.runtime.calls import Call, Usage
+
+_GENERATE = inference_pb2.GenerateRequest
+_INFER = inference_pb2.InferRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What a model's use costs, in one currency: per 1,000 prompt tokens, per 1,000
+    completion tokens, per second of compute."""
+
+    prompt_per_1k: float = 0.0
+    completion_per_1k: float = 0.0
+    compute_per_second: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One ended call, as the ledger counts it (per tenant, key, model and UTC day)."""
+
+    tenant: str
+    key_id: str
+    model: str
+    day: str  # UTC, "2024-06-30": the day the call was admitted
+    requests: int
+    errors: int  # 1 when the call failed or was cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    compute_seconds: float
+    cost: float
+
+
+class UsageSink(Protocol):
+    def record(self, record: UsageRecord) -> None:
+        """Takes one call's usage. Called on the hot path, once per metered call: it
+        should queue the record and return, not write anywhere itself."""
+        ...
+
+
+def no_prices(model: str) -> Price | None:
+    return None
+
+
+def model_name(ref: str) -> str:
+    """The model name in a reference ("name", "name:3", "name@alias")."""
+    return ref.partition("@")[0].partition(":")[0]
+
+
+class QuotaReservation:
+    """What the gate reserved for one call; settled or released exactly once."""
+
+    __slots__ = ("_call", "_day", "_done", "_gate", "_hold", "_model", "_price")
+
+    def __init__(
+        self,
+        gate: QuotaGate,
+        call: Call,
+        hold: CounterHold | None,
+        model: str,
+        price: Price | None,
+        day: str,
+    ) -> None:
+        self._gate = gate
+        self._call = call
+        self._hold = hold
+        self._model = model
+        self._price = price
+        self._day = day
+        self._done = False
+
+    async def settle(self, usage: Usage | None) -> None:
+        """The call ended normally: count what it used (None: nothing reported)."""
+        await self._end(usage, errors=0)
+
+    async def release(self) -> None:
+        """The call failed or was cancelled: give back what it did not use. The
+        request stays counted (it was admitted), and tokens the call produced before
+        it ended (the handler's `note_usage`, e.g. a cancelled stream) are counted."""
+        await self._end(self._call.usage, errors=1)
+
+    async def _end(self, usage: Usage | None, *, errors: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        call = self._call
+        prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        compute_s = time.perf_counter() - call.started
+        price = self._price
+        cost = (
+            round(
+                prompt * price.prompt_per_1k * 1000
+                + completion * price.completion_per_1k * 1000
+                + compute_s * price.compute_per_second * MICROS
+            )
+            if price is not None
+            else 0
+        )
+        if self._hold is not None:
+            await self._hold.settle(prompt + completion, cost)
+        sink = self._gate.usage
+        if sink is not None:
+            principal = call.principal
+            assert principal is not None  # reserved only for calls with a principal
+            sink.record(
+                UsageRecord(
+                    tenant=principal.tenant,
+                    key_id=principal.key_id,
+                    model=self._model,
+                    day=self._day,
+                    requests=1,
+                    errors=errors,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    compute_seconds=compute_s,
+                    cost=cost / MICROS,
+                )
+            )
+
+
+class QuotaGate:
+    """The quota stage for the gateway's Generate and Infer calls (implements
+    services.runtime.access.QuotaGate); other calls are not metered."""
+
+    def __init__(
+        self,
+        counters: CounterStore,
+        *,
+        prices: Callable[[str], Price | None] = no_prices,
+        usage: UsageSink | None = None,
+        max_stream_s: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`prices` gives a model name's price (None: free); `max_stream_s` is how long a
+        stream slot is held at most when never given back (a gateway that died), for a
+        call without a deadline."""
+        self._counters = counters
+        self._prices = prices
+        self.usage = usage
+        self._max_stream_s = max_stream_s
+        self._clock = clock
+        self._calendar = UtcCalendar()
+
+    async def close(self) -> None:
+        await self._counters.close()
+
+    async def reserve(self, call: Call, request: Any) -> QuotaReservation | None:
+        principal = call.principal
+        if principal is None:
+            return None
+        kind = type(request)
+        if kind is _GENERATE:
+            text = request.prompt
+            # Its UTF-8 length, without copying an ASCII prompt to count it.
+            prompt = len(text) if text.isascii() else len(text.encode())
+            completion = max(request.max_tokens, 0)
+            remaining = call.remaining()
+            # A slot a dead gateway never gave back frees itself a little after the
+            # call's deadline would have ended the stream anyway.
+            stream_s = (
+                self._max_stream_s
+                if remaining is None
+                else min(max(remaining, 0.0) + 1.0, self._max_stream_s)
+            )
+        elif kind is _INFER:
+            prompt = completion = 0
+            stream_s = 0.0
+        else:
+            return None
+        model = model_name(request.model)
+        price = self._prices(model)
+        cost = 0
+        if price is not None:
+            # Rounded up (an upper bound), but not for a float's last-digit error; and
+            # compute, unknown until the end, costs at least one micro-unit, so that a
+            # tenant at its cap is refused even a call priced by compute only.
+            cost = math.ceil(
+                prompt * price.prompt_per_1k * 1000
+                + completion * price.completion_per_1k * 1000
+                - 1e-6
+            ) + (1 if price.compute_per_second > 0 else 0)
+        day = self._calendar.at(self._clock()).day_name
+        cap = principal.monthly_spend_cap
+        if not (cap or is_limited(principal.key_limits) or is_limited(principal.tenant_limits)):
+            # Nothing to enforce: no trip to the counters, only the ledger.
+            return QuotaReservation(self, call, None, model, price, day)
+        demand = Demand(
+            key_id=principal.key_id,
+            tenant=principal.tenant,
+            key_limits=principal.key_limits,
+            tenant_limits=principal.tenant_limits,
+            tokens=prompt + completion,
+            stream_s=stream_s,
+            spend_cap=round(cap * MICROS),
+            spend_seed=round(principal.month_spend * MICROS),
+            cost=cost,
+        )
+        check_fits(demand)
+        hold = await self._counters.reserve(demand)
+        return QuotaReservation(self, call, hold, model, price, day)

@@ -1,0 +1,1 @@
+"""The auth/quota service: tenants, API keys, quotas, prices and the usage ledger."""

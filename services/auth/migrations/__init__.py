@@ -1,0 +1,1 @@
+"""The auth service's schema migrations (Alembic), run by `AuthStore.open`."""

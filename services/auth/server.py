@@ -1,0 +1,82 @@
+"""Builds and runs the auth/quota service: its store, its first admin key, the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
+
+from services.auth.authenticator import AuthServiceAuthenticator
+from services.auth.bootstrap import bootstrap_admin_key
+from services.auth.servicer import AuthServiceServicer
+from services.auth.settings import AuthSettings
+from services.auth.store import AuthStore
+from services.runtime.main import run_service
+from services.runtime.metrics import ServiceMetrics
+from services.runtime.server import GrpcService, ServiceBinding, build_server
+from services.store.database import database_url
+
+log = structlog.get_logger("tensorgate.auth")
+
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+
+
+@dataclass
+class AuthServer:
+    """A running auth service: its gRPC service over its store."""
+
+    service: GrpcService
+    store: AuthStore
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    async def wait_failed(self) -> str:
+        """A lost database fails the calls that need it until it is back, not the service."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        try:
+            await self.service.stop()
+        finally:
+            await self.store.close()
+
+
+async def start_auth(settings: AuthSettings) -> AuthServer:
+    """Opens (and migrates) the store, makes the first admin key if asked, starts serving."""
+    url = database_url(settings.database_url.get_secret_value(), settings.data_dir, "auth")
+    store = await AuthStore.open(url)
+    try:
+        if settings.bootstrap_admin_key_file is not None:
+            await bootstrap_admin_key(store, settings.bootstrap_admin_key_file)
+        service = build_server(
+            settings,
+            [
+                ServiceBinding.of(
+                    auth_pb2_grpc.add_AuthServiceServicer_to_server, AuthServiceServicer(store)
+                )
+            ],
+            name="auth",
+            metrics=ServiceMetrics("auth"),
+            authenticator=AuthServiceAuthenticator(store),
+        )
+        await service.start()
+    except BaseException:
+        await store.close()
+        raise
+    log.info("auth ready")
+    return AuthServer(service=service, store=store)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_service(AuthSettings, start_auth, argv, prog="tensorgate-auth")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

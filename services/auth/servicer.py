@@ -1,0 +1,146 @@
+"""AuthService: the auth service's RPCs, each a thin step from the request to the store.
+
+What a call may do and what it means lives in the store (store.py, keys.py,
+ledger.py); who may call it is decided before it runs (authenticator.py). This file
+reads requests, limits a tenant's key to its own usage, and hands back messages.
+Domain errors raised below become statuses in the runtime's pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from tensorgate.auth.v1 import auth_pb2 as pb
+from tensorgate.auth.v1 import auth_pb2_grpc
+
+from services.auth.records import QUOTA_FIELDS, KeyRefused, QuotaUpdate
+from services.auth.store import AuthStore
+from services.runtime import calls
+from services.runtime.errors import PermissionDenied, Unauthenticated
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _quota_update(request: pb.UpdateTenantRequest | pb.UpdateApiKeyRequest) -> QuotaUpdate:
+    # ListFields holds the optional fields that were sent, zeros included.
+    sent = {field.name: value for field, value in request.ListFields()}
+    return QuotaUpdate(**{name: sent[name] for name in QUOTA_FIELDS if name in sent})
+
+
+class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, store: AuthStore) -> None:
+        self._store = store
+
+    # --- tenants --------------------------------------------------------------------------
+
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context: Context) -> pb.Tenant:
+        calls.note(subject_tenant=request.tenant.id[:128])
+        return await self._store.create_tenant(request.tenant)
+
+    async def GetTenant(self, request: pb.GetTenantRequest, context: Context) -> pb.Tenant:
+        return await self._store.get_tenant(request.id)
+
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, context: Context
+    ) -> pb.ListTenantsResponse:
+        return pb.ListTenantsResponse(tenants=await self._store.list_tenants())
+
+    async def UpdateTenant(self, request: pb.UpdateTenantRequest, context: Context) -> pb.Tenant:
+        calls.note(subject_tenant=request.id[:128])
+        return await self._store.update_tenant(
+            request.id,
+            quota=_quota_update(request),
+            monthly_spend_cap=(
+                request.monthly_spend_cap if request.HasField("monthly_spend_cap") else None
+            ),
+            description=request.description if request.HasField("description") else None,
+        )
+
+    # --- keys -----------------------------------------------------------------------------
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: Context
+    ) -> pb.CreateApiKeyResponse:
+        created = await self._store.create_key(
+            request.tenant_id,
+            name=request.name,
+            models=list(request.models),
+            admin=request.admin,
+            quota=request.quota,
+            expire_us=(
+                request.expire_time.ToMicroseconds() if request.HasField("expire_time") else None
+            ),
+        )
+        calls.note(created_key_id=created.key.key_id)
+        return created
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context: Context
+    ) -> pb.ListApiKeysResponse:
+        return pb.ListApiKeysResponse(keys=await self._store.list_keys(request.tenant_id))
+
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
+        revoked = await self._store.revoke_key(request.key_id)
+        calls.note(revoked_key_id=revoked.key_id)
+        return revoked
+
+    async def RotateApiKey(
+        self, request: pb.RotateApiKeyRequest, context: Context
+    ) -> pb.CreateApiKeyResponse:
+        rotated = await self._store.rotate_key(request.key_id, grace_seconds=request.grace_seconds)
+        calls.note(rotated_key_id=request.key_id, created_key_id=rotated.key.key_id)
+        return rotated
+
+    async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context: Context) -> pb.ApiKey:
+        return await self._store.update_key(request.key_id, quota=_quota_update(request))
+
+    # --- prices ---------------------------------------------------------------------------
+
+    async def SetPrice(self, request: pb.SetPriceRequest, context: Context) -> pb.Price:
+        return await self._store.set_price(request.price)
+
+    async def ListPrices(
+        self, request: pb.ListPricesRequest, context: Context
+    ) -> pb.ListPricesResponse:
+        return pb.ListPricesResponse(prices=await self._store.list_prices())
+
+    # --- for gateways ---------------------------------------------------------------------
+
+    async def Authenticate(self, request: pb.AuthenticateRequest, context: Context) -> pb.Principal:
+        try:
+            principal = await self._store.authenticate(request.key)
+        except KeyRefused as refused:
+            # Why, for the operator's log line; the gateway hears "invalid API key" only.
+            calls.note(auth_refused=refused.reason)
+            if refused.key_id:
+                calls.note(key_id=refused.key_id)
+            raise
+        calls.note(key_id=principal.key_id, tenant=principal.tenant_id)
+        return principal
+
+    async def RecordUsage(
+        self, request: pb.RecordUsageRequest, context: Context
+    ) -> pb.RecordUsageResponse:
+        applied = await self._store.record_usage(request.batch_id, request.records)
+        calls.note(records=len(request.records), repeated_batch=not applied)
+        return pb.RecordUsageResponse()
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        call = calls.current()
+        caller = call.principal if call is not None else None
+        if caller is None:  # the authenticator lets no keyless GetUsage through
+            raise Unauthenticated("an API key is required (authorization: Bearer tg_...)")
+        tenant_id = request.tenant_id
+        if not caller.admin:
+            if tenant_id and tenant_id != caller.tenant:
+                raise PermissionDenied("a tenant's key sees only its own tenant's usage")
+            tenant_id = caller.tenant
+        records = await self._store.get_usage(
+            tenant_id=tenant_id,
+            key_id=request.key_id,
+            model=request.model,
+            start_day=request.start_day,
+            end_day=request.end_day,
+        )
+        return pb.GetUsageResponse(records=records)

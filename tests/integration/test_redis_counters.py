@@ -1,0 +1,348 @@
+"""Quota counters in a real Redis, shared by two gateways' stores: exact under
+concurrency, all-or-nothing, and failing closed or open when Redis goes away.
+
+Redis: TEST_REDIS_URL, else redis://127.0.0.1:6379/15; each test's keys live under a
+prefix of its own, deleted after it. Without a Redis the tests skip saying why, except
+on CI (CI=true), where they fail. Tests that stop Redis start a private redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from structlog.testing import capture_logs
+from tensorgate.inference.v1 import inference_pb2
+
+from gateway.counters import MICROS
+from gateway.quota import Price, QuotaGate, QuotaReservation
+from gateway.redis_counters import RedisCounters
+from services.runtime.calls import Call, Limits, Principal, Usage
+from services.runtime.errors import ResourceExhausted, Unavailable
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="module")
+async def redis_url() -> str:
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        why = f"no Redis at {REDIS_URL} ({exc}); set TEST_REDIS_URL"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    finally:
+        await client.aclose()
+    return REDIS_URL
+
+
+@pytest.fixture
+async def prefix(redis_url: str) -> AsyncIterator[str]:
+    name = f"tgtest:{uuid.uuid4().hex}:"
+    yield name
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{name}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def two_gateways(redis_url: str, prefix: str) -> AsyncIterator[tuple[QuotaGate, QuotaGate]]:
+    price = Price(prompt_per_1k=0.1, completion_per_1k=0.1)
+    gates = tuple(
+        QuotaGate(RedisCounters(redis_url, prefix=prefix), prices=lambda model: price)
+        for _ in range(2)
+    )
+    yield gates[0], gates[1]
+    for gate in gates:
+        await gate.close()
+
+
+NO_LIMITS = Limits()
+
+
+def principal(key: Limits = NO_LIMITS, tenant: Limits = NO_LIMITS, cap: float = 0.0) -> Principal:
+    return Principal(
+        key_id="k1", tenant="acme", key_limits=key, tenant_limits=tenant, monthly_spend_cap=cap
+    )
+
+
+def call(who: Principal, deadline_s: float | None = None) -> Call:
+    started = time.perf_counter()
+    return Call(
+        method="/tensorgate.gateway.v1.InferenceGateway/Generate",
+        request_id="r1",
+        started=started,
+        deadline=None if deadline_s is None else started + deadline_s,
+        peer="test",
+        metadata=(),
+        principal=who,
+    )
+
+
+def generate(max_tokens: int = 100) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(model="tinylm", prompt="0123456789", max_tokens=max_tokens)
+
+
+def infer() -> inference_pb2.InferRequest:
+    return inference_pb2.InferRequest(model="digits")
+
+
+async def attempt(
+    gates: tuple[QuotaGate, ...], who: Principal, count: int, request: Any
+) -> list[Any]:
+    """`count` reservations at once, spread over `gates`."""
+    return await asyncio.gather(
+        *(gates[n % len(gates)].reserve(call(who), request) for n in range(count)),
+        return_exceptions=True,
+    )
+
+
+def admitted(results: list[Any]) -> list[QuotaReservation]:
+    unexpected = [r for r in results if not isinstance(r, QuotaReservation | ResourceExhausted)]
+    assert not unexpected, unexpected
+    return [r for r in results if isinstance(r, QuotaReservation)]
+
+
+async def test_two_gateways_admit_exactly_the_requests_per_minute(
+    two_gateways: tuple[QuotaGate, QuotaGate],
+) -> None:
+    who = principal(key=Limits(requests_per_minute=100))
+    results = await attempt(two_gateways, who, 1000, infer())
+    assert len(admitted(results)) == 100
+    subjects = {r.subject for r in results if isinstance(r, ResourceExhausted)}
+    assert subjects == {"key:k1:requests_per_minute"}
+    assert all(0 < r.retry_after_s <= 60 for r in results if isinstance(r, ResourceExhausted))
+
+
+async def test_concurrent_streams_across_gateways(
+    two_gateways: tuple[QuotaGate, QuotaGate],
+) -> None:
+    who = principal(tenant=Limits(concurrent_streams=3))
+    results = await attempt(two_gateways, who, 10, generate())
+    running = admitted(results)
+    assert len(running) == 3
+    refusals = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert len(refusals) == 7
+    assert {(r.subject, r.retry_after_s) for r in refusals} == {
+        ("tenant:acme:concurrent_streams", 1.0)
+    }
+    for reservation in running:
+        await reservation.settle(Usage(10, 20))
+    assert len(admitted(await attempt(two_gateways, who, 10, generate()))) == 3
+
+
+async def test_the_spend_cap_is_never_overrun(
+    two_gateways: tuple[QuotaGate, QuotaGate], redis_url: str, prefix: str
+) -> None:
+    # Each call may cost (10 + 100) tokens * 0.0001 = 0.011: 90 fit in 1.00.
+    who = principal(cap=1.0)
+    results = await attempt(two_gateways, who, 200, generate())
+    running = admitted(results)
+    assert len(running) == 90
+    assert {r.subject for r in results if isinstance(r, ResourceExhausted)} == {
+        "tenant:acme:monthly_spend_cap"
+    }
+    month = datetime.now(UTC).strftime("%Y-%m")
+    client = Redis.from_url(redis_url)
+    try:
+        key = f"{prefix}{{acme}}:spend:{month}"
+        assert int(await client.get(key) or 0) == 90 * 11_000 <= MICROS
+        for reservation in running:
+            await reservation.settle(Usage(10, 40))  # 0.005 each
+        assert int(await client.get(key) or 0) == 90 * 5_000
+        assert await client.ttl(key) > 0
+    finally:
+        await client.aclose()
+
+
+async def test_settle_and_release_in_redis(two_gateways: tuple[QuotaGate, QuotaGate]) -> None:
+    first, second = two_gateways
+    who = principal(key=Limits(requests_per_minute=4, tokens_per_minute=300, tokens_per_day=400))
+    a = await first.reserve(call(who), generate())  # 110 reserved
+    b = await second.reserve(call(who), generate())  # 220
+    assert a is not None and b is not None
+    with pytest.raises(ResourceExhausted) as over:
+        await first.reserve(call(who), generate())
+    assert over.value.subject == "key:k1:tokens_per_minute"
+    assert 59 < over.value.retry_after_s <= 60
+    await a.settle(Usage(4, 6))  # 10 really used: 120
+    await b.release()  # nothing used: 10, and b's request still counts
+    await b.release()
+    c = await second.reserve(call(who), generate())  # 120 in the window, 130 today
+    assert c is not None
+    await first.reserve(call(who), infer())  # the 4th request of the minute
+    with pytest.raises(ResourceExhausted) as over:
+        await second.reserve(call(who), infer())
+    assert over.value.subject == "key:k1:requests_per_minute"
+    await c.settle(Usage(10, 290))  # 300 really used: 310 today
+    with pytest.raises(ResourceExhausted) as over:
+        await first.reserve(call(principal(key=Limits(tokens_per_day=400))), generate())
+    assert over.value.subject == "key:k1:tokens_per_day"
+    assert "used 310 of its 400" in over.value.message
+
+
+async def test_every_counter_expires_by_itself(
+    two_gateways: tuple[QuotaGate, QuotaGate], redis_url: str, prefix: str
+) -> None:
+    limits = Limits(
+        requests_per_minute=10, tokens_per_minute=1000, tokens_per_day=1000, concurrent_streams=2
+    )
+    await two_gateways[0].reserve(call(principal(limits, limits, cap=5.0), 30.0), generate())
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        assert len(keys) == 9
+        for key in keys:
+            assert await client.ttl(key) > 0, key
+    finally:
+        await client.aclose()
+
+
+async def test_a_stream_slot_never_given_back_expires_after_the_deadline(
+    two_gateways: tuple[QuotaGate, QuotaGate],
+) -> None:
+    gate, who = two_gateways[0], principal(key=Limits(concurrent_streams=1))
+    # Reserved and never settled, as by a gateway that died: held until 1 s past the
+    # call's deadline.
+    await gate.reserve(call(who, deadline_s=0.2), generate())
+    with pytest.raises(ResourceExhausted):
+        await gate.reserve(call(who), generate())
+    await asyncio.sleep(1.4)
+    assert await gate.reserve(call(who), generate()) is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_redis_unreachable_fails_closed() -> None:
+    gate = QuotaGate(RedisCounters(f"redis://127.0.0.1:{_free_port()}/0"))
+    try:
+        started = time.monotonic()
+        with capture_logs() as logs, pytest.raises(Unavailable) as error:
+            await gate.reserve(call(principal(key=Limits(requests_per_minute=5))), infer())
+        assert error.value.message == "quota store unreachable; retry shortly"
+        with capture_logs() as again, pytest.raises(Unavailable):
+            await gate.reserve(call(principal(key=Limits(requests_per_minute=5))), infer())
+        assert time.monotonic() - started < 1.0
+        assert [log["event"] for log in logs] == ["quota store unreachable"]
+        assert again == []
+    finally:
+        await gate.close()
+
+
+async def test_redis_unreachable_fails_open_counting_locally() -> None:
+    gate = QuotaGate(RedisCounters(f"redis://127.0.0.1:{_free_port()}/0", fail_open=True))
+    who = principal(key=Limits(requests_per_minute=2))
+    try:
+        with capture_logs() as logs:
+            assert await gate.reserve(call(who), infer()) is not None
+            assert await gate.reserve(call(who), infer()) is not None
+            with pytest.raises(ResourceExhausted) as over:
+                await gate.reserve(call(who), infer())
+        assert over.value.subject == "key:k1:requests_per_minute"
+        assert [log["event"] for log in logs] == ["quota store unreachable"]
+    finally:
+        await gate.close()
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, to stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        why = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+async def test_redis_going_away_and_coming_back(
+    private_redis: PrivateRedis, fail_open: bool
+) -> None:
+    counters = RedisCounters(private_redis.url, fail_open=fail_open, recheck_s=0.2)
+    gate, who = QuotaGate(counters), principal(key=Limits(concurrent_streams=1))
+    try:
+        held = await gate.reserve(call(who), generate())
+        assert held is not None
+        private_redis.stop()
+        with capture_logs() as logs:
+            if fail_open:
+                local = await gate.reserve(call(who), generate())  # counted here
+                assert local is not None
+                with pytest.raises(ResourceExhausted):
+                    await gate.reserve(call(who), generate())
+                await local.settle(Usage(1, 1))
+            else:
+                with pytest.raises(Unavailable):
+                    await gate.reserve(call(who), generate())
+            await held.settle(Usage(1, 1))  # lost with Redis, not raised
+            assert counters.lost_settlements == 1
+            private_redis.start()  # empty, and without the scripts: NOSCRIPT, loaded again
+            await asyncio.sleep(0.25)
+            assert await gate.reserve(call(who), generate()) is not None
+            with pytest.raises(ResourceExhausted):
+                await gate.reserve(call(who), generate())  # in Redis again
+        assert [log["event"] for log in logs] == [
+            "quota store unreachable",
+            "quota store reachable again; counting in redis",
+        ]
+    finally:
+        await gate.close()
