@@ -3,7 +3,9 @@
 Starts the bundled CPU Triton, a worker and a gateway as in production, and two
 bare pass-through hops (bench/bare_hop.py), each in its own process, and drives:
 - unary: digits, batch 1, at concurrency 1 and 16, direct to Triton, through one
-  bare hop, through two bare hops in a chain, and through gateway -> worker;
+  bare hop, through two bare hops in a chain, through gateway -> worker, and through
+  a second gateway that checks an API key and meters its quotas (every limit set,
+  in-process counters) in front of the same worker;
 - streaming: the bench's no-compute model (bench/models/nocompute), one stream and
   16 concurrent, direct, through two bare hops and through the gateway;
 - streaming: tinylm, greedy, one generation at a time, direct and through the gateway.
@@ -37,6 +39,8 @@ from bench.measure import (
     GATEWAY,
     HOP_A,
     HOP_B,
+    KEYED_CHAIN,
+    KEYED_GATEWAY,
     ONE_HOP,
     STUBS,
     TRITON,
@@ -61,7 +65,7 @@ START_TIMEOUT = 300.0
 def _meter(stack: BenchStack) -> CpuMeter:
     meter = CpuMeter()
     meter.add_process(CLIENT, os.getpid())
-    for role in (HOP_A, HOP_B, GATEWAY, WORKER):
+    for role in (HOP_A, HOP_B, GATEWAY, KEYED_GATEWAY, WORKER):
         meter.add_process(role, stack.processes[role].pid)
     meter.add_process(TRITON, stack.triton_pid)
     # Triton leads its own process group; its backend stubs are the rest of it.
@@ -88,6 +92,7 @@ class Targets:
 
     channels: dict[str, grpc.aio.Channel]
     gateway_metadata: calls.Metadata
+    keyed_metadata: calls.Metadata
 
     def kserve(self, path: str) -> grpc.aio.Channel:
         return self.channels[path]
@@ -100,6 +105,7 @@ class Targets:
 async def bench_unary(meter: CpuMeter, targets: Targets, options: Options) -> list[Unary]:
     paths = {path: calls.kserve_infer(targets.kserve(path)) for path in (DIRECT, ONE_HOP, TWO_HOPS)}
     paths[CHAIN] = calls.gateway_infer(targets.gateway, targets.gateway_metadata)
+    paths[KEYED_CHAIN] = calls.gateway_infer(targets.channels[KEYED_CHAIN], targets.keyed_metadata)
     for call in paths.values():
         await warm_unary(call)
     seconds = options.seconds / options.rounds
@@ -182,10 +188,15 @@ async def main_async(options: Options) -> str:
             ONE_HOP: stack.address("hop-b"),
             TWO_HOPS: stack.address("hop-a"),
             CHAIN: stack.address("gateway"),
+            KEYED_CHAIN: stack.address("gateway-keys"),
         }
+        key = await calls.metered_key(
+            stack.address("gateway-keys"), stack.admin_key_file.read_text().strip()
+        )
         targets = Targets(
             {path: grpc.aio.insecure_channel(a) for path, a in addresses.items()},
             calls.gateway_metadata(options.api_key),
+            calls.gateway_metadata(key),
         )
         try:
             print("measuring unary Infer...", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.tensors import encode_bytes, to_tensor
@@ -107,3 +108,33 @@ def gateway_stream(
             yield len(chunk.token_ids)
 
     return generate
+
+
+async def metered_key(address: str, admin_key: str) -> str:
+    """A tenant and a key with every quota set (far above what the bench reaches), so each
+    call is authenticated and checked against every limit; returns the key."""
+    limits = auth_pb2.Quota(
+        requests_per_minute=10**9,
+        tokens_per_minute=10**12,
+        tokens_per_day=10**12,
+        concurrent_streams=10**6,
+    )
+    admin = gateway_metadata(admin_key)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        await stub.CreateTenant(
+            auth_pb2.CreateTenantRequest(tenant=auth_pb2.Tenant(id="bench", quota=limits)),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.UpdateTenant(
+            auth_pb2.UpdateTenantRequest(id="bench", monthly_spend_cap=10.0**9),
+            metadata=admin,
+            timeout=10,
+        )
+        created = await stub.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(tenant_id="bench", models=["*"], quota=limits),
+            metadata=admin,
+            timeout=10,
+        )
+    return str(created.secret)

@@ -11,18 +11,22 @@ from bench.load import StreamResult, UnaryResult
 
 # Roles of the processes, in the order the report shows them.
 CLIENT, HOP_A, HOP_B, GATEWAY, WORKER = "client", "hop-a", "hop-b", "gateway", "worker"
+# A second gateway in front of the same worker, with API keys and quotas on.
+KEYED_GATEWAY = "gateway-keys"
 # Triton is two roles: the server, and its Python-backend stubs (one process per
 # model instance, where the models' Python code runs).
 TRITON, STUBS = "triton", "stubs"
-ROLES = (CLIENT, HOP_A, HOP_B, GATEWAY, WORKER, TRITON, STUBS)
+ROLES = (CLIENT, HOP_A, HOP_B, GATEWAY, KEYED_GATEWAY, WORKER, TRITON, STUBS)
 
 # Paths a call can take, and the processes on each (the client is on all of them).
 DIRECT, ONE_HOP, TWO_HOPS, CHAIN = "direct", "1 bare hop", "2 bare hops", "gateway"
+KEYED_CHAIN = "gateway, keys+quota"
 PATH_ROLES: dict[str, tuple[str, ...]] = {
     DIRECT: (CLIENT, TRITON, STUBS),
     ONE_HOP: (CLIENT, HOP_B, TRITON, STUBS),
     TWO_HOPS: (CLIENT, HOP_A, HOP_B, TRITON, STUBS),
     CHAIN: (CLIENT, GATEWAY, WORKER, TRITON, STUBS),
+    KEYED_CHAIN: (CLIENT, KEYED_GATEWAY, WORKER, TRITON, STUBS),
 }
 
 R = TypeVar("R", UnaryResult, StreamResult)

@@ -15,6 +15,8 @@ from bench.measure import (
     GATEWAY,
     HOP_A,
     HOP_B,
+    KEYED_CHAIN,
+    KEYED_GATEWAY,
     ONE_HOP,
     ROLES,
     STUBS,
@@ -33,12 +35,14 @@ TOKEN_CPU_US = 40.0  # CPU per streamed token, per hop
 STREAM_SHARE = 0.90  # 16 no-compute streams through the gateway, share of direct tokens/s
 TTFT_EXTRA_MS = 1.5  # time to first token, over direct
 BUSY = 16  # the concurrency the throughput budgets are judged at
+ACCESS_CPU_US = 50.0  # authentication and quota together, per call (in-process counters)
 
 ROLE_TITLES = {
     CLIENT: "client",
     HOP_A: "hop A",
     HOP_B: "hop B",
     GATEWAY: "gateway",
+    KEYED_GATEWAY: "gateway (keys)",
     WORKER: "worker",
     TRITON: "Triton",
     STUBS: "stubs",
@@ -101,6 +105,18 @@ def budgets(unary: Sequence[Unary], nocompute: Sequence[Streamed]) -> list[Budge
             f"<= {ADDED_P50_FACTOR}x {two_hops:.2f} = {ADDED_P50_FACTOR * two_hops:.2f} ms",
             added <= ADDED_P50_FACTOR * two_hops,
             f"two hops add {two_hops:.2f} ms, one {one_hop:.2f} ms",
+        )
+    )
+    keyed = _find(unary, KEYED_CHAIN, BUSY)
+    plain = _us(chain, GATEWAY)
+    added_us = _us(keyed, KEYED_GATEWAY) - plain
+    out.append(
+        Budget(
+            f"CPU per unary call added by keys + quotas, gateway (concurrency {BUSY})",
+            f"{added_us:+.0f} us ({_us(keyed, KEYED_GATEWAY):.0f} vs {plain:.0f} us without)",
+            f"< {ACCESS_CPU_US:.0f} us",
+            added_us < ACCESS_CPU_US,
+            "in-process counters; key cached; every limit set",
         )
     )
     streams = _find(nocompute, CHAIN, BUSY)
@@ -180,7 +196,9 @@ def report(
         "",
         "- Paths: direct = client -> Triton (KServe v2); 1 bare hop = client -> hop B -> "
         "Triton; 2 bare hops = client -> hop A -> hop B -> Triton; gateway = client -> "
-        "gateway -> worker -> Triton. A bare hop is a grpc.aio generic handler that forwards "
+        "gateway -> worker -> Triton; 'gateway, keys+quota' = the same through a second "
+        "gateway that checks an API key and meters every quota of it (in-process counters). "
+        "A bare hop is a grpc.aio generic handler that forwards "
         "bytes (bench/bare_hop.py).",
         "- CPU columns: utime + stime from /proc, per call or per token, by process. Triton "
         f"is tritonserver; stubs are its {triton_processes - 1} Python-backend stub processes, "

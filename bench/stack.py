@@ -48,7 +48,9 @@ class BenchStack:
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self.triton = BundledTriton(model_repository(work_dir), work_dir / "triton")
-        self.ports = {name: free_port() for name in ("worker", "gateway", "hop-a", "hop-b")}
+        names = ("worker", "gateway", "gateway-keys", "auth", "hop-a", "hop-b")
+        self.ports = {name: free_port() for name in names}
+        self.admin_key_file = work_dir / "auth" / "admin.key"
         self.processes: dict[str, asyncio.subprocess.Process] = {}
 
     def address(self, name: str) -> str:
@@ -105,6 +107,22 @@ class BenchStack:
             log_format="json",
         )
         await self._spawn("gateway", "gateway", *gateway)
+        auth = _flags(
+            port=self.ports["auth"],
+            metrics_port=-1,
+            data_dir=self.work_dir / "auth",
+            bootstrap_admin_key_file=self.admin_key_file,
+            log_format="json",
+        )
+        await self._spawn("auth", "services.auth", *auth)
+        keyed = _flags(
+            port=self.ports["gateway-keys"],
+            metrics_port=-1,
+            workers=self.address("worker"),
+            auth=self.address("auth"),
+            log_format="json",
+        )
+        await self._spawn("gateway-keys", "gateway", *keyed)
         await self._wait_ready(timeout)
 
     def _check_alive(self) -> None:
@@ -137,7 +155,7 @@ class BenchStack:
         )
 
     async def _hops_listen(self) -> bool:
-        for name in ("hop-a", "hop-b"):
+        for name in ("hop-a", "hop-b", "gateway-keys"):
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.ports[name])
             except OSError:
@@ -147,8 +165,8 @@ class BenchStack:
         return True
 
     async def stop(self, timeout: float = 20.0) -> None:
-        """Front to back: gateway, worker, hops, then Triton."""
-        for name in ("gateway", "worker", "hop-a", "hop-b"):
+        """Front to back: gateways, auth, worker, hops, then Triton."""
+        for name in ("gateway", "gateway-keys", "auth", "worker", "hop-a", "hop-b"):
             process = self.processes.pop(name, None)
             if process is None:
                 continue
