@@ -1,10 +1,17 @@
 """The `tensorgate` command: run the platform locally, call it, and manage its models.
 
-tensorgate up                      start worker + gateway; Ctrl-C stops all
+\b
+tensorgate up                      start registry, auth, worker, gateway; Ctrl-C stops all
 tensorgate generate "ROMEO:"       stream a generation to the terminal
 tensorgate infer digits --input image=@models/examples/digits.json
 tensorgate demo                    up, stream a prompt, one unary call, down
 tensorgate models ...              the model registry (list, upload, alias, deploy, ...)
+tensorgate tenants | keys ...      tenants and their API keys (admin key needed)
+tensorgate quotas | prices ...     limits per tenant and key, prices per model
+tensorgate usage [--csv]           the usage ledger: requests, tokens, compute, cost
+
+Client commands take the key from --api-key or TENSORGATE_API_KEY; `tensorgate up`
+writes the admin key to <data dir>/auth/admin.key on its first start.
 
 Exit codes: 0 done, 1 the call or the platform failed (one `error: ...` line on
 stderr), 2 the command line cannot be acted on, 130 interrupted.
@@ -30,9 +37,12 @@ from tensorgate.model_folder import ModelFolderError
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 from tensorgate.tensors import NUMPY_TYPES
 
+from launcher.auth_commands import keys_app, tenants_app
 from launcher.local import LocalPlatform
 from launcher.options import DEFAULT_ADDRESS, Address, ApiKey, UsageError
+from launcher.quota_commands import prices_app, quotas_app
 from launcher.registry_commands import models_app
+from launcher.usage_commands import usage
 
 DEMO_PROMPT = "ROMEO:\n"
 EXAMPLES = Path(__file__).resolve().parent.parent / "models" / "examples"
@@ -47,6 +57,10 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(models_app, name="models")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(quotas_app, name="quotas")
+app.add_typer(prices_app, name="prices")
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,10 @@ def up(
     port: Annotated[int, typer.Option(help="gateway port")] = 50051,
     data_dir: DataDir = Path(".data"),
     metrics_port: Annotated[
-        int, typer.Option(help="gateway /metrics port; the worker's is the next one; -1: off")
+        int,
+        typer.Option(
+            help="gateway /metrics port; the worker's is +1, the registry's +2, auth's +3; -1: off"
+        ),
     ] = 9400,
 ) -> None:
     """Start every service in the foreground; Ctrl-C stops them all."""
@@ -89,11 +106,21 @@ def up(
 
 async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
     platform = LocalPlatform(gateway_port=port, data_dir=data_dir, metrics_port=metrics_port)
-    print("starting the worker (bundled Triton) and the gateway...", file=sys.stderr)
+    print(
+        "starting the model registry, the auth service, the worker (bundled Triton) and the "
+        "gateway...",
+        file=sys.stderr,
+    )
     models = await platform.start()
+    _say_admin_key(platform)
+    services = ("gateway", "worker", "registry", "auth")
     metrics = (
-        f" Metrics: http://127.0.0.1:{metrics_port}/metrics (gateway), "
-        f"http://127.0.0.1:{metrics_port + 1}/metrics (worker)."
+        " Metrics: "
+        + ", ".join(
+            f"http://127.0.0.1:{metrics_port + offset}/metrics ({name})"
+            for offset, name in enumerate(services)
+        )
+        + "."
         if metrics_port > 0
         else ""
     )
@@ -119,6 +146,19 @@ async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
     await platform.stop()
     print("stopped", file=sys.stderr)
     return code
+
+
+def _say_admin_key(platform: LocalPlatform) -> None:
+    """The admin key in full only on the start that made it; afterwards, where it is."""
+    where = platform.admin_key_file
+    if platform.admin_key_created:
+        print(
+            f"admin API key (shown once; kept in {where}, mode 0600): {platform.admin_key}\n"
+            f"  export TENSORGATE_API_KEY=$(cat {where})",
+            file=sys.stderr,
+        )
+    else:
+        print(f"admin API key: kept in {where}", file=sys.stderr)
 
 
 async def _stream(client: AsyncGatewayClient, ask: Generation) -> None:
@@ -249,19 +289,27 @@ async def _demo(ask: Generation, data_dir: Path) -> None:
     log_file = data_dir / "logs" / "demo.log"
     platform = LocalPlatform(gateway_port=0, data_dir=data_dir, log_file=log_file)
     print(
-        "starting tensorgate (model registry + worker with the bundled CPU Triton + gateway; "
-        f"logs in {log_file}); the demo models are registered through the registry...",
+        "starting tensorgate (model registry + auth service + worker with the bundled CPU "
+        f"Triton + gateway; logs in {log_file}); the demo models are registered through the "
+        "registry...",
         file=sys.stderr,
     )
     started = time.perf_counter()
     models = await platform.start()
     print(
         f"up in {time.perf_counter() - started:.1f}s at {platform.gateway_address}: "
-        f"{', '.join(models)}\n",
+        f"{', '.join(models)}",
+        file=sys.stderr,
+    )
+    _say_admin_key(platform)
+    print(
+        "the calls below present the admin API key (authorization: Bearer ...)\n",
         file=sys.stderr,
     )
     try:
-        async with AsyncGatewayClient(platform.gateway_address) as client:
+        async with AsyncGatewayClient(
+            platform.gateway_address, api_key=platform.admin_key
+        ) as client:
             print(
                 f"$ tensorgate generate {ask.prompt!r} --model {ask.model} "
                 f"--max-tokens {ask.max_tokens}",
@@ -280,6 +328,10 @@ async def _demo(ask: Generation, data_dir: Path) -> None:
     finally:
         await platform.stop()
         print("platform stopped", file=sys.stderr)
+
+
+# Registered here, after the platform's own commands, so that --help lists it after them.
+app.command()(usage)
 
 
 def _error(message: object, code: int) -> int:

@@ -1,6 +1,6 @@
 """What the `tensorgate` CLI's client commands share: where to connect, the key, the
-arguments the registry commands have in common, one way to run a registry call, and the
-error a command raises when its command line cannot be acted on."""
+arguments the registry commands have in common, one way to run a registry or an auth
+call, and the error a command raises when its command line cannot be acted on."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, TypeVar
 
 import typer
+from tensorgate.auth_client import AsyncAuthClient
 from tensorgate.registry_client import AsyncRegistryClient
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -22,7 +23,7 @@ Address = Annotated[
         "--gateway",
         envvar="TENSORGATE_ADDRESS",
         metavar="HOST:PORT",
-        help="the gateway (host:port); it forwards the registry's calls too",
+        help="the gateway (host:port); it forwards the registry's and the auth service's calls too",
     ),
 ]
 ApiKey = Annotated[
@@ -31,7 +32,8 @@ ApiKey = Annotated[
         "--api-key",
         envvar="TENSORGATE_API_KEY",
         metavar="KEY",
-        help="sent as `authorization: Bearer <key>`",
+        help="sent as `authorization: Bearer <key>`; `tensorgate up` keeps the admin key "
+        "in .data/auth/admin.key",
         show_default=False,
     ),
 ]
@@ -57,6 +59,18 @@ def with_registry(
     async def run() -> _T:
         async with AsyncRegistryClient(address, api_key=api_key) as registry:
             return await work(registry)
+
+    return asyncio.run(run())
+
+
+def with_auth(
+    address: str, api_key: str | None, work: Callable[[AsyncAuthClient], Awaitable[_T]]
+) -> _T:
+    """Runs `work` on an auth client over one channel, closed after."""
+
+    async def run() -> _T:
+        async with AsyncAuthClient(address, api_key=api_key) as auth:
+            return await work(auth)
 
     return asyncio.run(run())
 

@@ -116,3 +116,8 @@ def transfer_progress(description: str) -> Iterator[ProgressCallback | None]:
             bar.update(task, completed=done, total=total)
 
         yield advance
+
+
+def limit(n: int) -> str:
+    """A quota limit; 0 (no limit) is "-" for people and stays 0 for scripts."""
+    return str(n) if n or not stdout_is_terminal() else "-"

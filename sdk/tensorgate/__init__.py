@@ -1,5 +1,5 @@
 """tensorgate's Python SDK: gateway clients (asyncio and blocking), the model registry's
-client, typed errors, tensors.
+and the auth service's clients, typed errors, tensors.
 
     async with AsyncGatewayClient("127.0.0.1:50051", api_key=key) as client:
         async for chunk in client.generate("tinylm", "ROMEO:", max_tokens=64):
@@ -32,6 +32,7 @@ from tensorgate.tensors import from_tensor, to_tensor
 
 if TYPE_CHECKING:
     from tensorgate.aio import AsyncGatewayClient
+    from tensorgate.auth_client import AsyncAuthClient
     from tensorgate.client import GatewayClient
     from tensorgate.registry_client import AsyncRegistryClient
 
@@ -52,11 +53,16 @@ def __getattr__(name: str) -> Any:
         from tensorgate.registry_client import AsyncRegistryClient
 
         return AsyncRegistryClient
+    if name == "AsyncAuthClient":
+        from tensorgate.auth_client import AsyncAuthClient
+
+        return AsyncAuthClient
     raise AttributeError(f"module 'tensorgate' has no attribute {name!r}")
 
 
 __all__ = [
     "AlreadyExistsError",
+    "AsyncAuthClient",
     "AsyncGatewayClient",
     "AsyncRegistryClient",
     "CancelledError",

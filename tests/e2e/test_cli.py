@@ -1,10 +1,12 @@
-"""The user's commands: `tensorgate up` in the foreground, `generate` and `infer` against it,
-its services' log lines on stdout whole, and Ctrl-C leaving no process behind (Triton and
-its backend stubs included)."""
+"""The user's commands: `tensorgate up` in the foreground, `generate` and `infer` against it
+with the admin key it made, its services' log lines on stdout whole, every service's
+metrics on its port, and Ctrl-C leaving no process behind (Triton and its backend stubs
+included)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -39,20 +41,26 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _two_free_ports() -> int:
-    """A port whose next one is free too (the worker's metrics take port + 1)."""
+def _free_port_run(count: int) -> int:
+    """A port whose next `count - 1` ports are free too (metrics: gateway, worker +1,
+    registry +2, auth +3)."""
     while True:
-        with socket.socket() as first, socket.socket() as second:
+        with contextlib.ExitStack() as bound:
+            first = bound.enter_context(socket.socket())
             first.bind(("127.0.0.1", 0))
             port: int = first.getsockname()[1]
             try:
-                second.bind(("127.0.0.1", port + 1))
+                for offset in range(1, count):
+                    bound.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
             except OSError:
                 continue
             return port
 
 
-async def _run(*args: str) -> tuple[int, str, str]:
+async def _run(*args: str, api_key: str | None = None) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TENSORGATE_API_KEY"}
+    if api_key is not None:
+        env["TENSORGATE_API_KEY"] = api_key
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -61,6 +69,7 @@ async def _run(*args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
+        env=env,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=120)
     assert process.returncode is not None
@@ -68,7 +77,7 @@ async def _run(*args: str) -> tuple[int, str, str]:
 
 
 async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), _two_free_ports()
+    port, metrics_port = free_port(), _free_port_run(4)
     up_stdout = tmp_path / "up.out"
     with up_stdout.open("wb") as stdout:
         up = await asyncio.create_subprocess_exec(
@@ -98,10 +107,19 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
         names = {process_command(pid).split()[0] for pid in descendants if process_alive(pid)}
         assert "tritonserver" in names and "triton_python_backend_stub" in names
 
+        admin_key = (tmp_path / "auth" / "admin.key").read_text().strip()
+        assert admin_key.startswith("tg_") and admin_key in banner
+
         gateway = f"127.0.0.1:{port}"
         code, out, err = await _run(
-            "generate", "JULIET:", "--max-tokens", "20", "--seed", "1", "--gateway", gateway
+            "generate", "JULIET:", "--max-tokens", "5", "--gateway", gateway
         )
+        assert code == 1 and err.startswith("error: UNAUTHENTICATED"), err
+
+        code, out, err = await _run(
+            "generate", "JULIET:", "--max-tokens", "20", "--seed", "1", "--gateway", gateway,
+            api_key=admin_key,
+        )  # fmt: skip
         assert code == 0, err
         assert out.strip() and "completion_tokens=" in err
 
@@ -112,19 +130,27 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
             gateway,
             "--input",
             f"image=@{REPO / 'models/examples/digits.json'}",
+            api_key=admin_key,
         )
         assert code == 0, err
         assert json.loads(out)["label"] == [[0], [1], [2], [3]]
 
-        code, out, err = await _run("generate", "x", "--model", "nosuch", "--gateway", gateway)
+        code, out, err = await _run(
+            "generate", "x", "--model", "nosuch", "--gateway", gateway, api_key=admin_key
+        )
         assert code == 1 and "NOT_FOUND" in err
 
         gateway_metrics = await scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         generate = "/tensorgate.gateway.v1.InferenceGateway/Generate"
-        assert metric_value(gateway_metrics, "tensorgate_rpc_requests_total", method=generate) == 2
+        assert metric_value(gateway_metrics, "tensorgate_rpc_requests_total", method=generate) == 3
         worker_metrics = await scrape(f"http://127.0.0.1:{metrics_port + 1}/metrics")
         infer = "/tensorgate.worker.v1.InferenceWorker/Infer"
         assert metric_value(worker_metrics, "tensorgate_rpc_requests_total", method=infer) == 1
+        registry_metrics = await scrape(f"http://127.0.0.1:{metrics_port + 2}/metrics")
+        assert "tensorgate_rpc_requests_total" in registry_metrics
+        auth_metrics = await scrape(f"http://127.0.0.1:{metrics_port + 3}/metrics")
+        authenticate = "/tensorgate.auth.v1.AuthService/Authenticate"
+        assert metric_value(auth_metrics, "tensorgate_rpc_requests_total", method=authenticate) >= 1
     finally:
         if up.returncode is None:
             up.send_signal(signal.SIGINT)
@@ -138,10 +164,12 @@ async def test_up_generate_infer_then_ctrl_c_stops_everything(tmp_path: Path) ->
     leftovers = {pid: process_command(pid) for pid in descendants if process_alive(pid)}
     assert not leftovers, f"processes left behind: {leftovers}"
 
-    # Both services logged to `up`'s stdout through it: whole JSON lines (the output
+    # The services logged to `up`'s stdout through it: whole JSON lines (the output
     # is no terminal), among them the canonical lines of the calls above.
+    logged = up_stdout.read_text()
+    assert admin_key not in logged, "an API key reached a log line"
     methods: set[str] = set()
-    for text in up_stdout.read_text().splitlines():
+    for text in logged.splitlines():
         entry = json.loads(text)
         methods.update(v for v in entry.values() if isinstance(v, str) and v.startswith("/"))
     assert {generate, infer} <= methods, methods

@@ -1,5 +1,6 @@
 """The local platform's log is whole lines: the worker and the gateway log at once under
-load, and every line of the file parses as JSON once the platform has stopped."""
+load (calls made with the admin key it made), and every line of the file parses as JSON
+once the platform has stopped; the key is in none of them."""
 
 from __future__ import annotations
 
@@ -40,12 +41,17 @@ async def test_every_line_of_both_services_is_whole_json_under_load(tmp_path: Pa
     platform = LocalPlatform(gateway_port=0, data_dir=tmp_path, log_file=log_file)
     await platform.start(timeout=240)
     try:
-        async with AsyncGatewayClient(platform.gateway_address) as client:
+        assert platform.admin_key_created and platform.admin_key.startswith("tg_")
+        async with AsyncGatewayClient(
+            platform.gateway_address, api_key=platform.admin_key
+        ) as client:
             await _load(client)
     finally:
         await platform.stop()
 
-    lines = log_file.read_bytes().split(b"\n")
+    text = log_file.read_bytes()
+    assert platform.admin_key.encode() not in text, "an API key reached a log line"
+    lines = text.split(b"\n")
     assert lines.pop() == b"", "the log ends with a whole line"
     broken = []
     methods: dict[str, int] = {}
