@@ -1,0 +1,56 @@
+"""The registry's API at a gateway that requires keys: any valid key reads it, only an
+admin key changes what is served (an upload is code the workers run)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from tensorgate.auth_client import AsyncAuthClient
+from tensorgate.errors import PermissionDeniedError, UnauthenticatedError
+from tensorgate.registry_client import AsyncRegistryClient
+
+from gateway.server import Gateway
+from tests.conftest import AuthStack, RegistryStack, start_auth_gateway
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def keyed_registry_gateway(
+    registry_stack: RegistryStack, auth_stack: AuthStack
+) -> AsyncIterator[Gateway]:
+    gateway = await start_auth_gateway(
+        auth_stack.auth.address, registry_stack.worker, registry=registry_stack.registry.address
+    )
+    yield gateway
+    await gateway.stop()
+
+
+async def test_only_admin_keys_change_the_registry(
+    keyed_registry_gateway: Gateway, auth_stack: AuthStack
+) -> None:
+    address = keyed_registry_gateway.address
+    async with AsyncAuthClient(address, api_key=auth_stack.admin_key) as admin:
+        await admin.create_tenant("registry-readers")
+        _, tenant_key = await admin.create_key("registry-readers", models=["*"])
+
+    async with AsyncRegistryClient(address) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            await anonymous.list_models()
+
+    async with AsyncRegistryClient(address, api_key=tenant_key) as reader:
+        assert {m.name for m in await reader.list_models()} >= {"digits", "tinylm"}
+        production = await reader.resolve_model_ref("digits@production")
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            await reader.set_alias("digits", "stolen", production.version)
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            await reader.upload("digits", REPO / "models" / "repository" / "digits")
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            await reader.set_deployment("digits", version=production.version)
+
+    async with AsyncRegistryClient(address, api_key=auth_stack.admin_key) as registry:
+        moved = await registry.set_alias("digits", "admin-set", production.version)
+        assert moved.version == production.version
+        await registry.delete_alias("digits", "admin-set")
