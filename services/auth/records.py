@@ -64,6 +64,14 @@ def check_name(field: str, value: str) -> str:
     return value
 
 
+def check_new_name(field: str, value: str) -> str:
+    """A tenant id being chosen: never the shape of a key (ids are logged, and a key
+    pasted into one must not be stored or logged)."""
+    if _LOOKS_LIKE_KEY.search(value):
+        raise InvalidArgument(field, "looks like an API key: choose another name")
+    return check_name(field, value)
+
+
 def check_key_id(field: str, value: str) -> str:
     # Never quoted: a caller who pastes a whole key here must not see it echoed.
     if not _KEY_ID.fullmatch(value):

@@ -35,8 +35,9 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     # --- tenants --------------------------------------------------------------------------
 
     async def CreateTenant(self, request: pb.CreateTenantRequest, context: Context) -> pb.Tenant:
-        calls.note(subject_tenant=request.tenant.id[:128])
-        return await self._store.create_tenant(request.tenant)
+        created = await self._store.create_tenant(request.tenant)
+        calls.note(subject_tenant=created.id)  # once valid: a key pasted as an id is not
+        return created
 
     async def GetTenant(self, request: pb.GetTenantRequest, context: Context) -> pb.Tenant:
         return await self._store.get_tenant(request.id)
@@ -47,8 +48,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
         return pb.ListTenantsResponse(tenants=await self._store.list_tenants())
 
     async def UpdateTenant(self, request: pb.UpdateTenantRequest, context: Context) -> pb.Tenant:
-        calls.note(subject_tenant=request.id[:128])
-        return await self._store.update_tenant(
+        updated = await self._store.update_tenant(
             request.id,
             quota=_quota_update(request),
             monthly_spend_cap=(
@@ -56,6 +56,8 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
             ),
             description=request.description if request.HasField("description") else None,
         )
+        calls.note(subject_tenant=updated.id)
+        return updated
 
     # --- keys -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from services.auth.records import (
     check_day,
     check_key_id,
     check_name,
+    check_new_name,
     check_patterns,
     check_quota,
     check_text,
@@ -82,7 +83,7 @@ class AuthStore:
     # --- tenants --------------------------------------------------------------------------
 
     async def create_tenant(self, tenant: pb.Tenant) -> pb.Tenant:
-        check_name("tenant.id", tenant.id)
+        check_new_name("tenant.id", tenant.id)
         check_text("tenant.description", tenant.description)
         check_quota("tenant.quota", tenant.quota)
         check_amount("tenant.monthly_spend_cap", tenant.monthly_spend_cap)

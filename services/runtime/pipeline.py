@@ -13,6 +13,7 @@ gets INTERNAL with the request id only, and the traceback goes to the log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -266,11 +267,13 @@ class Pipeline:
         async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
             call = self._open(method, context)
             code, reservation = grpc.StatusCode.OK, None
+            responses: Any = None
             try:
                 request = self._admitted(call, request, client_streams)
                 if admit is not None:
                     reservation = await admit(call, None if client_streams else request)
-                async for response in behavior(request, context):
+                responses = behavior(request, context)
+                async for response in responses:
                     yield response
             except (asyncio.CancelledError, GeneratorExit):
                 code = self._cancelled_code(call)
@@ -283,6 +286,12 @@ class Pipeline:
                 code = domain.code if domain is not None else grpc.StatusCode.INTERNAL
                 await self._abort(call, context, exc, domain)
             finally:
+                # A stream cut off at a yield (grpc cancels the call while it sends) is
+                # closed first: its own cleanup notes what it streamed, then that is settled.
+                aclose = getattr(responses, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
                 await self._close(call, code, reservation)
 
         return handle
