@@ -3,9 +3,12 @@
 Every call through the pipeline presents `authorization: Bearer tg_...`. A key that is
 missing or malformed (its checksum is wrong) is refused here without asking anyone;
 otherwise the auth service says who the key is, and the answer is kept for
-`cache_seconds` so the hot path pays a dict lookup, not a round trip. So a revoked key
-keeps working for at most `cache_seconds` on each gateway; an expiry (a rotation's
-grace included) is checked on every call from the cached expiry time, so it is exact.
+`cache_seconds` so the hot path pays a dict lookup, not a round trip. The auth service
+pushes every key that changes (revoked, rotated, new limits) on its WatchKeys stream and
+the cached answer is dropped at once; expiry is checked on every call from the cached
+time. So a revocation or the end of a rotation's grace takes effect at once; only while
+the push stream is down (the gateway drops its whole cache when it reconnects) or for a
+change made through another auth replica is `cache_seconds` the bound.
 
 Model scopes and admin-only calls are checked here too, once the request is known
 (`check_access`, called by the quota stage). Refusals never say why a key is invalid.
@@ -41,6 +44,7 @@ _REFUSED_SECONDS = 1.0
 # With the auth service unreachable, a key it vouched for this recently still works.
 _STALE_SECONDS = 300.0
 _LOOKUP_TIMEOUT_S = 2.0
+_RESUBSCRIBE_S = 1.0
 
 
 @dataclass
@@ -59,6 +63,46 @@ class KeyAuthenticator:
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
         self._auth_down_logged = False
+        # Bumped whenever cached answers are dropped: a lookup that started before is
+        # used for its own call but not cached (it may predate the change).
+        self._generation = 0
+        self._watch: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._watch = asyncio.create_task(self._follow_changes(), name="key-changes")
+
+    async def _follow_changes(self) -> None:
+        while True:
+            stream = self._stub.WatchKeys(auth_pb2.WatchKeysRequest())
+            try:
+                await stream.initial_metadata()
+                # Subscribed: whatever changed while not subscribed is unknown.
+                self.forget(auth_pb2.KeyChanged())
+                async for change in stream:
+                    self.forget(change)
+            except grpc.aio.AioRpcError:
+                pass
+            finally:
+                stream.cancel()
+            await asyncio.sleep(_RESUBSCRIBE_S)
+
+    def forget(self, change: auth_pb2.KeyChanged) -> None:
+        """Drops the cached answers about a changed key, a tenant's keys, or (empty) all."""
+        self._generation += 1
+        if not change.key_id and not change.tenant_id:
+            self._cache.clear()
+            return
+        stale = [
+            digest
+            for digest, entry in self._cache.items()
+            if entry.principal is not None
+            and (
+                entry.principal.key_id == change.key_id
+                or entry.principal.tenant == change.tenant_id
+            )
+        ]
+        for digest in stale:
+            del self._cache[digest]
 
     async def authenticate(self, call: Call) -> Principal:
         key = bearer_key(call.metadata)
@@ -84,6 +128,7 @@ class KeyAuthenticator:
             pending = asyncio.ensure_future(self._ask(key))
             self._lookups[digest] = pending
             pending.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        generation = self._generation
         try:
             principal = await asyncio.shield(pending)
         except Unavailable:
@@ -92,6 +137,8 @@ class KeyAuthenticator:
                 return stale  # the auth service vouched for it minutes ago
             raise
         entry = _Cached(principal, now)
+        if generation != self._generation:
+            return entry  # a change arrived meanwhile: this answer may predate it
         self._cache[digest] = entry
         self._cache.move_to_end(digest)
         while len(self._cache) > _CACHE_ENTRIES:
@@ -116,6 +163,10 @@ class KeyAuthenticator:
         return principal_of(message)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         for pending in list(self._lookups.values()):
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Unavailable):

@@ -89,6 +89,7 @@ class ControlPlane:
     ) -> None:
         channel = self._channel(settings.auth, credentials)
         self.authenticator = KeyAuthenticator(channel, cache_seconds=settings.auth_cache_seconds)
+        self.authenticator.start()
         self._prices = PriceBook(channel, refresh_seconds=settings.price_refresh_seconds)
         await self._prices.start()
         self._ledger = UsageLedger(channel)

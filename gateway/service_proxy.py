@@ -44,7 +44,7 @@ REGISTRY_READS = frozenset(
     }
 )
 # Auth calls for gateways on the internal network, never offered to callers.
-AUTH_INTERNAL = frozenset({"Authenticate", "RecordUsage"})
+AUTH_INTERNAL = frozenset({"Authenticate", "RecordUsage", "WatchKeys"})
 # What a caller says that the service behind needs too: the key, who acts.
 _FORWARDED_KEYS = ("authorization", "x-tensorgate-actor")
 

@@ -49,7 +49,8 @@ class GatewaySettings(ServiceSettings):
     auth_cache_seconds: Annotated[Duration, duration_between(0, 60)] = Field(
         5.0,
         description="how long a key the auth service vouched for is trusted without asking "
-        "again: a revoked key stops working within this time (expiry is exact)",
+        "again; the auth service pushes revocations and rotations, so this bounds them only "
+        "while that push is down (expiry is checked on every call)",
     )
     redis_url: SecretStr = Field(
         SecretStr(""),

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tensorgate.auth.v1 import auth_pb2 as pb
+
 from services.auth.records import KeyRefused
 from services.auth.store import AuthStore
 from services.runtime.api_keys import (
@@ -34,7 +36,7 @@ from services.runtime.calls import Call, Principal
 from services.runtime.errors import PermissionDenied, Unauthenticated
 
 # ListPrices too: prices are no secret, and gateways price calls with them.
-OPEN_METHODS = frozenset({"Authenticate", "RecordUsage", "ListPrices"})
+OPEN_METHODS = frozenset({"Authenticate", "RecordUsage", "ListPrices", "WatchKeys"})
 ANY_KEY_METHODS = frozenset({"GetUsage"})
 CACHE_SECONDS = 2.0
 CACHE_ENTRIES = 1024
@@ -106,6 +108,19 @@ class AuthServiceAuthenticator:
             until = min(until, principal.expires_at)
         self._remember(parsed.key_id, _Passed(hash_secret(parsed.secret), principal, until), now)
         return principal
+
+    def forget(self, change: pb.KeyChanged) -> None:
+        """Drops what is cached about a changed key (or all of a tenant's, or all)."""
+        if not change.key_id and not change.tenant_id:
+            self._passed.clear()
+            return
+        stale = [
+            key_id
+            for key_id, passed in self._passed.items()
+            if key_id == change.key_id or passed.principal.tenant == change.tenant_id
+        ]
+        for key_id in stale:
+            del self._passed[key_id]
 
     def _remember(self, key_id: str, passed: _Passed, now: float) -> None:
         self._passed.pop(key_id, None)

@@ -12,6 +12,7 @@ from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from services.auth.authenticator import AuthServiceAuthenticator
 from services.auth.bootstrap import bootstrap_admin_key
+from services.auth.key_changes import KeyChanges
 from services.auth.servicer import AuthServiceServicer
 from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
@@ -55,16 +56,16 @@ async def start_auth(settings: AuthSettings) -> AuthServer:
     try:
         if settings.bootstrap_admin_key_file is not None:
             await bootstrap_admin_key(store, settings.bootstrap_admin_key_file)
+        changes = KeyChanges()
+        authenticator = AuthServiceAuthenticator(store)
+        changes.listen(authenticator.forget)
+        servicer = AuthServiceServicer(store, changes)
         service = build_server(
             settings,
-            [
-                ServiceBinding.of(
-                    auth_pb2_grpc.add_AuthServiceServicer_to_server, AuthServiceServicer(store)
-                )
-            ],
+            [ServiceBinding.of(auth_pb2_grpc.add_AuthServiceServicer_to_server, servicer)],
             name="auth",
             metrics=ServiceMetrics("auth"),
-            authenticator=AuthServiceAuthenticator(store),
+            authenticator=authenticator,
         )
         await service.start()
     except BaseException:

@@ -8,12 +8,14 @@ Domain errors raised below become statuses in the runtime's pipeline.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from tensorgate.auth.v1 import auth_pb2 as pb
 from tensorgate.auth.v1 import auth_pb2_grpc
 
+from services.auth.key_changes import KeyChanges
 from services.auth.records import QUOTA_FIELDS, KeyRefused, QuotaUpdate
 from services.auth.store import AuthStore
 from services.runtime import calls
@@ -29,8 +31,9 @@ def _quota_update(request: pb.UpdateTenantRequest | pb.UpdateApiKeyRequest) -> Q
 
 
 class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
-    def __init__(self, store: AuthStore) -> None:
+    def __init__(self, store: AuthStore, changes: KeyChanges) -> None:
         self._store = store
+        self._changes = changes
 
     # --- tenants --------------------------------------------------------------------------
 
@@ -57,6 +60,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
             description=request.description if request.HasField("description") else None,
         )
         calls.note(subject_tenant=updated.id)
+        self._changes.publish(tenant_id=updated.id)  # its limits travel with every key
         return updated
 
     # --- keys -----------------------------------------------------------------------------
@@ -85,6 +89,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
         revoked = await self._store.revoke_key(request.key_id)
         calls.note(revoked_key_id=revoked.key_id)
+        self._changes.publish(key_id=revoked.key_id)
         return revoked
 
     async def RotateApiKey(
@@ -92,10 +97,13 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> pb.CreateApiKeyResponse:
         rotated = await self._store.rotate_key(request.key_id, grace_seconds=request.grace_seconds)
         calls.note(rotated_key_id=request.key_id, created_key_id=rotated.key.key_id)
+        self._changes.publish(key_id=request.key_id)  # its grace now ends
         return rotated
 
     async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context: Context) -> pb.ApiKey:
-        return await self._store.update_key(request.key_id, quota=_quota_update(request))
+        updated = await self._store.update_key(request.key_id, quota=_quota_update(request))
+        self._changes.publish(key_id=updated.key_id)
+        return updated
 
     # --- prices ---------------------------------------------------------------------------
 
@@ -127,6 +135,16 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
         applied = await self._store.record_usage(request.batch_id, request.records)
         calls.note(records=len(request.records), repeated_batch=not applied)
         return pb.RecordUsageResponse()
+
+    async def WatchKeys(
+        self, request: pb.WatchKeysRequest, context: Context
+    ) -> AsyncIterator[pb.KeyChanged]:
+        queue = self._changes.subscribe()
+        # Headers now, so the gateway knows it is subscribed (and drops what it cached
+        # before) while no change has happened yet.
+        await context.send_initial_metadata(())
+        async for change in self._changes.follow(queue):
+            yield change
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
         call = calls.current()

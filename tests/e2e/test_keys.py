@@ -245,11 +245,6 @@ async def test_rotation_grace_is_exact_for_a_key_cached_since_before_a_shorter_c
         await gateway.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a gateway that cached the old key before the rotation keeps accepting it "
-    "after the grace, until its cache entry (auth_cache_seconds, 5 s here) ages out",
-)
 async def test_rotation_grace_is_exact_even_for_a_key_the_gateway_cached_before(
     auth_stack: AuthStack, admin: Admin
 ) -> None:
@@ -277,5 +272,27 @@ async def test_revocation_takes_effect_within_the_gateways_cache_time(
         await _until(revoked_at + cache_seconds + 0.3)
         await _refused(attempt, gateway.address, created.secret)
         await attempt(gateway.address, other.secret)
+    finally:
+        await gateway.stop()
+
+
+async def test_a_revocation_is_pushed_to_the_gateway_not_left_to_its_cache(
+    auth_stack: AuthStack, worker: Worker, admin: Admin, attempt: Attempt
+) -> None:
+    # A cache far longer than the test: only the auth service's push can end the key.
+    gateway = await start_auth_gateway(auth_stack.auth.address, worker, auth_cache_seconds=60.0)
+    try:
+        tenant = await admin.tenant("pushed")
+        created = await admin.new_key(tenant)
+        await attempt(gateway.address, created.secret)  # now cached for a minute
+        await admin.revoke(created.key.key_id)
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                await attempt(gateway.address, created.secret)
+            except UnauthenticatedError:
+                break
+            assert time.monotonic() < deadline, "the revoked key still works on the gateway"
+            await asyncio.sleep(0.05)
     finally:
         await gateway.stop()

@@ -33,7 +33,7 @@ from services.runtime.logging import configure_logging, flush_logs
 INVALID_KEY = "invalid API key"
 KEY_REQUIRED = "an API key is required (authorization: Bearer tg_...)"
 ADMIN_REQUIRED = "this call needs an admin key"
-OPEN_METHODS = {"Authenticate", "RecordUsage", "ListPrices"}
+OPEN_METHODS = {"Authenticate", "RecordUsage", "ListPrices", "WatchKeys"}
 SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"]
 Metadata = tuple[tuple[str, str], ...]
 

@@ -99,6 +99,11 @@ class AuthServiceStub:
                 request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.WatchKeys = channel.unary_stream(
+                '/tensorgate.auth.v1.AuthService/WatchKeys',
+                request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.WatchKeysRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.KeyChanged.FromString,
+                _registered_method=True)
         self.GetUsage = channel.unary_unary(
                 '/tensorgate.auth.v1.AuthService/GetUsage',
                 request_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.GetUsageRequest.SerializeToString,
@@ -198,6 +203,15 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKeys(self, request, context):
+        """For gateways: keys whose answer changed (revoked, rotated, limits changed) as it
+        happens, so a gateway drops what it cached about them at once. A gateway that
+        (re)connects drops its whole cache: it may have missed changes meanwhile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetUsage(self, request, context):
         """The ledger, summed per tenant, key, model and day in a date range.
         """
@@ -272,6 +286,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.RecordUsage,
                     request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageRequest.FromString,
                     response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'WatchKeys': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKeys,
+                    request_deserializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.WatchKeysRequest.FromString,
+                    response_serializer=tensorgate_dot_auth_dot_v1_dot_auth__pb2.KeyChanged.SerializeToString,
             ),
             'GetUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetUsage,
@@ -630,6 +649,33 @@ class AuthService:
             '/tensorgate.auth.v1.AuthService/RecordUsage',
             tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageRequest.SerializeToString,
             tensorgate_dot_auth_dot_v1_dot_auth__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tensorgate.auth.v1.AuthService/WatchKeys',
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.WatchKeysRequest.SerializeToString,
+            tensorgate_dot_auth_dot_v1_dot_auth__pb2.KeyChanged.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,11 @@ class AuthServiceStub:
     """For gateways: what calls used, in batches; a batch id makes a retried batch
     count once.
     """
+    WatchKeys: _grpc.UnaryStreamMultiCallable[_auth_pb2.WatchKeysRequest, _auth_pb2.KeyChanged]
+    """For gateways: keys whose answer changed (revoked, rotated, limits changed) as it
+    happens, so a gateway drops what it cached about them at once. A gateway that
+    (re)connects drops its whole cache: it may have missed changes meanwhile.
+    """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetUsageRequest, _auth_pb2.GetUsageResponse]
     """The ledger, summed per tenant, key, model and day in a date range."""
 
@@ -98,6 +103,11 @@ class AuthServiceAsyncStub(AuthServiceStub):
     RecordUsage: _aio.UnaryUnaryMultiCallable[_auth_pb2.RecordUsageRequest, _auth_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """For gateways: what calls used, in batches; a batch id makes a retried batch
     count once.
+    """
+    WatchKeys: _aio.UnaryStreamMultiCallable[_auth_pb2.WatchKeysRequest, _auth_pb2.KeyChanged]  # type: ignore[assignment]
+    """For gateways: keys whose answer changed (revoked, rotated, limits changed) as it
+    happens, so a gateway drops what it cached about them at once. A gateway that
+    (re)connects drops its whole cache: it may have missed changes meanwhile.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetUsageRequest, _auth_pb2.GetUsageResponse]  # type: ignore[assignment]
     """The ledger, summed per tenant, key, model and day in a date range."""
@@ -206,6 +216,17 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.RecordUsageResponse, _abc.Awaitable[_auth_pb2.RecordUsageResponse]]:
         """For gateways: what calls used, in batches; a batch id makes a retried batch
         count once.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchKeys(
+        self,
+        request: _auth_pb2.WatchKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_auth_pb2.KeyChanged], _abc.AsyncIterator[_auth_pb2.KeyChanged]]:
+        """For gateways: keys whose answer changed (revoked, rotated, limits changed) as it
+        happens, so a gateway drops what it cached about them at once. A gateway that
+        (re)connects drops its whole cache: it may have missed changes meanwhile.
         """
 
     @_abc_1.abstractmethod
