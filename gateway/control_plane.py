@@ -20,7 +20,7 @@ from gateway.ledger import UsageLedger
 from gateway.prices import PriceBook
 from gateway.quota import QuotaGate, QuotaReservation
 from gateway.redis_counters import RedisCounters
-from gateway.service_proxy import AUTH, AUTH_INTERNAL, REGISTRY, REGISTRY_READS, ServiceProxy
+from gateway.service_proxy import AUTH, AUTH_INTERNAL, REGISTRY, ServiceProxy
 from gateway.settings import GatewaySettings
 from services.runtime.calls import Call
 from services.runtime.channels import open_channel
@@ -67,7 +67,10 @@ class ControlPlane:
                         REGISTRY,
                         channel,
                         subject="the model registry",
-                        admin_only=frozenset(m.name for m in REGISTRY.methods) - REGISTRY_READS,
+                        # Reads too: a download is another team's weights and code, and
+                        # listings name every model; tenants see what they may call
+                        # through the inference API's ListModels.
+                        admin_only=frozenset(m.name for m in REGISTRY.methods),
                     ).binding()
                 )
             if settings.auth:

@@ -24,6 +24,8 @@ from gateway.quota import UsageRecord
 log = structlog.get_logger("tensorgate.gateway.ledger")
 
 _SEND_TIMEOUT_S = 5.0
+# Answers that mean the batch itself is wrong, not that the auth service is away.
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 _Key = tuple[str, str, str, str]  # tenant, key id, model, day
 
 
@@ -68,7 +70,10 @@ class UsageLedger:
     async def _send_forever(self) -> None:
         while True:
             await asyncio.sleep(self._flush_seconds)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # the loop must outlive any one failure
+                log.exception("usage flush failed")
 
     async def flush(self) -> bool:
         """Sends everything recorded so far; True once nothing is left unsent."""
@@ -81,6 +86,17 @@ class UsageLedger:
             try:
                 await self._stub.RecordUsage(request, timeout=_SEND_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in _REFUSED:
+                    # The auth service will never take this batch: holding it would block
+                    # every later one behind it. Said loudly, then dropped.
+                    log.error(
+                        "usage batch refused by the auth service; dropped",
+                        error=exc.code().name,
+                        details=(exc.details() or "")[:300],
+                        records=len(batch.records),
+                    )
+                    self._unsent.pop(0)
+                    continue
                 # Kept and sent again with the same id: nothing is lost or counted twice.
                 if not self._failing:
                     log.warning(

@@ -83,6 +83,23 @@ def model_name(ref: str) -> str:
     return ref.partition("@")[0].partition(":")[0]
 
 
+UNRESOLVED = "(unresolved)"
+# Spend in micro-units stays far inside a 64-bit counter whatever a price times a count is.
+_MAX_MICROS = 2**62
+
+
+def _micro_units(amount: float) -> int:
+    return round(amount) if 0 <= amount < _MAX_MICROS else (_MAX_MICROS if amount > 0 else 0)
+
+
+def _ledger_model(call: Call) -> str:
+    """The model a call is booked to: the one it resolved to. A call refused before that
+    (an unknown or malformed model) is booked as UNRESOLVED: what a caller typed never
+    becomes a ledger row of its own (no key pasted as a model name, no row per typo)."""
+    resolved = call.fields.get("resolved")
+    return model_name(resolved) if isinstance(resolved, str) and resolved else UNRESOLVED
+
+
 class QuotaReservation:
     """What the gate reserved for one call; settled or released exactly once."""
 
@@ -124,7 +141,7 @@ class QuotaReservation:
         compute_s = time.perf_counter() - call.started
         price = self._price
         cost = (
-            round(
+            _micro_units(
                 prompt * price.prompt_per_1k * 1000
                 + completion * price.completion_per_1k * 1000
                 + compute_s * price.compute_per_second * MICROS
@@ -142,7 +159,7 @@ class QuotaReservation:
                 UsageRecord(
                     tenant=principal.tenant,
                     key_id=principal.key_id,
-                    model=self._model,
+                    model=_ledger_model(call),
                     day=self._day,
                     requests=1,
                     errors=errors,
@@ -210,11 +227,14 @@ class QuotaGate:
             # Rounded up (an upper bound), but not for a float's last-digit error; and
             # compute, unknown until the end, costs at least one micro-unit, so that a
             # tenant at its cap is refused even a call priced by compute only.
-            cost = math.ceil(
+            bound = (
                 prompt * price.prompt_per_1k * 1000
                 + completion * price.completion_per_1k * 1000
                 - 1e-6
-            ) + (1 if price.compute_per_second > 0 else 0)
+            )
+            cost = (math.ceil(bound) if bound < _MAX_MICROS else _MAX_MICROS) + (
+                1 if price.compute_per_second > 0 else 0
+            )
         day = self._calendar.at(self._clock()).day_name
         cap = principal.monthly_spend_cap
         if not (cap or is_limited(principal.key_limits) or is_limited(principal.tenant_limits)):
@@ -227,8 +247,8 @@ class QuotaGate:
             tenant_limits=principal.tenant_limits,
             tokens=prompt + completion,
             stream_s=stream_s,
-            spend_cap=round(cap * MICROS),
-            spend_seed=round(principal.month_spend * MICROS),
+            spend_cap=_micro_units(cap * MICROS),
+            spend_seed=_micro_units(principal.month_spend * MICROS),
             cost=cost,
         )
         check_fits(demand)

@@ -24,10 +24,12 @@ than each call waiting out a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import structlog
@@ -254,6 +256,8 @@ class RedisCounters:
         self._recheck_s = recheck_s
         self._down_until = 0.0  # monotonic; Redis is not asked again before
         self._down = False
+        # Settlements of reservations whose callers were cancelled, kept until they finish.
+        self._settling: set[asyncio.Future[None]] = set()
         # Reservation ids must be unique across every store sharing the Redis: a random
         # prefix per store and a counter are, for far less than a uuid4 per call.
         self._rid_prefix = os.urandom(8).hex()
@@ -297,21 +301,39 @@ class RedisCounters:
             demand.cost,
             int(period.month_end - now) + _MONTH_GRACE_S,
         ]
-        try:
-            reply = await self._reserve(keys, args)
-        except (RedisError, OSError) as exc:
-            self._went_down(exc)
-            return await self._unreachable(demand)
-        self._answered()
-        if reply[0] != 1:
-            raise self._refusal(demand, reply, now, period.day_end, period.month_end)
         flags = []
         for limits in (kl, tl):
             flags.append("1" if limits.requests_per_minute or limits.tokens_per_minute else "0")
             flags.append("1" if limits.tokens_per_day else "0")
             flags.append("1" if stream_ms and limits.concurrent_streams else "0")
         flags.append("1" if demand.spend_cap else "0")
+        script = asyncio.ensure_future(self._reserve(keys, args))
+        try:
+            # Shielded: a caller that goes away mid round trip must not leave what the
+            # script may already have reserved (a stream slot, spend) held until it expires.
+            reply = await asyncio.shield(script)
+        except asyncio.CancelledError:
+            hold = _RedisHold(self, rid, keys, flags, (demand.tokens, demand.cost))
+            script.add_done_callback(partial(self._give_back, hold))
+            raise
+        except (RedisError, OSError) as exc:
+            self._went_down(exc)
+            return await self._unreachable(demand)
+        self._answered()
+        if reply[0] != 1:
+            raise self._refusal(demand, reply, now, period.day_end, period.month_end)
         return _RedisHold(self, rid, keys, flags, (demand.tokens, demand.cost))
+
+    def _give_back(self, hold: _RedisHold, script: asyncio.Future[Any]) -> None:
+        """Settles, with nothing used, a reservation whose caller was cancelled while the
+        script ran: the request stays counted, the rest (stream slot, tokens, spend) is
+        given back."""
+        if script.cancelled() or script.exception() is not None:
+            return
+        if script.result()[0] == 1:
+            task = asyncio.ensure_future(hold.settle(0, 0))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     @staticmethod
     def _refusal(

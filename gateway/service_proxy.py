@@ -3,7 +3,7 @@
 The model registry's and the auth service's RPCs (all four kinds: uploads stream in,
 downloads and the change feed stream out) are passed on unchanged, through the same
 pipeline as inference calls: request id, log line, metrics, and the caller's key.
-Calls that change the registry need an admin key; the auth service checks its own.
+The registry's calls need an admin key; the auth service checks its own.
 Messages are not decoded here: the service behind validates them, and its statuses,
 carrying its request id, reach the caller as they came.
 """
@@ -27,22 +27,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
 AUTH = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
-# Registry calls that only read; every other one changes what is served.
-REGISTRY_READS = frozenset(
-    {
-        "GetModel",
-        "ListModels",
-        "GetVersion",
-        "ListVersions",
-        "DownloadVersion",
-        "ListAliases",
-        "GetAliasHistory",
-        "GetAliasAt",
-        "ResolveModelRef",
-        "ListDeployments",
-        "Watch",
-    }
-)
 # Auth calls for gateways on the internal network, never offered to callers.
 AUTH_INTERNAL = frozenset({"Authenticate", "RecordUsage", "WatchKeys"})
 # What a caller says that the service behind needs too: the key, who acts.

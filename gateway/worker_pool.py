@@ -25,7 +25,7 @@ from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 from gateway.aliases import AliasRouting
 from gateway.discovery import Discovery
 from services.runtime.channels import open_channel
-from services.runtime.errors import NotFound, Unavailable
+from services.runtime.errors import NotFound, Unavailable, shown
 
 log = structlog.get_logger("tensorgate.gateway.pool")
 
@@ -237,32 +237,32 @@ class WorkerPool:
         if ref.alias is not None:
             if self._aliases is None:
                 raise NotFound(
-                    f"model {ref}: aliases need the model registry, which this gateway "
+                    f"model {shown(str(ref))}: aliases need the model registry, which this gateway "
                     "is not connected to (--registry)"
                 )
             serving = {v: [w for w in ws if w.serving] for v, ws in (versions or {}).items()}
             version = self._aliases.version(ref.name, ref.alias, serving)
             if not versions or version not in versions:
                 raise Unavailable(
-                    f"model {ref} means version {version}, which no worker has loaded yet; "
-                    "retry shortly"
+                    f"model {shown(str(ref))} means version {version}, which no worker has "
+                    "loaded yet; retry shortly"
                 )
         elif not versions:
             unreached = sum(not w.reached for w in self._workers.values())
             if unreached:
                 raise Unavailable(
-                    f"model {ref.name!r} is not on any reachable worker, and {unreached} "
+                    f"model {shown(ref.name)} is not on any reachable worker, and {unreached} "
                     "worker(s) could not be reached yet; retry shortly"
                 )
             raise NotFound(
-                f"model {ref.name!r} is not served here "
+                f"model {shown(ref.name)} is not served here "
                 f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})"
             )
         else:
             version = ref.version if ref.version is not None else max(versions)
             if version not in versions:
                 raise NotFound(
-                    f"model {ref.name!r} has no version {version} loaded "
+                    f"model {shown(ref.name)} has no version {version} loaded "
                     f"(loaded: {', '.join(map(str, sorted(versions)))})"
                 )
         now = time.monotonic()

@@ -23,6 +23,7 @@ from services.auth.records import (
     check_day,
     check_key_id,
     check_name,
+    check_new_name,
     month_range,
     upsert,
     usage_message,
@@ -142,7 +143,7 @@ async def month_spend(connection: AsyncConnection, tenant_id: str, now_us: int) 
 
 
 def check_price(price: pb.Price) -> None:
-    check_name("price.model", price.model)
+    check_new_name("price.model", price.model)  # prices are listed without a key
     for name in ("per_1k_prompt_tokens", "per_1k_completion_tokens", "per_compute_second"):
         check_amount(f"price.{name}", getattr(price, name))
 

@@ -84,6 +84,8 @@ def check_key_id(field: str, value: str) -> str:
 def check_patterns(field: str, patterns: Iterable[str]) -> list[str]:
     """Model patterns: names in which '*' matches any run of characters (case-sensitive)."""
     checked = list(patterns)
+    if len(checked) > MAX_PATTERNS:
+        raise InvalidArgument(field, f"{len(checked)} patterns; at most {MAX_PATTERNS} are allowed")
     for pattern in checked:
         if not _PATTERN.fullmatch(pattern):
             raise InvalidArgument(
@@ -100,17 +102,24 @@ def check_text(field: str, value: str) -> str:
     return value
 
 
+# Far above any real limit or price, and far below where a gateway's arithmetic on them
+# (micro-units in 64-bit counters) could overflow.
+MAX_COUNT = 10**15
+MAX_AMOUNT = 1e9
+MAX_PATTERNS = 100
+
+
 def check_count(field: str, value: int) -> int:
-    """A quota limit or a usage count: an integer >= 0."""
-    if value < 0:
-        raise InvalidArgument(field, f"must be >= 0, got {value}")
+    """A quota limit or a usage count: an integer 0..MAX_COUNT."""
+    if not 0 <= value <= MAX_COUNT:
+        raise InvalidArgument(field, f"must be 0..{MAX_COUNT}, got {value}")
     return value
 
 
 def check_amount(field: str, value: float) -> float:
-    """A price, a cost or a spend cap: a finite number >= 0."""
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(field, f"must be a finite number >= 0, got {value!r}")
+    """A price, a cost or a spend cap: a finite number 0..MAX_AMOUNT."""
+    if not math.isfinite(value) or not 0 <= value <= MAX_AMOUNT:
+        raise InvalidArgument(field, f"must be a number 0..{MAX_AMOUNT:g}, got {value!r}")
     return value
 
 

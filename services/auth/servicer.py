@@ -19,7 +19,7 @@ from services.auth.key_changes import KeyChanges
 from services.auth.records import QUOTA_FIELDS, KeyRefused, QuotaUpdate
 from services.auth.store import AuthStore
 from services.runtime import calls
-from services.runtime.errors import PermissionDenied, Unauthenticated
+from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -28,6 +28,16 @@ def _quota_update(request: pb.UpdateTenantRequest | pb.UpdateApiKeyRequest) -> Q
     # ListFields holds the optional fields that were sent, zeros included.
     sent = {field.name: value for field, value in request.ListFields()}
     return QuotaUpdate(**{name: sent[name] for name in QUOTA_FIELDS if name in sent})
+
+
+def _expire_us(request: pb.CreateApiKeyRequest) -> int | None:
+    if not request.HasField("expire_time"):
+        return None
+    stamp = request.expire_time
+    # Years 1..9999: what a timestamp can mean (protobuf refuses the rest with ValueError).
+    if not (-62135596800 <= stamp.seconds <= 253402300799 and 0 <= stamp.nanos < 10**9):
+        raise InvalidArgument("expire_time", "must be a time between the years 1 and 9999")
+    return int(stamp.ToMicroseconds())
 
 
 class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
@@ -74,9 +84,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
             models=list(request.models),
             admin=request.admin,
             quota=request.quota,
-            expire_us=(
-                request.expire_time.ToMicroseconds() if request.HasField("expire_time") else None
-            ),
+            expire_us=_expire_us(request),
         )
         calls.note(created_key_id=created.key.key_id)
         return created

@@ -17,12 +17,17 @@ from grpc_status import rpc_status
 from tensorgate.errors import REQUEST_ID_KEY, STATUS_DETAILS_KEY, metadata_value
 from tensorgate.model_ref import InvalidModelRef
 
+from services.runtime.api_keys import redact_keys
+
 _DETAILS_KEY = STATUS_DETAILS_KEY
 
 
 def shown(value: str, limit: int = 64) -> str:
-    """A caller's value as an error message quotes it: repr'd, and cut to `limit`."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} chars)"
+    """A caller's value as an error message quotes it: repr'd, cut to `limit`, and never
+    with a key's secret in it (a key pasted into the wrong field)."""
+    size = len(value)
+    value = redact_keys(value[: limit + 80])
+    return repr(value) if size <= limit else repr(value[:limit]) + f"... ({size} chars)"
 
 
 class TensorgateError(Exception):

@@ -27,6 +27,7 @@ from tensorgate.errors import REQUEST_ID_KEY
 
 from services.runtime import calls
 from services.runtime.access import Authenticator, QuotaGate, QuotaReservation
+from services.runtime.api_keys import redact_keys
 from services.runtime.calls import Call
 from services.runtime.errors import InvalidArgument, TensorgateError, as_domain_error
 from services.runtime.logging import rpc_line
@@ -225,8 +226,9 @@ class Pipeline:
         _check_decoded(request, call.method)
         model = getattr(request, "model", None)
         if type(model) is str and model:
-            # A caller's string: bounded, so a huge one cannot flood the logs.
-            call.fields["model"] = model[:128]
+            # A caller's string: bounded, so a huge one cannot flood the logs, and never a
+            # key's secret (a key pasted into the model field).
+            call.fields["model"] = redact_keys(model[:128])
         return request
 
     def _responding(

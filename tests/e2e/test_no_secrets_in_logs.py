@@ -119,6 +119,17 @@ async def _exercise(
         except grpc.aio.AioRpcError as refused:
             assert good.secret not in (refused.details() or "")
             assert only_digits.secret not in (refused.details() or "")
+    # A price under a key-shaped name would be listed to anyone (ListPrices needs no key).
+    listed = await stub.ListPrices(pb.ListPricesRequest(), metadata=admin.metadata)
+    assert all(good.secret not in price.model for price in listed.prices)
+    # A key pasted as the model of an inference call: refused, never echoed or logged.
+    async with AsyncGatewayClient(address, api_key=good.secret) as client:
+        for model in (good.secret, f"x@{good.secret}", f"{good.secret}:1"):
+            try:
+                await client.infer(model, {"image": digits_image()})
+            except TensorgateClientError as refused:
+                assert good.secret not in str(refused)
+                assert good.secret.split("_")[2] not in str(refused)  # nor its secret part
     # A tenant key on an admin call.
     denied = await rpc_failure(
         stub.ListTenants(pb.ListTenantsRequest(), metadata=bearer(good.secret))

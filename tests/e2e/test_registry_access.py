@@ -1,5 +1,5 @@
-"""The registry's API at a gateway that requires keys: any valid key reads it, only an
-admin key changes what is served (an upload is code the workers run)."""
+"""The registry's API at a gateway that requires keys: only an admin key reads or changes
+it (an upload is code the workers run; a download is another team's weights)."""
 
 from __future__ import annotations
 
@@ -40,9 +40,15 @@ async def test_only_admin_keys_change_the_registry(
         with pytest.raises(UnauthenticatedError):
             await anonymous.list_models()
 
+    async with AsyncRegistryClient(address, api_key=auth_stack.admin_key) as registry:
+        assert {m.name for m in await registry.list_models()} >= {"digits", "tinylm"}
+        production = await registry.resolve_model_ref("digits@production")
+
     async with AsyncRegistryClient(address, api_key=tenant_key) as reader:
-        assert {m.name for m in await reader.list_models()} >= {"digits", "tinylm"}
-        production = await reader.resolve_model_ref("digits@production")
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            await reader.list_models()
+        with pytest.raises(PermissionDeniedError, match="admin"):
+            await reader.download("digits", production.version, REPO / "never-written.tar")
         with pytest.raises(PermissionDeniedError, match="admin"):
             await reader.set_alias("digits", "stolen", production.version)
         with pytest.raises(PermissionDeniedError, match="admin"):

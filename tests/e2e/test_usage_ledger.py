@@ -273,3 +273,18 @@ async def test_200_concurrent_calls_never_overrun_the_spend_cap(
     # Per key too: what each key's calls used is booked to that key.
     per_key = {r.key_id: r.requests for r in await admin.usage(tenant)}
     assert per_key == by_key
+
+
+async def test_calls_naming_no_model_are_booked_as_unresolved_and_block_nothing(
+    auth_stack: AuthStack, admin: Admin
+) -> None:
+    tenant = await admin.tenant("typos")
+    key = await admin.new_key(tenant)
+    async with AsyncGatewayClient(auth_stack.gateway.address, api_key=key.secret) as client:
+        for model in ("", "@x", ":3", "no-such-model", "m" * 300, "=cmd|' /C calc'!A0"):
+            with pytest.raises(TensorgateClientError):
+                await client.infer(model, {"image": digits_image()})
+        # Calls after them are recorded as usual: the bad ones did not stop the ledger.
+        await client.infer("digits", {"image": digits_image()})
+    booked = await settled_usage(admin, tenant, {"(unresolved)": 6, "digits": 1})
+    assert booked["(unresolved)"].errors == 6 and booked["digits"].errors == 0

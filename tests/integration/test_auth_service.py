@@ -357,3 +357,22 @@ async def test_bootstrap_writes_a_private_key_file_once(tmp_path: Path, output: 
     await restarted.stop()
     assert not key_file.exists()
     assert output.read().count("bootstrap admin key written") == 1
+
+
+async def test_amounts_and_times_out_of_range_are_invalid(auth: Auth) -> None:
+    huge_price = pb.SetPriceRequest(price=pb.Price(model="digits", per_1k_prompt_tokens=1e308))
+    refused = await fails(auth.stub.SetPrice(huge_price, metadata=auth.admin))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "per_1k_prompt_tokens" in (refused.details() or "")
+    await auth.stub.CreateTenant(
+        pb.CreateTenantRequest(tenant=pb.Tenant(id="bounds")), metadata=auth.admin
+    )
+    cap = pb.UpdateTenantRequest(id="bounds", monthly_spend_cap=1.7e308)
+    refused = await fails(auth.stub.UpdateTenant(cap, metadata=auth.admin))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for seconds in (253402300800, 10**15, -(2**62)):
+        late = pb.CreateApiKeyRequest(tenant_id="bounds", models=["*"])
+        late.expire_time.seconds = seconds
+        refused = await fails(auth.stub.CreateApiKey(late, metadata=auth.admin))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expire_time" in (refused.details() or "")

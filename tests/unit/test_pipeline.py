@@ -127,8 +127,13 @@ def _method(name: str) -> str:
 
 
 def _rpc_lines(out: str) -> list[dict[str, Any]]:
+    """This test service's canonical lines (servers of session fixtures may log too)."""
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return [line for line in lines if line.get("event") == "rpc"]
+    return [
+        line
+        for line in lines
+        if line.get("event") == "rpc" and str(line.get("method", "")).startswith(f"/{SERVICE}/")
+    ]
 
 
 def _count(service: GrpcService, method: str, code: str) -> float:

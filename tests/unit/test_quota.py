@@ -64,6 +64,8 @@ def call(who: Principal | None, deadline_s: float | None = None) -> Call:
         peer="test",
         metadata=(),
         principal=who,
+        # What the gateway's handler notes once it resolved the model.
+        fields={"resolved": "tinylm:1"},
     )
 
 
@@ -363,3 +365,15 @@ async def test_idle_scopes_are_swept() -> None:
     clock.now = NOON + 121
     await admit(gate, principal(key=Limits(requests_per_minute=5)), infer())
     assert len(counters._scopes) == 1
+
+
+async def test_a_call_that_never_resolved_its_model_is_booked_as_unresolved() -> None:
+    clock, ledger = Clock(), Ledger()
+    gate = make_gate(clock, ledger=ledger)
+    unresolved = call(principal())
+    unresolved.fields.clear()
+    reservation = await gate.reserve(unresolved, generate())
+    assert reservation is not None
+    await reservation.release()
+    (record,) = ledger.records
+    assert (record.model, record.errors) == ("(unresolved)", 1)
