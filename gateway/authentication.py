@@ -108,13 +108,14 @@ class KeyAuthenticator:
         key = bearer_key(call.metadata)
         if key is None:
             raise Unauthenticated(NO_KEY)
-        if parse_key(key) is None:
-            raise Unauthenticated(INVALID_KEY)
         digest = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
         cached = self._cache.get(digest)
         fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
         if cached is None or now - cached.fetched >= fresh_for:
+            # Only a key that is not cached is parsed: one in the cache was well formed.
+            if parse_key(key) is None:
+                raise Unauthenticated(INVALID_KEY)
             cached = await self._lookup(digest, key, cached, now)
         principal = cached.principal
         if principal is None or (principal.expires_at and time.time() >= principal.expires_at):

@@ -30,14 +30,24 @@ from services.runtime.server import ServiceBinding
 class ScopedQuotaGate:
     """The quota stage, after the check that the key may call the model it names."""
 
+    # Scope answers remembered; cleared when full, so callers cannot grow it unbounded.
+    _MAX_ANSWERS = 10_000
+
     def __init__(self, quota: QuotaGate) -> None:
         self._quota = quota
+        # Callers repeat the same few (patterns, model ref) pairs: each is matched once.
+        self._allowed: set[tuple[tuple[str, ...], str]] = set()
 
     async def reserve(self, call: Call, request: object) -> QuotaReservation | None:
         principal = call.principal
         model = getattr(request, "model", None)
         if principal is not None and type(model) is str:
-            check_model_scope(principal, model)
+            pair = (principal.models, model)
+            if pair not in self._allowed:
+                check_model_scope(principal, model)  # raises when not allowed
+                if len(self._allowed) >= self._MAX_ANSWERS:
+                    self._allowed.clear()
+                self._allowed.add(pair)
         return await self._quota.reserve(call, request)
 
 
