@@ -12,9 +12,12 @@ These commands join the `models` group (launcher/registry_commands.py).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import typer
+from tensorgate import AsyncGatewayClient
+from tensorgate.errors import UnimplementedError
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2
 from tensorgate.registry_client import AsyncRegistryClient
@@ -186,18 +189,31 @@ def _deployment_ref(d: registry_pb2.Deployment) -> str:
 
 @rollout_app.command()
 def deployments(address: Address = DEFAULT_ADDRESS, api_key: ApiKey = None) -> None:
-    """What the workers must serve: REF VERSION INSTANCES UPDATED REVISION."""
+    """What the workers must serve, and whether they do: REF VERSION INSTANCES SERVED
+    UPDATED REVISION (SERVED "no": no worker has that version loaded; the workers' logs
+    say why, e.g. an artifact that failed its sha256 check)."""
 
-    found = with_registry(address, api_key, lambda registry: registry.list_deployments())
+    async def fetch() -> tuple[list[registry_pb2.Deployment], set[tuple[str, int]]]:
+        async with AsyncRegistryClient(address, api_key=api_key) as registry:
+            found = await registry.list_deployments()
+        async with AsyncGatewayClient(address, api_key=api_key) as gateway:
+            try:
+                loaded = {(m.name, m.version) for m in await gateway.list_models()}
+            except UnimplementedError:  # a registry address, not a gateway's
+                loaded = set()
+        return found, loaded
+
+    found, loaded = asyncio.run(fetch())
     rows = [
         (
             _deployment_ref(d),
             str(d.resolved_version),
             str(d.instances),
+            "yes" if (d.model, d.resolved_version) in loaded else "no",
             output.local_time(d.update_time),
             str(d.revision),
         )
         for d in found
     ]
-    columns = ("REF", "VERSION", "INSTANCES", "UPDATED", "REVISION")
+    columns = ("REF", "VERSION", "INSTANCES", "SERVED", "UPDATED", "REVISION")
     output.table(columns, rows, empty="nothing deployed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -130,6 +131,19 @@ async def test_a_flipped_byte_in_the_store_is_detected_and_never_loaded(
             else:
                 raise AssertionError(f"digits:{good.version} was never loaded")
             assert ("digits", bad.version) not in loaded
+        # Operators see it: deployed, and not served.
+        listed = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("tensorgate")),
+            "models",
+            "deployments",
+            "--address",
+            address,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await listed.communicate()
+        served = {row.split("\t")[0]: row.split("\t")[3] for row in out.decode().splitlines()}
+        assert served[f"digits:{bad.version}"] == "no", served
+        assert served[f"digits:{good.version}"] == "yes", served
         await registry.delete_deployment("digits", version=bad.version)
         await registry.delete_deployment("digits", version=good.version)
 
