@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from types import TracebackType
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from tensorgate._channel import AsyncChannelClient
 from tensorgate._requests import (
     call_metadata,
     credentials,
     generate_request,
     infer_request,
 )
-from tensorgate.channel_options import CHANNEL_OPTIONS
 from tensorgate.errors import from_rpc_error
 from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.tensors import from_tensor
 
 
-class AsyncGatewayClient:
+class AsyncGatewayClient(AsyncChannelClient):
     """One channel to a gateway; use as `async with AsyncGatewayClient(address) as client`.
 
     `api_key` travels as `authorization: Bearer ...`; `tls=True` (or a CA in
@@ -37,29 +36,12 @@ class AsyncGatewayClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
-        self.address = address
-        creds = credentials(tls, root_certificates)
-        self._channel = (
-            grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-            if creds is not None
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        super().__init__(
+            address,
+            credentials=credentials(tls, root_certificates),
+            metadata=call_metadata(api_key),
         )
         self._stub = gateway_pb2_grpc.InferenceGatewayStub(self._channel)
-        self._metadata = call_metadata(api_key)
-
-    async def __aenter__(self) -> AsyncGatewayClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close(None)
 
     async def generate(
         self,

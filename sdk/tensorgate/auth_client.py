@@ -18,18 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date, datetime
-from types import TracebackType
-from typing import TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 
+from tensorgate._channel import AsyncChannelClient
 from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
-from tensorgate.channel_options import CHANNEL_OPTIONS
-from tensorgate.errors import from_rpc_error
-
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 def _day(value: str | date | None) -> str:
@@ -39,7 +33,7 @@ def _day(value: str | date | None) -> str:
     return value or ""
 
 
-class AsyncAuthClient:
+class AsyncAuthClient(AsyncChannelClient):
     """One channel to the auth service (directly, or through a gateway that forwards it).
 
     `api_key` travels as `authorization: Bearer ...`; `credentials` connects over
@@ -54,37 +48,13 @@ class AsyncAuthClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = 30.0,
     ) -> None:
-        self.address = address
-        self._channel = (
-            grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        super().__init__(
+            address,
+            credentials=credentials,
+            metadata=(("authorization", f"Bearer {api_key}"),) if api_key else (),
+            timeout=timeout,
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._timeout = timeout
-
-    async def __aenter__(self) -> AsyncAuthClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close(None)
-
-    async def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
-        try:
-            return await method(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
 
     # Tenants
 

@@ -20,13 +20,12 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from tensorgate.channel_options import CHANNEL_OPTIONS
+from tensorgate._channel import AsyncChannelClient
 from tensorgate.errors import DataLossError, from_rpc_error
 from tensorgate.model_folder import PackedModel, pack
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -35,8 +34,6 @@ CHUNK_BYTES = 1 << 20
 ACTOR_KEY = "x-tensorgate-actor"
 
 Progress = Callable[[int, int], object]
-_Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
 
 
 def _default_actor() -> str:
@@ -46,7 +43,7 @@ def _default_actor() -> str:
         return "unknown"
 
 
-class AsyncRegistryClient:
+class AsyncRegistryClient(AsyncChannelClient):
     """One channel to the registry (directly, or through a gateway that forwards it).
 
     `api_key` travels as `authorization: Bearer ...`; `actor` (default: the login name)
@@ -63,40 +60,13 @@ class AsyncRegistryClient:
         actor: str | None = None,
         timeout: float | None = 30.0,
     ) -> None:
-        self.address = address
-        self._channel = (
-            grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
-        self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
         metadata = [(ACTOR_KEY, actor or _default_actor())]
         if api_key:
             metadata.append(("authorization", f"Bearer {api_key}"))
-        self._metadata = tuple(metadata)
-        self._timeout = timeout
-
-    async def __aenter__(self) -> AsyncRegistryClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close(None)
-
-    async def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request
-    ) -> _Response:
-        try:
-            return await method(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        super().__init__(
+            address, credentials=credentials, metadata=tuple(metadata), timeout=timeout
+        )
+        self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
 
     # Models
 
