@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import structlog
 from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -18,7 +16,7 @@ from services.auth.settings import AuthSettings
 from services.auth.store import AuthStore
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
-from services.runtime.server import GrpcService, ServiceBinding, build_server
+from services.runtime.server import ServiceBinding, StoredService, build_server
 from services.store.database import database_url
 
 log = structlog.get_logger("tensorgate.auth")
@@ -26,27 +24,8 @@ log = structlog.get_logger("tensorgate.auth")
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 
 
-@dataclass
-class AuthServer:
+class AuthServer(StoredService[AuthStore]):
     """A running auth service: its gRPC service over its store."""
-
-    service: GrpcService
-    store: AuthStore
-
-    @property
-    def address(self) -> str:
-        return self.service.address
-
-    async def wait_failed(self) -> str:
-        """A lost database fails the calls that need it until it is back, not the service."""
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def stop(self) -> None:
-        try:
-            await self.service.stop()
-        finally:
-            await self.store.close()
 
 
 async def start_auth(settings: AuthSettings) -> AuthServer:

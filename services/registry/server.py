@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import structlog
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -16,7 +14,7 @@ from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
-from services.runtime.server import GrpcService, ServiceBinding, build_server
+from services.runtime.server import ServiceBinding, StoredService, build_server
 from services.store.database import database_url
 
 log = structlog.get_logger("tensorgate.registry")
@@ -24,27 +22,8 @@ log = structlog.get_logger("tensorgate.registry")
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 
 
-@dataclass
-class Registry:
+class Registry(StoredService[RegistryStore]):
     """A running registry: its gRPC service over its store."""
-
-    service: GrpcService
-    store: RegistryStore
-
-    @property
-    def address(self) -> str:
-        return self.service.address
-
-    async def wait_failed(self) -> str:
-        """A lost database shows per call (UNAVAILABLE); nothing stops the registry itself."""
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def stop(self) -> None:
-        try:
-            await self.service.stop()
-        finally:
-            await self.store.close()
 
 
 async def start_registry(settings: RegistrySettings) -> Registry:

@@ -14,7 +14,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -229,3 +229,34 @@ def build_server(
         authenticator=authenticator,
         quota=quota,
     )
+
+
+class _Store(Protocol):
+    async def close(self) -> None: ...
+
+
+StoreT = TypeVar("StoreT", bound=_Store)
+
+
+@dataclass
+class StoredService(Generic[StoreT]):
+    """A running service whose state lives in a database (the registry, auth): its gRPC
+    service over its store. A lost database fails the calls that need it until it is
+    back; nothing stops the service itself."""
+
+    service: GrpcService
+    store: StoreT
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    async def wait_failed(self) -> str:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def stop(self) -> None:
+        try:
+            await self.service.stop()
+        finally:
+            await self.store.close()
