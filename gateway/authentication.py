@@ -38,6 +38,7 @@ log = structlog.get_logger("tensorgate.gateway.auth")
 NO_KEY = "an API key is required: send metadata 'authorization: Bearer tg_...'"
 INVALID_KEY = "invalid API key"
 _CACHE_ENTRIES = 10_000
+_REFUSED_ENTRIES = 1_000
 # A key the auth service refused is remembered this long, so a client retrying a bad
 # key in a loop costs the auth service one lookup per second, not one per call.
 _REFUSED_SECONDS = 1.0
@@ -61,6 +62,7 @@ class KeyAuthenticator:
         self._cache_seconds = cache_seconds
         # By the key's sha256, never the key: a heap dump shows no usable key.
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        self._refused: OrderedDict[bytes, _Cached] = OrderedDict()
         self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
         self._auth_down_logged = False
         # Bumped whenever cached answers are dropped: a lookup that started before is
@@ -91,6 +93,7 @@ class KeyAuthenticator:
         self._generation += 1
         if not change.key_id and not change.tenant_id:
             self._cache.clear()
+            self._refused.clear()
             return
         stale = [
             digest
@@ -110,7 +113,7 @@ class KeyAuthenticator:
             raise Unauthenticated(NO_KEY)
         digest = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
-        cached = self._cache.get(digest)
+        cached = self._cache.get(digest) or self._refused.get(digest)
         fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
         if cached is None or now - cached.fetched >= fresh_for:
             # Only a key that is not cached is parsed: one in the cache was well formed.
@@ -140,10 +143,18 @@ class KeyAuthenticator:
         entry = _Cached(principal, now)
         if generation != self._generation:
             return entry  # a change arrived meanwhile: this answer may predate it
-        self._cache[digest] = entry
-        self._cache.move_to_end(digest)
-        while len(self._cache) > _CACHE_ENTRIES:
-            self._cache.popitem(last=False)
+        # Refused keys have a small share of their own: a flood of made-up keys (their
+        # checksum is public) must not push the keys of real callers out of the cache.
+        cache, limit = (
+            (self._cache, _CACHE_ENTRIES)
+            if principal is not None
+            else (self._refused, _REFUSED_ENTRIES)
+        )
+        self._cache.pop(digest, None)
+        self._refused.pop(digest, None)
+        cache[digest] = entry
+        while len(cache) > limit:
+            cache.popitem(last=False)
         return entry
 
     async def _ask(self, key: str) -> Principal | None:
@@ -174,13 +185,18 @@ class KeyAuthenticator:
                 await pending
 
 
+def allows(principal: Principal, model: str) -> bool:
+    """Whether the key's model patterns match the model name."""
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in principal.models)
+
+
 def check_model_scope(principal: Principal, model_ref: str) -> None:
     """PERMISSION_DENIED unless the key's model patterns allow the model `model_ref` names."""
     try:
         name = ModelRef.parse(model_ref).name
     except InvalidModelRef:
         return  # the handler refuses it as INVALID_ARGUMENT, in its own words
-    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in principal.models):
+    if not allows(principal, name):
         raise PermissionDenied(f"this API key may not call model {shown(name)}")
 
 

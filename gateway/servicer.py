@@ -19,6 +19,7 @@ from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
 
+from gateway.authentication import allows
 from gateway.metrics import GatewayMetrics
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
 from services.runtime import calls
@@ -138,4 +139,10 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
-        return inference_pb2.ListModelsResponse(models=self._pool.models())
+        models = self._pool.models()
+        call = calls.current()
+        principal = call.principal if call is not None else None
+        if principal is not None:
+            # A key sees the models it may call, not every team's.
+            models = [m for m in models if allows(principal, m.name)]
+        return inference_pb2.ListModelsResponse(models=models)

@@ -158,6 +158,12 @@ async def test_a_key_without_scope_for_the_model_is_permission_denied_naming_it(
     async with AsyncGatewayClient(address, api_key=only_tiny.secret) as client:
         async for _ in client.generate("tinylm:1", "ROMEO:", max_tokens=4):
             pass
+        # And lists only those: other teams' models are not its business.
+        assert {m.name for m in await client.list_models()} == {"tinylm"}
+    async with AsyncGatewayClient(address, api_key=no_models.secret) as client:
+        assert await client.list_models() == []
+    async with AsyncGatewayClient(address, api_key=auth_stack.admin_key) as client:
+        assert {m.name for m in await client.list_models()} >= {"tinylm", "digits"}
 
 
 async def test_a_tenant_key_may_not_call_admin_rpcs_through_the_gateway(
