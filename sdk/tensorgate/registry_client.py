@@ -148,28 +148,41 @@ class AsyncRegistryClient(AsyncChannelClient):
                 lineage=lineage,
                 description=description,
             )
-            parts = self._upload_parts(header, packed, progress)
-            try:
-                # No deadline: how long an upload takes depends on its size.
-                return await self._stub.UploadVersion(parts, metadata=self._metadata)
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from None
+            return await self._send_upload(header, packed, progress)
 
-    async def _upload_parts(
+    async def _send_upload(
         self,
         header: registry_pb2.UploadVersionRequest.Header,
         packed: PackedModel,
         progress: Progress | None,
-    ) -> AsyncIterator[registry_pb2.UploadVersionRequest]:
-        yield registry_pb2.UploadVersionRequest(header=header)
-        done = 0
-        with packed.path.open("rb") as data:
-            # Reads go to a thread: a slow disk must not stall the caller's event loop.
-            while chunk := await asyncio.to_thread(data.read, CHUNK_BYTES):
-                yield registry_pb2.UploadVersionRequest(chunk=chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, packed.size_bytes)
+    ) -> registry_pb2.ModelVersion:
+        # Written message by message rather than from an iterator: when the registry
+        # refuses early (no admin key, an unknown model), the next write says so and the
+        # call's own status is what the caller gets, with no reader left behind.
+        # No deadline: how long an upload takes depends on its size.
+        # No request iterator: grpc then takes the messages from call.write (the stubs'
+        # types predate that form).
+        call = self._stub.UploadVersion(metadata=self._metadata)  # type: ignore[call-arg]
+        try:
+            with packed.path.open("rb") as data:
+                await call.write(registry_pb2.UploadVersionRequest(header=header))
+                done = 0
+                # Reads go to a thread: a slow disk must not stall the caller's event loop.
+                while chunk := await asyncio.to_thread(data.read, CHUNK_BYTES):
+                    await call.write(registry_pb2.UploadVersionRequest(chunk=chunk))
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, packed.size_bytes)
+                await call.done_writing()
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            pass  # the registry ended the call: its status below says why
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            if not call.done():
+                call.cancel()
 
     async def get_version(self, model: str, version: int) -> registry_pb2.ModelVersion:
         request = registry_pb2.GetVersionRequest(model=model, version=version)
