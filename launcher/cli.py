@@ -20,6 +20,7 @@ stderr), 2 the command line cannot be acted on, 130 interrupted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -111,7 +112,22 @@ async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
         "gateway...",
         file=sys.stderr,
     )
-    models = await platform.start()
+    # Ctrl-C is ours from the start: while starting it stops what started, and once up
+    # it stops everything; never a KeyboardInterrupt between the two.
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (2, 15):  # SIGINT, SIGTERM
+        loop.add_signal_handler(sig, stopping.set)
+    signalled = asyncio.ensure_future(stopping.wait())
+    starting = asyncio.ensure_future(platform.start())
+    await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() stops what it began on any exception
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        print("stopped before it was up", file=sys.stderr)
+        return 0
+    models = starting.result()
     _say_admin_key(platform)
     services = ("gateway", "worker", "registry", "auth")
     metrics = (
@@ -129,12 +145,7 @@ async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
         f"{metrics} Ctrl-C stops everything.",
         file=sys.stderr,
     )
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (2, 15):  # SIGINT, SIGTERM
-        loop.add_signal_handler(sig, stopping.set)
     exited = asyncio.ensure_future(platform.wait())
-    signalled = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({exited, signalled}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if exited.done():
