@@ -146,6 +146,12 @@ class AliasRouting:
         self._feed = feed
         self._current: dict[tuple[str, str], int] = {}
 
+    def settled(self, model: str, alias: str) -> int | None:
+        """The alias's version when traffic is already on its target (no rollout under
+        way), so the common call needs no view of which workers serve what."""
+        target = self._feed.target(model, alias)
+        return target if self._current.get((model, alias)) == target else None
+
     def version(self, model: str, alias: str, serving: Mapping[int, Collection[object]]) -> int:
         key = (model, alias)
         # Where this gateway sent the alias's traffic last, or else where every gateway's

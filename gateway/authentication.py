@@ -136,8 +136,11 @@ class KeyAuthenticator:
         try:
             principal = await asyncio.shield(pending)
         except Unavailable:
-            vouched = stale is not None and stale.principal is not None
-            if vouched and stale is not None and now - stale.fetched < _STALE_SECONDS:
+            if (
+                stale is not None
+                and stale.principal is not None
+                and (now - stale.fetched < _STALE_SECONDS)
+            ):
                 return stale  # the auth service vouched for it minutes ago
             raise
         entry = _Cached(principal, now)

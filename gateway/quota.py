@@ -103,21 +103,19 @@ def _ledger_model(call: Call) -> str:
 class QuotaReservation:
     """What the gate reserved for one call; settled or released exactly once."""
 
-    __slots__ = ("_call", "_day", "_done", "_gate", "_hold", "_model", "_price")
+    __slots__ = ("_call", "_day", "_done", "_gate", "_hold", "_price")
 
     def __init__(
         self,
         gate: QuotaGate,
         call: Call,
         hold: CounterHold | None,
-        model: str,
         price: Price | None,
         day: str,
     ) -> None:
         self._gate = gate
         self._call = call
         self._hold = hold
-        self._model = model
         self._price = price
         self._day = day
         self._done = False
@@ -239,7 +237,7 @@ class QuotaGate:
         cap = principal.monthly_spend_cap
         if not (cap or is_limited(principal.key_limits) or is_limited(principal.tenant_limits)):
             # Nothing to enforce: no trip to the counters, only the ledger.
-            return QuotaReservation(self, call, None, model, price, day)
+            return QuotaReservation(self, call, None, price, day)
         demand = Demand(
             key_id=principal.key_id,
             tenant=principal.tenant,
@@ -253,4 +251,4 @@ class QuotaGate:
         )
         check_fits(demand)
         hold = await self._counters.reserve(demand)
-        return QuotaReservation(self, call, hold, model, price, day)
+        return QuotaReservation(self, call, hold, price, day)

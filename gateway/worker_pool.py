@@ -240,8 +240,10 @@ class WorkerPool:
                     f"model {shown(str(ref))}: aliases need the model registry, which this gateway "
                     "is not connected to (--registry)"
                 )
-            serving = {v: [w for w in ws if w.serving] for v, ws in (versions or {}).items()}
-            version = self._aliases.version(ref.name, ref.alias, serving)
+            version = self._aliases.settled(ref.name, ref.alias)
+            if version is None:  # a rollout under way: where is each version served
+                serving = {v: [w for w in ws if w.serving] for v, ws in (versions or {}).items()}
+                version = self._aliases.version(ref.name, ref.alias, serving)
             if not versions or version not in versions:
                 raise Unavailable(
                     f"model {shown(str(ref))} means version {version}, which no worker has "

@@ -97,9 +97,12 @@ async def test_oversized_fields_are_refused_and_the_feed_keeps_flowing(
     # The feed from the start still arrives whole, within a default 4 MiB client limit.
     async with grpc.aio.insecure_channel(registry_stack.gateway.address) as small:
         plain = registry_pb2_grpc.ModelRegistryStub(small)
+        reached = 0
         async for event in plain.Watch(registry_pb2.WatchRequest(since_revision=0), timeout=30):
-            if event.revision >= 5:
+            reached = event.revision
+            if reached >= 5:
                 break
+        assert reached >= 5, f"the feed stopped at revision {reached}"
 
 
 @pytest.mark.parametrize(

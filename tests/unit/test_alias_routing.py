@@ -87,3 +87,18 @@ async def test_a_gateway_that_never_routed_the_alias_starts_where_the_others_are
         assert routing.version("digits", "canary", {1: ["a"], 3: ["a"]}) == 3
     finally:
         await feed.close()
+
+
+async def test_settled_is_the_target_only_once_traffic_is_on_it() -> None:
+    feed = AliasFeed("127.0.0.1:1")
+    try:
+        feed.synced.set()
+        feed.apply(_moved(1, "digits", "production", 1))
+        routing = AliasRouting(feed)
+        assert routing.settled("digits", "production") is None  # never routed yet
+        assert routing.version("digits", "production", {1: ["a"]}) == 1
+        assert routing.settled("digits", "production") == 1
+        feed.apply(_moved(2, "digits", "production", 2))
+        assert routing.settled("digits", "production") is None  # a rollout under way
+    finally:
+        await feed.close()
