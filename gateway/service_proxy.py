@@ -10,12 +10,15 @@ carrying its request id, reach the caller as they came.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from tensorgate.auth.v1 import auth_pb2
+from tensorgate.client_streams import ACCEPTED, is_accepted
 from tensorgate.registry.v1 import registry_pb2
 
 from gateway.authentication import require_admin
@@ -100,16 +103,39 @@ class ServiceProxy:
         return forward
 
     def _stream_in(self, name: str, path: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
-        call = self._channel.stream_unary(path, None, None)
+        open_call = self._channel.stream_unary(path, None, None)
 
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            # The handshake of tensorgate.client_streams, hop by hop: the caller's first
+            # message is in before any refusal, and the caller is told to stream on only
+            # once the service behind accepted that message.
+            requests = aiter(requests)
+            first = await anext(requests, None)
             self._admitted(name)
+            # No request iterator: grpc then takes the messages from upstream.write.
+            upstream = open_call(  # type: ignore[call-arg]
+                timeout=calls.remaining(), metadata=_forwarded_metadata()
+            )
             try:
-                response: bytes = await call(
-                    requests, timeout=calls.remaining(), metadata=_forwarded_metadata()
-                )
+                with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    # A write fails once the service behind ended the call: its status
+                    # (awaited below) says why.
+                    if first is None:
+                        await upstream.done_writing()
+                    else:
+                        await upstream.write(first)
+                        # Not accepted: the service behind refused, and ended the call.
+                        if is_accepted(await upstream.initial_metadata()):
+                            await context.send_initial_metadata(ACCEPTED)
+                            async for message in requests:
+                                await upstream.write(message)
+                            await upstream.done_writing()
+                response: bytes = await upstream
             except grpc.aio.AioRpcError as exc:
                 raise upstream_error(exc, self._subject) from exc
+            finally:
+                if not upstream.done():
+                    upstream.cancel()  # the caller went away: so does the upstream call
             return response
 
         return forward

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorgate.client_streams import is_accepted
+from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
 
 async def health_status(address: str, service: str = "") -> str:
@@ -69,3 +71,25 @@ def process_command(pid: int) -> str:
     except OSError:
         return "?"
     return f"{exe} {args}"
+
+
+async def refused_upload(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub,
+    header: registry_pb2.UploadVersionRequest.Header,
+    chunks: list[bytes],
+) -> tuple[grpc.aio.AioRpcError, bool]:
+    """An upload over the bare stub that is expected to fail, following the handshake of
+    tensorgate.client_streams: the error it ends with, and whether its header was accepted
+    (False: refused before a byte of the artifact was sent)."""
+    call = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
+    await call.write(registry_pb2.UploadVersionRequest(header=header))
+    accepted = is_accepted(await call.initial_metadata())
+    if accepted:
+        for chunk in chunks:
+            await call.write(registry_pb2.UploadVersionRequest(chunk=chunk))
+        await call.done_writing()
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc, accepted
+    raise AssertionError("the upload was expected to be refused")

@@ -26,6 +26,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from tensorgate._channel import AsyncChannelClient
+from tensorgate.client_streams import is_accepted
 from tensorgate.errors import DataLossError, from_rpc_error
 from tensorgate.model_folder import PackedModel, pack
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -156,9 +157,9 @@ class AsyncRegistryClient(AsyncChannelClient):
         packed: PackedModel,
         progress: Progress | None,
     ) -> registry_pb2.ModelVersion:
-        # Written message by message rather than from an iterator: when the registry
-        # refuses early (no admin key, an unknown model), the next write says so and the
-        # call's own status is what the caller gets, with no reader left behind.
+        # Written message by message, and the chunks only once the registry accepted the
+        # header (tensorgate.client_streams): a refusal (no admin key, an unknown model, too
+        # big) is then heard as its own status, never grpc.aio's "Internal error from Core".
         # No deadline: how long an upload takes depends on its size.
         # No request iterator: grpc then takes the messages from call.write (the stubs'
         # types predate that form).
@@ -166,14 +167,15 @@ class AsyncRegistryClient(AsyncChannelClient):
         try:
             with packed.path.open("rb") as data:
                 await call.write(registry_pb2.UploadVersionRequest(header=header))
-                done = 0
-                # Reads go to a thread: a slow disk must not stall the caller's event loop.
-                while chunk := await asyncio.to_thread(data.read, CHUNK_BYTES):
-                    await call.write(registry_pb2.UploadVersionRequest(chunk=chunk))
-                    done += len(chunk)
-                    if progress is not None:
-                        progress(done, packed.size_bytes)
-                await call.done_writing()
+                if is_accepted(await call.initial_metadata()):
+                    done = 0
+                    # Reads go to a thread: a slow disk must not stall the caller's loop.
+                    while chunk := await asyncio.to_thread(data.read, CHUNK_BYTES):
+                        await call.write(registry_pb2.UploadVersionRequest(chunk=chunk))
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, packed.size_bytes)
+                    await call.done_writing()
         except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
             pass  # the registry ended the call: its status below says why
         try:

@@ -12,13 +12,14 @@ from datetime import UTC
 from typing import Any
 
 import grpc
+from tensorgate.client_streams import ACCEPTED
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.registry import requests as check
 from services.registry.artifacts import ArtifactStore
 from services.registry.store import RegistryStore
-from services.registry.uploads import artifact_chunks, receive_artifact
+from services.registry.uploads import artifact_chunks, check_header, receive_artifact
 from services.runtime import calls
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.triton_config import parse_config
@@ -128,9 +129,12 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                 subject="registry:concurrent_uploads",
                 retry_after_s=1.0,
             )
+        check_header(header, max_bytes=self._max_bytes)
         sha256 = header.sha256.lower()
         self._uploading[sha256] = self._uploading.get(sha256, 0) + 1
         try:
+            # Everything the header alone can fail on is checked: the caller may stream.
+            await context.send_initial_metadata(ACCEPTED)
             return await self._register(header, config, request_iterator)
         finally:
             self._uploading[sha256] -= 1

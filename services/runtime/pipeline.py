@@ -240,10 +240,16 @@ class Pipeline:
         async def handle(request: Any, context: Context) -> Any:
             call = self._open(method, context)
             code, reservation = grpc.StatusCode.OK, None
+            received = request
             try:
                 request = self._admitted(call, request, client_streams)
                 if admit is not None:
-                    reservation = await admit(call, None if client_streams else request)
+                    try:
+                        reservation = await admit(call, None if client_streams else request)
+                    except Exception:
+                        if client_streams:
+                            await _hear_first(received)
+                        raise
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = self._cancelled_code(call)
@@ -297,6 +303,21 @@ class Pipeline:
                 await self._close(call, code, reservation)
 
         return handle
+
+
+# How long a refused client stream's first message is waited for (see _hear_first).
+_FIRST_MESSAGE_S = 1.0
+
+
+async def _hear_first(requests: AsyncIterator[Any]) -> None:
+    """Receives a refused client stream's first message before the refusal goes out.
+
+    A grpc.aio client whose write is still in flight when the status arrives sees
+    INTERNAL in place of it (grpc/grpc#36066). Once its first message is in, a client
+    that waits to be accepted (tensorgate.client_streams) has nothing more in flight.
+    """
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(anext(aiter(requests), None), _FIRST_MESSAGE_S)
 
 
 async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:

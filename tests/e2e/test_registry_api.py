@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,7 @@ from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 from tensorgate.registry_client import AsyncRegistryClient
 
 from tests.conftest import RegistryStack
+from tests.helpers import refused_upload
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "models" / "repository" / "digits"
@@ -41,17 +41,9 @@ def _stored_files(stack: RegistryStack) -> set[Path]:
 
 async def _raw_upload(
     address: str, header: registry_pb2.UploadVersionRequest.Header, chunks: list[bytes]
-) -> grpc.aio.AioRpcError:
-    async def parts() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
-        yield registry_pb2.UploadVersionRequest(header=header)
-        for chunk in chunks:
-            yield registry_pb2.UploadVersionRequest(chunk=chunk)
-
+) -> tuple[grpc.aio.AioRpcError, bool]:
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = registry_pb2_grpc.ModelRegistryStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.UploadVersion(parts(), timeout=30)
-    return caught.value
+        return await refused_upload(registry_pb2_grpc.ModelRegistryStub(channel), header, chunks)
 
 
 async def test_upload_download_round_trip(registry_stack: RegistryStack, tmp_path: Path) -> None:
@@ -84,17 +76,21 @@ async def test_corrupt_or_truncated_uploads_leave_nothing_behind(
             config_pbtxt=config,
         )
 
-    wrong_hash = await _raw_upload(address, header("0" * 64, len(payload)), [payload])
-    assert wrong_hash.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Only what the bytes alone can show is refused after they streamed.
+    wrong_hash, accepted = await _raw_upload(address, header("0" * 64, len(payload)), [payload])
+    assert wrong_hash.code() == grpc.StatusCode.INVALID_ARGUMENT and accepted
     assert "sha256" in (wrong_hash.details() or "")
-    truncated = await _raw_upload(address, header(good, len(payload)), [payload[:100_000]])
-    assert truncated.code() == grpc.StatusCode.INVALID_ARGUMENT
-    too_big = await _raw_upload(address, header(good, 1 << 40), [payload])
-    assert too_big.code() == grpc.StatusCode.INVALID_ARGUMENT
+    truncated, accepted = await _raw_upload(
+        address, header(good, len(payload)), [payload[:100_000]]
+    )
+    assert truncated.code() == grpc.StatusCode.INVALID_ARGUMENT and accepted
+    too_big, accepted = await _raw_upload(address, header(good, 1 << 40), [payload])
+    assert too_big.code() == grpc.StatusCode.INVALID_ARGUMENT and not accepted
+    assert "size_bytes" in (too_big.details() or "")
     bad_config = header(good, len(payload))
     bad_config.config_pbtxt = "name: {"
-    refused = await _raw_upload(address, bad_config, [payload])
-    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused, accepted = await _raw_upload(address, bad_config, [payload])
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and not accepted
     assert "config_pbtxt" in (refused.details() or "")
 
     async with AsyncRegistryClient(address) as registry:

@@ -19,6 +19,7 @@ from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 from tensorgate.registry_client import AsyncRegistryClient
 
 from tests.conftest import RegistryStack
+from tests.helpers import refused_upload
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = (REPO / "models" / "repository" / "digits" / "config.pbtxt").read_text()
@@ -57,13 +58,9 @@ async def _upload(
     }
     fields.update(header)
 
-    async def parts() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
-        yield registry_pb2.UploadVersionRequest(
-            header=registry_pb2.UploadVersionRequest.Header(**fields)  # type: ignore[arg-type]
-        )
-        yield registry_pb2.UploadVersionRequest(chunk=payload)
-
-    return await _status(stub.UploadVersion(parts(), timeout=30))
+    header_message = registry_pb2.UploadVersionRequest.Header(**fields)  # type: ignore[arg-type]
+    error, _ = await refused_upload(stub, header_message, [payload])
+    return error.code(), error.details() or ""
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
