@@ -113,7 +113,12 @@ class ControlPlane:
             if redis_url
             else InProcessCounters()
         )
-        self._gate = QuotaGate(counters, prices=self._prices.price, usage=self._ledger)
+        self._gate = QuotaGate(
+            counters,
+            prices=self._prices.price,
+            usage=self._ledger,
+            max_call_s=settings.upstream_timeout,
+        )
         self.quota = ScopedQuotaGate(self._gate)
         self.bindings.append(
             ServiceProxy(AUTH, channel, subject="the auth service", hidden=AUTH_INTERNAL).binding()

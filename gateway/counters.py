@@ -159,11 +159,14 @@ def over_quota(
 def _never_fits(scope: str, quota: str, limit: int, asked: int) -> ResourceExhausted:
     if quota == MONTHLY_SPEND_CAP:
         ask, have = f"may cost {asked / MICROS:.4f}", f"{limit / MICROS:.2f}"
+        # Compute is reserved for as long as the call may run.
+        fix = "lower max_tokens, shorten the prompt or set a shorter deadline"
     else:
         ask, have = f"may use {asked} tokens", str(limit)
+        fix = "lower max_tokens or shorten the prompt"
     return ResourceExhausted(
         f"this call {ask}, more than the whole {quota.replace('_', ' ')} of {_who(scope)} "
-        f"({have}): lower max_tokens or shorten the prompt; retrying will not help",
+        f"({have}): {fix}; retrying will not help",
         subject=f"{scope}:{quota}",
         retry_after_s=0.0,
     )

@@ -7,11 +7,12 @@ the tenant's monthly spend cap. All of it is reserved in one atomic step of the 
 store (counters.py in process, redis_counters.py across replicas), or none of it.
 
 Tokens: the prompt's bound is its length in UTF-8 bytes (byte-level tokenizers use one
-token per byte and BPE fewer), plus max_tokens. Cost: the per-model `Price` of those
-tokens at reserve; at settle the price of the tokens really used plus compute time (the
-call's duration). So the spend cap bounds token cost exactly; compute cost is known only
-at the end, settles after, and can take a tenant past its cap by the compute of the calls
-in flight.
+token per byte and BPE fewer), plus max_tokens. Cost: at reserve, the per-model `Price`
+of those tokens plus compute for as long as the call may run (its deadline, or the
+gateway's upstream timeout when it set none); at settle, the price of the tokens really
+used plus the call's real duration. So concurrent calls cannot take a tenant past its
+spend cap, and a caller priced by compute gets more calls under its cap by setting
+shorter deadlines.
 
 When a call ends, its usage goes to a `UsageSink` (the auth service's ledger).
 """
@@ -179,15 +180,18 @@ class QuotaGate:
         *,
         prices: Callable[[str], Price | None] = no_prices,
         usage: UsageSink | None = None,
+        max_call_s: float = 300.0,
         max_stream_s: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`prices` gives a model name's price (None: free); `max_stream_s` is how long a
-        stream slot is held at most when never given back (a gateway that died), for a
-        call without a deadline."""
+        """`prices` gives a model name's price (None: free); `max_call_s` is how long a
+        call without a deadline may run (the gateway's upstream timeout), the compute it
+        is reserved; `max_stream_s` is how long a stream slot is held at most when never
+        given back (a gateway that died)."""
         self._counters = counters
         self._prices = prices
         self.usage = usage
+        self._max_call_s = max_call_s
         self._max_stream_s = max_stream_s
         self._clock = clock
         self._calendar = UtcCalendar()
@@ -200,19 +204,16 @@ class QuotaGate:
         if principal is None:
             return None
         kind = type(request)
+        remaining = call.remaining()
+        call_s = self._max_call_s if remaining is None else max(remaining, 0.0)
         if kind is _GENERATE:
             text = request.prompt
             # Its UTF-8 length, without copying an ASCII prompt to count it.
             prompt = len(text) if text.isascii() else len(text.encode())
             completion = max(request.max_tokens, 0)
-            remaining = call.remaining()
             # A slot a dead gateway never gave back frees itself a little after the
             # call's deadline would have ended the stream anyway.
-            stream_s = (
-                self._max_stream_s
-                if remaining is None
-                else min(max(remaining, 0.0) + 1.0, self._max_stream_s)
-            )
+            stream_s = min(call_s + 1.0, self._max_stream_s)
         elif kind is _INFER:
             prompt = completion = 0
             stream_s = 0.0
@@ -223,17 +224,19 @@ class QuotaGate:
         cost = 0
         if price is not None:
             # Rounded up (an upper bound), but not for a float's last-digit error; and
-            # compute, unknown until the end, costs at least one micro-unit, so that a
-            # tenant at its cap is refused even a call priced by compute only.
+            # compute costs at least one micro-unit, so that a tenant at its cap is
+            # refused even a call priced by compute only and ending at once.
             bound = (
                 prompt * price.prompt_per_1k * 1000
                 + completion * price.completion_per_1k * 1000
+                + call_s * price.compute_per_second * MICROS
                 - 1e-6
             )
             cost = (math.ceil(bound) if bound < _MAX_MICROS else _MAX_MICROS) + (
                 1 if price.compute_per_second > 0 else 0
             )
-        day = self._calendar.at(self._clock()).day_name
+        period = self._calendar.at(self._clock())
+        day = period.day_name
         cap = principal.monthly_spend_cap
         if not (cap or is_limited(principal.key_limits) or is_limited(principal.tenant_limits)):
             # Nothing to enforce: no trip to the counters, only the ledger.
@@ -246,7 +249,12 @@ class QuotaGate:
             tokens=prompt + completion,
             stream_s=stream_s,
             spend_cap=_micro_units(cap * MICROS),
-            spend_seed=_micro_units(principal.month_spend * MICROS),
+            # An answer the auth service gave last month says nothing about this one.
+            spend_seed=(
+                _micro_units(principal.month_spend * MICROS)
+                if principal.spend_month == period.month_name
+                else 0
+            ),
             cost=cost,
         )
         check_fits(demand)

@@ -126,8 +126,9 @@ async def check_key(connection: AsyncConnection, key: str, now_us: int) -> Row[A
     return row
 
 
-def principal_message(row: Row[Any], month_spend: float) -> pb.Principal:
-    """A row from `check_key` as the Principal a gateway enforces."""
+def principal_message(row: Row[Any], month_spend: float, spend_month: str) -> pb.Principal:
+    """A row from `check_key` as the Principal a gateway enforces; `month_spend` is the
+    tenant's spend in the UTC month `spend_month` ("2024-06")."""
     principal = pb.Principal(
         key_id=row.key_id,
         tenant_id=row.tenant_id,
@@ -137,6 +138,7 @@ def principal_message(row: Row[Any], month_spend: float) -> pb.Principal:
         tenant_quota=pb.Quota(**{name: getattr(row, f"tenant_{name}") for name in QUOTA_FIELDS}),
         monthly_spend_cap=row.monthly_spend_cap,
         month_spend=month_spend,
+        spend_month=spend_month,
     )
     if row.expire_us is not None:
         principal.expire_time.CopyFrom(timestamp(row.expire_us))

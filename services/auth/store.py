@@ -35,6 +35,7 @@ from services.auth.records import (
     check_quota,
     check_text,
     key_message,
+    month_range,
     price_message,
     quota_values,
     quoted,
@@ -278,7 +279,7 @@ class AuthStore:
             spend = (
                 await ledger.month_spend(connection, row.tenant_id, now_us) if with_spend else 0.0
             )
-        return key_ops.principal_message(row, spend)
+        return key_ops.principal_message(row, spend, month_range(now_us)[0][:7])
 
     # --- prices and the ledger (ledger.py) ------------------------------------------------
 

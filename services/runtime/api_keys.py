@@ -149,5 +149,6 @@ def principal_of(message: auth_pb2.Principal) -> Principal:
         tenant_limits=_limits(message.tenant_quota),
         monthly_spend_cap=message.monthly_spend_cap,
         month_spend=message.month_spend,
+        spend_month=message.spend_month,
         expires_at=expires_at,
     )

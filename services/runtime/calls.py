@@ -39,9 +39,11 @@ class Principal:
     admin: bool = False
     key_limits: Limits = Limits()
     tenant_limits: Limits = Limits()
-    # Monthly spend cap of the tenant (0: none), and what the ledger says it spent.
+    # Monthly spend cap of the tenant (0: none), and what the ledger says it spent in
+    # the UTC month `spend_month` ("2024-06"; "": unknown, no spend to start from).
     monthly_spend_cap: float = 0.0
     month_spend: float = 0.0
+    spend_month: str = ""
     # Unix time the key stops working (expiry or end of a rotation grace); 0: never.
     expires_at: float = 0.0
 

@@ -42,7 +42,11 @@ NO_LIMITS = Limits()
 
 
 def principal(
-    key: Limits = NO_LIMITS, tenant: Limits = NO_LIMITS, cap: float = 0.0, spent: float = 0.0
+    key: Limits = NO_LIMITS,
+    tenant: Limits = NO_LIMITS,
+    cap: float = 0.0,
+    spent: float = 0.0,
+    month: str = "2024-06",  # NOON's
 ) -> Principal:
     return Principal(
         key_id="k1",
@@ -51,6 +55,7 @@ def principal(
         tenant_limits=tenant,
         monthly_spend_cap=cap,
         month_spend=spent,
+        spend_month=month,
     )
 
 
@@ -87,15 +92,19 @@ def make_gate(
     )
 
 
-async def admit(gate: QuotaGate, who: Principal, request: object) -> QuotaReservation:
-    reservation = await gate.reserve(call(who), request)
+async def admit(
+    gate: QuotaGate, who: Principal, request: object, deadline_s: float | None = None
+) -> QuotaReservation:
+    reservation = await gate.reserve(call(who, deadline_s), request)
     assert reservation is not None
     return reservation
 
 
-async def refused(gate: QuotaGate, who: Principal, request: object) -> ResourceExhausted:
+async def refused(
+    gate: QuotaGate, who: Principal, request: object, deadline_s: float | None = None
+) -> ResourceExhausted:
     with pytest.raises(ResourceExhausted) as caught:
-        await gate.reserve(call(who), request)
+        await gate.reserve(call(who, deadline_s), request)
     return caught.value
 
 
@@ -221,20 +230,56 @@ async def test_the_spend_cap_is_seeded_from_the_ledger_and_resets_next_month() -
     assert error.retry_after_s == pytest.approx(first_of_july - NOON)
     assert "9.92 of its monthly spend cap of 10.00" in error.message
     clock.now = first_of_july
-    await admit(gate, principal(cap=10.0, spent=0.0), generate())
+    await admit(gate, principal(cap=10.0, spent=0.0, month="2024-07"), generate())
+
+
+async def test_a_principal_cached_from_last_month_does_not_seed_this_months_spend() -> None:
+    clock = Clock(datetime(2024, 7, 1, 0, 0, 5, tzinfo=UTC).timestamp())
+    gate = make_gate(clock, price=Price(prompt_per_1k=1.0, completion_per_1k=2.0))
+    # Authenticated in June with June's spend at the cap, and still cached in July.
+    june = principal(cap=10.0, spent=10.0, month="2024-06")
+    for _ in range(40):  # 40 * 0.21 = 8.4 of July's 10.0
+        await admit(gate, june, generate())
+    error = await refused(gate, june, generate(max_tokens=1000))
+    assert "spent 8.40 of its monthly spend cap of 10.00" in error.message
+    # June's answer in June still counts what June spent.
+    await refused(make_gate(Clock(), price=Price(prompt_per_1k=1.0)), june, generate())
 
 
 async def test_a_tenant_at_its_cap_is_refused_calls_priced_by_compute() -> None:
     price = Price(compute_per_second=0.5)
-    await admit(make_gate(Clock(), price=price), principal(cap=10.0, spent=9.99), infer())
+    gate = make_gate(Clock(), price=price)
+    await admit(gate, principal(cap=10.0, spent=9.99), infer(), deadline_s=0.01)
     # (A new gate: the month's counter is seeded from the ledger only once.)
-    error = await refused(make_gate(Clock(), price=price), principal(cap=10.0, spent=10.0), infer())
+    error = await refused(
+        make_gate(Clock(), price=price), principal(cap=10.0, spent=10.0), infer(), 0.01
+    )
     assert error.subject == "tenant:acme:monthly_spend_cap"
     quota, retry = error.details()
     assert isinstance(quota, error_details_pb2.QuotaFailure)
     assert quota.violations[0].subject == "tenant:acme:monthly_spend_cap"
     assert isinstance(retry, error_details_pb2.RetryInfo)
     assert retry.retry_delay.ToNanoseconds() == int(error.retry_after_s * 1e9)
+
+
+async def test_concurrent_calls_priced_by_compute_cannot_overrun_the_cap() -> None:
+    # Each call may run until its deadline: its compute is reserved until then.
+    price = Price(compute_per_second=0.5)
+    gate = make_gate(Clock(), price=price)
+    who = principal(cap=1.0)
+    held = [await admit(gate, who, infer(), deadline_s=0.6) for _ in range(3)]  # 0.9
+    error = await refused(gate, who, infer(), deadline_s=0.6)
+    assert error.subject == "tenant:acme:monthly_spend_cap"
+    assert error.retry_after_s > 0
+    # Ending at once, they cost a few micro-units each: the cap frees up.
+    for reservation in held:
+        await reservation.settle(None)
+    await admit(gate, who, infer(), deadline_s=1.9)
+    # Without a deadline a call may run for the gateway's whole upstream timeout
+    # (300 s, 150.0 of compute): it never fits a cap of 1.0, and is told why.
+    error = await refused(gate, who, infer())
+    assert error.retry_after_s == 0.0
+    assert "set a shorter deadline" in error.message
 
 
 async def test_a_refused_reservation_reserves_nothing() -> None:

@@ -197,6 +197,7 @@ class Principal(_message.Message):
     MONTHLY_SPEND_CAP_FIELD_NUMBER: _builtins.int
     MONTH_SPEND_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SPEND_MONTH_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     tenant_id: _builtins.str
     admin: _builtins.bool
@@ -204,6 +205,10 @@ class Principal(_message.Message):
     month_spend: _builtins.float
     """What the tenant has spent this month according to the ledger, so a gateway
     whose counters start empty starts from it.
+    """
+    spend_month: _builtins.str
+    """The UTC month month_spend is for ("2024-06"): a gateway that still holds this
+    answer in the next month must not start that month from it.
     """
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -227,10 +232,11 @@ class Principal(_message.Message):
         monthly_spend_cap: _builtins.float = ...,
         month_spend: _builtins.float = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        spend_month: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "key_quota", b"key_quota", "tenant_quota", b"tenant_quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "expire_time", b"expire_time", "key_id", b"key_id", "key_quota", b"key_quota", "models", b"models", "month_spend", b"month_spend", "monthly_spend_cap", b"monthly_spend_cap", "tenant_id", b"tenant_id", "tenant_quota", b"tenant_quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "expire_time", b"expire_time", "key_id", b"key_id", "key_quota", b"key_quota", "models", b"models", "month_spend", b"month_spend", "monthly_spend_cap", b"monthly_spend_cap", "spend_month", b"spend_month", "tenant_id", b"tenant_id", "tenant_quota", b"tenant_quota"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
