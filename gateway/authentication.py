@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import hashlib
 import time
 from collections import OrderedDict
@@ -29,7 +28,7 @@ import structlog
 from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 
-from services.runtime.api_keys import bearer_key, parse_key, principal_of
+from services.runtime.api_keys import allows, bearer_key, parse_key, principal_of
 from services.runtime.calls import Call, Principal
 from services.runtime.errors import PermissionDenied, Unauthenticated, Unavailable, shown
 
@@ -186,11 +185,6 @@ class KeyAuthenticator:
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Unavailable):
                 await pending
-
-
-def allows(principal: Principal, model: str) -> bool:
-    """Whether the key's model patterns match the model name."""
-    return any(fnmatch.fnmatchcase(model, pattern) for pattern in principal.models)
 
 
 def check_model_scope(principal: Principal, model_ref: str) -> None:

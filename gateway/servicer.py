@@ -19,10 +19,10 @@ from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
 
-from gateway.authentication import allows
 from gateway.metrics import GatewayMetrics
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
 from services.runtime import calls
+from services.runtime.api_keys import allows
 from services.runtime.errors import Unavailable, upstream_error
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -256,9 +256,11 @@ class WorkerPool:
                     f"model {shown(ref.name)} is not on any reachable worker, and {unreached} "
                     "worker(s) could not be reached yet; retry shortly"
                 )
+            # Not the list of what is served: that would name models the caller's key
+            # may not call. ListModels shows the ones it may.
             raise NotFound(
-                f"model {shown(ref.name)} is not served here "
-                f"(served: {', '.join(sorted({m.name for m in self.models()})) or 'none'})"
+                f"model {shown(ref.name)} is not served here; ListModels shows the models "
+                "this key may call"
             )
         else:
             version = ref.version if ref.version is not None else max(versions)

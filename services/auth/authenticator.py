@@ -1,10 +1,12 @@
 """Who may call which AuthService RPC: the authentication stage of the service's pipeline.
 
-- `Authenticate` and `RecordUsage` need no key. They are for gateways, on the internal
-  network: a gateway asks who a caller's key is before it has any key of its own to
-  present, and reports usage on its callers' behalf. In production the auth service
-  listens with mutual TLS (--tls-client-ca-file), so only holders of a client
-  certificate (the gateways) reach them at all.
+- `Authenticate`, `RecordUsage` and `WatchKeys` need no key. They are for gateways, on
+  the internal network: a gateway asks who a caller's key is before it has any key of
+  its own to present, and reports usage on its callers' behalf. In production the auth
+  service listens with mutual TLS (--tls-client-ca-file), so only holders of a client
+  certificate (the gateways) reach them at all; the public gateway does not offer them.
+- `ListPrices` needs no key either (a gateway's price book), but a key given is checked,
+  and the servicer lists a non-admin key only the prices of models it may call.
 - `GetUsage` needs any valid key; the servicer limits a non-admin key to its tenant.
 - Every other RPC needs an admin key; one added later does too, unless listed here.
 
@@ -26,6 +28,7 @@ from tensorgate.auth.v1 import auth_pb2 as pb
 from services.auth.records import KeyRefused
 from services.auth.store import AuthStore
 from services.runtime.api_keys import (
+    AUTHORIZATION,
     bearer_key,
     hash_secret,
     parse_key,
@@ -35,9 +38,12 @@ from services.runtime.api_keys import (
 from services.runtime.calls import Call, Principal
 from services.runtime.errors import PermissionDenied, Unauthenticated
 
-# ListPrices too: prices are no secret, and gateways price calls with them.
-OPEN_METHODS = frozenset({"Authenticate", "RecordUsage", "ListPrices", "WatchKeys"})
-ANY_KEY_METHODS = frozenset({"GetUsage"})
+OPEN_METHODS = frozenset({"Authenticate", "RecordUsage", "WatchKeys"})
+# Gateways price calls with ListPrices and call it without a key; a caller's key, when
+# there is one (a call through the gateway), is checked and scopes the answer to the
+# models it may call, so that prices name no model a tenant may not see.
+KEY_IF_GIVEN_METHODS = frozenset({"ListPrices"})
+ANY_KEY_METHODS = frozenset({"GetUsage", *KEY_IF_GIVEN_METHODS})
 CACHE_SECONDS = 2.0
 CACHE_ENTRIES = 1024
 KEY_REQUIRED = "an API key is required (authorization: Bearer tg_...)"
@@ -75,6 +81,10 @@ class AuthServiceAuthenticator:
             return None
         key = bearer_key(call.metadata)
         if key is None:
+            if method in KEY_IF_GIVEN_METHODS and not any(
+                name.lower() == AUTHORIZATION for name, _ in call.metadata
+            ):
+                return None
             raise Unauthenticated(KEY_REQUIRED)
         try:
             principal = await self._principal(key)

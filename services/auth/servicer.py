@@ -19,6 +19,7 @@ from services.auth.key_changes import KeyChanges
 from services.auth.records import QUOTA_FIELDS, KeyRefused, QuotaUpdate
 from services.auth.store import AuthStore
 from services.runtime import calls
+from services.runtime.api_keys import allows
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -121,7 +122,12 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ListPrices(
         self, request: pb.ListPricesRequest, context: Context
     ) -> pb.ListPricesResponse:
-        return pb.ListPricesResponse(prices=await self._store.list_prices())
+        prices = await self._store.list_prices()
+        call = calls.current()
+        caller = call.principal if call is not None else None
+        if caller is not None and not caller.admin:  # keyless: a gateway's price book
+            prices = [price for price in prices if allows(caller, price.model)]
+        return pb.ListPricesResponse(prices=prices)
 
     # --- for gateways ---------------------------------------------------------------------
 

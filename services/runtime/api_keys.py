@@ -13,6 +13,7 @@ service both read keys with this module, so both refuse exactly the same texts.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -132,6 +133,11 @@ def _limits(quota: auth_pb2.Quota) -> Limits:
         tokens_per_day=quota.tokens_per_day,
         concurrent_streams=quota.concurrent_streams,
     )
+
+
+def allows(principal: Principal, model: str) -> bool:
+    """Whether the key's model patterns match the model name."""
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in principal.models)
 
 
 def principal_of(message: auth_pb2.Principal) -> Principal:

@@ -55,6 +55,8 @@ async def test_unknown_model_version_or_alias_is_not_found(
     error = await _generate_error(stub, model=model)
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert named in (error.details() or "")
+    # What else is served is not listed (it could name models the key may not call).
+    assert "digits" not in (error.details() or "")
 
 
 @pytest.mark.parametrize(

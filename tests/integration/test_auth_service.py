@@ -33,7 +33,8 @@ from services.runtime.logging import configure_logging, flush_logs
 INVALID_KEY = "invalid API key"
 KEY_REQUIRED = "an API key is required (authorization: Bearer tg_...)"
 ADMIN_REQUIRED = "this call needs an admin key"
-OPEN_METHODS = {"Authenticate", "RecordUsage", "ListPrices", "WatchKeys"}
+OPEN_METHODS = {"Authenticate", "RecordUsage", "WatchKeys"}
+KEY_IF_GIVEN = {"ListPrices"}  # keyless for gateways; a key given is checked
 SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"]
 Metadata = tuple[tuple[str, str], ...]
 
@@ -125,7 +126,8 @@ async def tenant_key(
         )
     except grpc.aio.AioRpcError as error:
         assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    request = pb.CreateApiKeyRequest(tenant_id=tenant, name="test", models=["*"], **fields)
+    fields.setdefault("models", ["*"])
+    request = pb.CreateApiKeyRequest(tenant_id=tenant, name="test", **fields)
     created = await auth.stub.CreateApiKey(request, metadata=auth.admin)
     output.key(created.secret)
     return created
@@ -151,8 +153,14 @@ async def test_admin_rpcs_need_an_admin_key(auth: Auth, output: Output) -> None:
     for method in SERVICE.methods_by_name:
         if method in OPEN_METHODS:
             continue
-        no_key = await fails(call(auth, method))
-        assert (no_key.code(), no_key.details()) == (grpc.StatusCode.UNAUTHENTICATED, KEY_REQUIRED)
+        if method in KEY_IF_GIVEN:
+            await call(auth, method)
+        else:
+            no_key = await fails(call(auth, method))
+            assert (no_key.code(), no_key.details()) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                KEY_REQUIRED,
+            )
         basic = await fails(call(auth, method, (("authorization", "Basic dTpw"),)))
         assert (basic.code(), basic.details()) == (grpc.StatusCode.UNAUTHENTICATED, KEY_REQUIRED)
         for bad in (unknown, "tg_nonsense", unknown[:-1] + "!"):
@@ -161,7 +169,7 @@ async def test_admin_rpcs_need_an_admin_key(auth: Auth, output: Output) -> None:
                 grpc.StatusCode.UNAUTHENTICATED,
                 INVALID_KEY,
             )
-        if method == "GetUsage":
+        if method in ("GetUsage", *KEY_IF_GIVEN):
             await call(auth, method, bearer(tenant.secret))
         else:
             denied = await fails(call(auth, method, bearer(tenant.secret)))
@@ -376,3 +384,22 @@ async def test_amounts_and_times_out_of_range_are_invalid(auth: Auth) -> None:
         refused = await fails(auth.stub.CreateApiKey(late, metadata=auth.admin))
         assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "expire_time" in (refused.details() or "")
+
+
+async def test_a_tenant_key_lists_only_the_prices_of_models_it_may_call(
+    auth: Auth, output: Output
+) -> None:
+    for model in ("pricey-a", "pricey-b", "hidden-c"):
+        price = pb.Price(model=model, per_1k_prompt_tokens=0.5)
+        await auth.stub.SetPrice(pb.SetPriceRequest(price=price), metadata=auth.admin)
+    scoped = await tenant_key(auth, output, "prices", models=["pricey-*"])
+
+    async def listed(metadata: Metadata = ()) -> set[str]:
+        answer = await auth.stub.ListPrices(pb.ListPricesRequest(), metadata=metadata)
+        return {price.model for price in answer.prices}
+
+    assert {"pricey-a", "pricey-b"} <= await listed(bearer(scoped.secret))
+    assert "hidden-c" not in await listed(bearer(scoped.secret))
+    # Keyless (a gateway's price book) and admin: every price.
+    assert {"pricey-a", "pricey-b", "hidden-c"} <= await listed()
+    assert {"pricey-a", "pricey-b", "hidden-c"} <= await listed(auth.admin)
