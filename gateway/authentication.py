@@ -10,6 +10,10 @@ time. So a revocation or the end of a rotation's grace takes effect at once; onl
 the push stream is down (the gateway drops its whole cache when it reconnects) or for a
 change made through another auth replica is `cache_seconds` the bound.
 
+With the auth service unreachable, a key it vouched for less than `outage_seconds` ago
+keeps working (callers keep being served through a short outage of the auth service);
+that is then the bound on a revocation it could not push. 0 turns this off.
+
 Model scopes and admin-only calls are checked here too, once the request is known
 (`check_access`, called by the quota stage). Refusals never say why a key is invalid.
 """
@@ -41,8 +45,6 @@ _REFUSED_ENTRIES = 1_000
 # A key the auth service refused is remembered this long, so a client retrying a bad
 # key in a loop costs the auth service one lookup per second, not one per call.
 _REFUSED_SECONDS = 1.0
-# With the auth service unreachable, a key it vouched for this recently still works.
-_STALE_SECONDS = 300.0
 _LOOKUP_TIMEOUT_S = 2.0
 _RESUBSCRIBE_S = 1.0
 
@@ -56,9 +58,12 @@ class _Cached:
 class KeyAuthenticator:
     """The pipeline's authentication stage at the gateway."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, cache_seconds: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, *, cache_seconds: float, outage_seconds: float = 60.0
+    ) -> None:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._cache_seconds = cache_seconds
+        self._outage_seconds = outage_seconds
         # By the key's sha256, never the key: a heap dump shows no usable key.
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._refused: OrderedDict[bytes, _Cached] = OrderedDict()
@@ -138,9 +143,9 @@ class KeyAuthenticator:
             if (
                 stale is not None
                 and stale.principal is not None
-                and (now - stale.fetched < _STALE_SECONDS)
+                and (now - stale.fetched < self._outage_seconds)
             ):
-                return stale  # the auth service vouched for it minutes ago
+                return stale  # the auth service vouched for it a moment ago
             raise
         entry = _Cached(principal, now)
         if generation != self._generation:

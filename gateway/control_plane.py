@@ -101,7 +101,11 @@ class ControlPlane:
         self, settings: GatewaySettings, credentials: grpc.ChannelCredentials | None
     ) -> None:
         channel = self._channel(settings.auth, credentials)
-        self.authenticator = KeyAuthenticator(channel, cache_seconds=settings.auth_cache_seconds)
+        self.authenticator = KeyAuthenticator(
+            channel,
+            cache_seconds=settings.auth_cache_seconds,
+            outage_seconds=settings.auth_outage_seconds,
+        )
         self.authenticator.start()
         self._prices = PriceBook(channel, refresh_seconds=settings.price_refresh_seconds)
         await self._prices.start()

@@ -52,6 +52,12 @@ class GatewaySettings(ServiceSettings):
         "again; the auth service pushes revocations and rotations, so this bounds them only "
         "while that push is down (expiry is checked on every call)",
     )
+    auth_outage_seconds: Annotated[Duration, duration_between(0, 3600)] = Field(
+        60.0,
+        description="with the auth service unreachable, a key it vouched for this recently "
+        "keeps working (a revocation it could not push meanwhile waits that long); 0 refuses "
+        "every call whose key is not fresh in the cache (UNAVAILABLE)",
+    )
     redis_url: SecretStr = Field(
         SecretStr(""),
         description="redis://host:port/db for quota counters shared by every gateway; "

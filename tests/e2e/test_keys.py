@@ -12,13 +12,21 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
 from tensorgate import AsyncGatewayClient
 from tensorgate.auth.v1 import auth_pb2 as pb
-from tensorgate.errors import PermissionDeniedError, TensorgateClientError, UnauthenticatedError
+from tensorgate.errors import (
+    PermissionDeniedError,
+    TensorgateClientError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 
+from services.auth.server import start_auth
+from services.auth.settings import AuthSettings
 from services.runtime.api_keys import new_key
 from services.worker.server import Worker
 from tests.auth_helpers import (
@@ -302,3 +310,39 @@ async def test_a_revocation_is_pushed_to_the_gateway_not_left_to_its_cache(
             await asyncio.sleep(0.05)
     finally:
         await gateway.stop()
+
+
+async def test_through_an_auth_outage_only_recently_vouched_keys_keep_working(
+    worker: Worker, tmp_path: Path
+) -> None:
+    # An auth service of its own, to stop; two gateways that differ only in how long a
+    # key vouched for before the outage keeps working (0: not at all).
+    key_file = tmp_path / "admin.key"
+    auth = await start_auth(
+        AuthSettings(
+            data_dir=tmp_path, metrics_port=-1, drain_seconds=0.0, bootstrap_admin_key_file=key_file
+        )
+    )
+    tolerant = await start_auth_gateway(
+        auth.address, worker, auth_cache_seconds=0.2, auth_outage_seconds=60.0
+    )
+    strict = await start_auth_gateway(
+        auth.address, worker, auth_cache_seconds=0.2, auth_outage_seconds=0.0
+    )
+    try:
+        key = key_file.read_text().strip()
+        await _generate(tolerant.address, key)
+        await _generate(strict.address, key)
+        await auth.stop()
+        await asyncio.sleep(0.3)  # past the cache: each gateway asks, and cannot
+        await _generate(tolerant.address, key)
+        error = await failure(_generate(strict.address, key))
+        assert isinstance(error, UnavailableError), error
+        assert "API keys cannot be checked right now" in str(error)
+        # A key never vouched for is not let through by the outage either.
+        error = await failure(_generate(tolerant.address, new_key()[1]))
+        assert isinstance(error, UnavailableError), error
+    finally:
+        await tolerant.stop()
+        await strict.stop()
+        await auth.stop()
