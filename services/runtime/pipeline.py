@@ -89,7 +89,8 @@ _id_counter = itertools.count(1)
 def _request_id(metadata: tuple[tuple[str, str | bytes], ...]) -> str:
     for key, value in metadata:
         if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
+            # Logged and echoed back: never a key's secret, whatever a caller sends.
+            return redact_keys(value)
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
@@ -227,8 +228,9 @@ class Pipeline:
         model = getattr(request, "model", None)
         if type(model) is str and model:
             # A caller's string: bounded, so a huge one cannot flood the logs, and never a
-            # key's secret (a key pasted into the model field).
-            call.fields["model"] = redact_keys(model[:128])
+            # key's secret (a key pasted into the model field). Redacted before it is cut:
+            # a key cut at the bound would no longer look like one.
+            call.fields["model"] = redact_keys(model[:256])[:128]
         return request
 
     def _responding(

@@ -7,6 +7,7 @@ on the canonical lines: the scan reads the lines where a leak would be.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Awaitable
@@ -17,6 +18,8 @@ import grpc
 from tensorgate import AsyncGatewayClient
 from tensorgate.auth.v1 import auth_pb2 as pb
 from tensorgate.errors import TensorgateClientError
+from tensorgate.gateway.v1 import gateway_pb2_grpc
+from tensorgate.inference.v1 import inference_pb2
 
 from launcher.local import LocalPlatform
 from services.runtime.api_keys import new_key, parse_key
@@ -130,6 +133,25 @@ async def _exercise(
             except TensorgateClientError as refused:
                 assert good.secret not in str(refused)
                 assert good.secret.split("_")[2] not in str(refused)  # nor its secret part
+    # One cut where a log line's bound falls (128 characters): 5 characters of its secret
+    # would not look like a key any more, and must not be written either.
+    secret_part = good.secret.split("_")[2]
+    model = "x" * 107 + good.secret
+    secrets.append(f"{good.secret[:16]}{secret_part[:5]}")
+    # And a key sent as the caller's request id.
+    async with grpc.aio.insecure_channel(address) as channel:
+        gateway = gateway_pb2_grpc.InferenceGatewayStub(channel)
+        for request_model, request_id in ((model, "req-1"), ("tinylm", good.secret)):
+            stream = gateway.Generate(
+                inference_pb2.GenerateRequest(model=request_model, prompt="a", max_tokens=2),
+                metadata=(*bearer(good.secret), ("x-request-id", request_id)),
+                timeout=30,
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for _ in stream:
+                    pass
+            trailers = await stream.trailing_metadata()
+            assert all(good.secret not in str(value) for _, value in trailers or ())
     # A tenant key on an admin call.
     denied = await rpc_failure(
         stub.ListTenants(pb.ListTenantsRequest(), metadata=bearer(good.secret))
