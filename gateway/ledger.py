@@ -5,7 +5,8 @@ The quota stage hands every ended call to `UsageLedger.record` (a dict update, o
 the hot path). Once a second the sums go to the auth service as one RecordUsage
 batch with an id of its own; a batch that fails is sent again with the same id (the
 auth service counts a batch id once), and later calls start a new batch beside it.
-Stopping the gateway sends what is left.
+A batch the auth service refuses as invalid is sent again record by record, so that
+one bad record loses only itself. Stopping the gateway sends what is left.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ _SEND_TIMEOUT_S = 5.0
 # Answers that mean the batch itself is wrong, not that the auth service is away.
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 _Key = tuple[str, str, str, str]  # tenant, key id, model, day
+# The auth service's bound on one record's cost: a sum past it would be refused whole.
+_MAX_COST = 1e9
 
 
 @dataclass
@@ -47,7 +50,7 @@ def _summed(records: dict[_Key, auth_pb2.UsageRecord], record: UsageRecord) -> N
     total.prompt_tokens += record.prompt_tokens
     total.completion_tokens += record.completion_tokens
     total.compute_micros += round(record.compute_seconds * 1e6)
-    total.cost += record.cost
+    total.cost = min(total.cost + record.cost, _MAX_COST)
 
 
 class UsageLedger:
@@ -88,14 +91,24 @@ class UsageLedger:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _REFUSED:
                     # The auth service will never take this batch: holding it would block
-                    # every later one behind it. Said loudly, then dropped.
+                    # every later one behind it. A refused batch was not applied at all,
+                    # so its records go again one per batch, each with an id of its own;
+                    # a single refused record is said loudly, then dropped.
+                    self._unsent.pop(0)
+                    records = batch.records
+                    if len(records) > 1:
+                        self._unsent[:0] = [
+                            _Batch(f"{batch.batch_id}.{n}", [record])
+                            for n, record in enumerate(records)
+                        ]
+                        continue
                     log.error(
-                        "usage batch refused by the auth service; dropped",
+                        "usage record refused by the auth service; dropped",
                         error=exc.code().name,
                         details=(exc.details() or "")[:300],
-                        records=len(batch.records),
+                        tenant=records[0].tenant_id if records else "",
+                        key_id=records[0].key_id if records else "",
                     )
-                    self._unsent.pop(0)
                     continue
                 # Kept and sent again with the same id: nothing is lost or counted twice.
                 if not self._failing:

@@ -148,8 +148,6 @@ class QuotaReservation:
             if price is not None
             else 0
         )
-        if self._hold is not None:
-            await self._hold.settle(prompt + completion, cost)
         sink = self._gate.usage
         if sink is not None:
             principal = call.principal
@@ -168,6 +166,9 @@ class QuotaReservation:
                     cost=cost / MICROS,
                 )
             )
+        # After the ledger has it: a counter store that fails to settle loses no usage.
+        if self._hold is not None:
+            await self._hold.settle(prompt + completion, cost)
 
 
 class QuotaGate:
