@@ -26,6 +26,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -68,7 +69,8 @@ class KeyAuthenticator:
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._refused: OrderedDict[bytes, _Cached] = OrderedDict()
         self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
-        self._auth_down_logged = False
+        self._auth_down_logged = False  # also: the last lookup found the service away
+        self._background: set[asyncio.Future[_Cached]] = set()
         # Bumped whenever cached answers are dropped: a lookup that started before is
         # used for its own call but not cached (it may predate the change).
         self._generation = 0
@@ -120,14 +122,34 @@ class KeyAuthenticator:
         cached = self._cache.get(digest) or self._refused.get(digest)
         fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
         if cached is None or now - cached.fetched >= fresh_for:
-            # Only a key that is not cached is parsed: one in the cache was well formed.
-            if parse_key(key) is None:
-                raise Unauthenticated(INVALID_KEY)
-            cached = await self._lookup(digest, key, cached, now)
+            if (
+                self._auth_down_logged
+                and cached is not None
+                and cached.principal is not None
+                and now - cached.fetched < self._outage_seconds
+            ):
+                # The auth service is away: the call goes on with what it said a moment
+                # ago rather than wait out a lookup timeout; one lookup per key asks
+                # again in the background.
+                self._ask_later(digest, key, cached, now)
+            else:
+                # Only a key not cached is parsed: one in the cache was well formed.
+                if parse_key(key) is None:
+                    raise Unauthenticated(INVALID_KEY)
+                cached = await self._lookup(digest, key, cached, now)
         principal = cached.principal
         if principal is None or (principal.expires_at and time.time() >= principal.expires_at):
             raise Unauthenticated(INVALID_KEY)
         return principal
+
+    def _ask_later(self, digest: bytes, key: str, stale: _Cached, now: float) -> None:
+        if digest in self._lookups:
+            return
+        task = asyncio.ensure_future(self._lookup(digest, key, stale, now))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        # A key the outage has outlasted is refused by the next call: nothing to raise.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def _lookup(self, digest: bytes, key: str, stale: _Cached | None, now: float) -> _Cached:
         # Concurrent calls with the same key share one lookup.
@@ -186,7 +208,8 @@ class KeyAuthenticator:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        for pending in list(self._lookups.values()):
+        pending_all: list[asyncio.Future[Any]] = [*self._lookups.values(), *self._background]
+        for pending in pending_all:
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Unavailable):
                 await pending
