@@ -114,6 +114,10 @@ class AliasFeed:
                     self.synced.clear()
                     continue
                 log.warning("alias feed interrupted", registry=self.address, error=exc.code().name)
+            except Exception:
+                # Anything else (a malformed event, a bug) must not end the feed and
+                # freeze every alias where it was: said loudly, then followed again.
+                log.exception("alias feed failed", registry=self.address)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
