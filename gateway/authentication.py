@@ -69,7 +69,7 @@ class KeyAuthenticator:
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._refused: OrderedDict[bytes, _Cached] = OrderedDict()
         self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
-        self._auth_down_logged = False  # also: the last lookup found the service away
+        self._auth_down = False  # the last lookup found the auth service away
         self._background: set[asyncio.Future[_Cached]] = set()
         # Bumped whenever cached answers are dropped: a lookup that started before is
         # used for its own call but not cached (it may predate the change).
@@ -123,7 +123,7 @@ class KeyAuthenticator:
         fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
         if cached is None or now - cached.fetched >= fresh_for:
             if (
-                self._auth_down_logged
+                self._auth_down
                 and cached is not None
                 and cached.principal is not None
                 and now - cached.fetched < self._outage_seconds
@@ -147,9 +147,14 @@ class KeyAuthenticator:
             return
         task = asyncio.ensure_future(self._lookup(digest, key, stale, now))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        # A key the outage has outlasted is refused by the next call: nothing to raise.
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        task.add_done_callback(self._asked)
+
+    def _asked(self, task: asyncio.Future[_Cached]) -> None:
+        self._background.discard(task)
+        # Retrieved, not raised: a key the outage has outlasted is refused by its next
+        # call, which asks again itself.
+        if not task.cancelled():
+            task.exception()
 
     async def _lookup(self, digest: bytes, key: str, stale: _Cached | None, now: float) -> _Cached:
         # Concurrent calls with the same key share one lookup.
@@ -194,13 +199,13 @@ class KeyAuthenticator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return None
-            if not self._auth_down_logged:
+            if not self._auth_down:
                 log.warning("auth service unreachable", error=exc.code().name)
-                self._auth_down_logged = True
+                self._auth_down = True
             raise Unavailable("API keys cannot be checked right now; retry shortly") from None
-        if self._auth_down_logged:
+        if self._auth_down:
             log.info("auth service reachable again")
-            self._auth_down_logged = False
+            self._auth_down = False
         return principal_of(message)
 
     async def close(self) -> None:

@@ -95,19 +95,19 @@ class UsageLedger:
                     # so its records go again one per batch, each with an id of its own;
                     # a single refused record is said loudly, then dropped.
                     self._unsent.pop(0)
-                    records = batch.records
-                    if len(records) > 1:
+                    if len(batch.records) > 1:
                         self._unsent[:0] = [
                             _Batch(f"{batch.batch_id}.{n}", [record])
-                            for n, record in enumerate(records)
+                            for n, record in enumerate(batch.records)
                         ]
                         continue
+                    (record,) = batch.records  # a batch is never empty
                     log.error(
                         "usage record refused by the auth service; dropped",
                         error=exc.code().name,
                         details=(exc.details() or "")[:300],
-                        tenant=records[0].tenant_id if records else "",
-                        key_id=records[0].key_id if records else "",
+                        tenant=record.tenant_id,
+                        key_id=record.key_id,
                     )
                     continue
                 # Kept and sent again with the same id: nothing is lost or counted twice.

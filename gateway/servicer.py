@@ -140,8 +140,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         models = self._pool.models()
-        call = calls.current()
-        principal = call.principal if call is not None else None
+        principal = calls.principal()
         if principal is not None:
             # A key sees the models it may call, not every team's.
             models = [m for m in models if allows(principal, m.name)]

@@ -170,6 +170,11 @@ def utc_day(micros: int) -> date:
     return datetime.fromtimestamp(micros / 1e6, UTC).date()
 
 
+def utc_month(micros: int) -> str:
+    """The UTC month holding `micros`, "2024-06"."""
+    return utc_day(micros).strftime("%Y-%m")
+
+
 def month_range(micros: int) -> tuple[str, str]:
     """The first day of the UTC month holding `micros` and the first day of the next."""
     day = utc_day(micros)

@@ -123,8 +123,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: pb.ListPricesRequest, context: Context
     ) -> pb.ListPricesResponse:
         prices = await self._store.list_prices()
-        call = calls.current()
-        caller = call.principal if call is not None else None
+        caller = calls.principal()
         if caller is not None and not caller.admin:  # keyless: a gateway's price book
             prices = [price for price in prices if allows(caller, price.model)]
         return pb.ListPricesResponse(prices=prices)
@@ -161,8 +160,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
             yield change
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
-        call = calls.current()
-        caller = call.principal if call is not None else None
+        caller = calls.principal()
         if caller is None:  # the authenticator lets no keyless GetUsage through
             raise Unauthenticated("an API key is required (authorization: Bearer tg_...)")
         tenant_id = request.tenant_id

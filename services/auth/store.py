@@ -35,12 +35,12 @@ from services.auth.records import (
     check_quota,
     check_text,
     key_message,
-    month_range,
     price_message,
     quota_values,
     quoted,
     tenant_message,
     upsert,
+    utc_month,
 )
 from services.auth.schema import api_keys, prices, tenants
 from services.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -279,7 +279,7 @@ class AuthStore:
             spend = (
                 await ledger.month_spend(connection, row.tenant_id, now_us) if with_spend else 0.0
             )
-        return key_ops.principal_message(row, spend, month_range(now_us)[0][:7])
+        return key_ops.principal_message(row, spend, utc_month(now_us))
 
     # --- prices and the ledger (ledger.py) ------------------------------------------------
 

@@ -87,6 +87,12 @@ def current() -> Call | None:
     return _current.get()
 
 
+def principal() -> Principal | None:
+    """Who the current call's key is (None: no call, or a call without a key)."""
+    call = _current.get()
+    return call.principal if call is not None else None
+
+
 def enter(call: Call) -> None:
     _current.set(call)
 

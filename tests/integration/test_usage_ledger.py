@@ -4,6 +4,8 @@ and a record it refuses loses only itself, not the batch it was summed into."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -102,23 +104,39 @@ async def test_a_refused_record_loses_only_itself(auth: Auth) -> None:
 
 
 async def test_a_batch_the_auth_service_cannot_take_is_kept_and_sent_again(
-    auth: Auth, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    # A gateway whose auth service is away: the batch waits.
-    async with grpc.aio.insecure_channel("127.0.0.1:1") as nowhere:
-        away = UsageLedger(nowhere)
+    # The gateway's auth service is away at first; it comes up later at that address.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    key_file = tmp_path / "admin.key"
+    settings = AuthSettings(
+        data_dir=tmp_path,
+        port=port,
+        metrics_port=-1,
+        drain_seconds=0.0,
+        bootstrap_admin_key_file=key_file,
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ledger = UsageLedger(channel)
         key_id = new_key()[0]
-        away.record(_record(key_id))
-        assert not await away.flush()
-        assert not await away.flush()
-        # The same batch, with the same id, reaches the auth service once it is back;
-        # sent twice (a retry after a lost answer), it counts once.
-        (batch,) = away._unsent
-    request = pb.RecordUsageRequest(batch_id=batch.batch_id, records=batch.records)
-    async with grpc.aio.insecure_channel(auth.server.address) as channel:
-        back = UsageLedger(channel)
-        back._unsent.append(batch)
-        assert await back.flush()
-        await auth_pb2_grpc.AuthServiceStub(channel).RecordUsage(request)
-        await back.close()
-    assert (await _usage(auth))[key_id].requests == 1
+        ledger.record(_record(key_id))
+        assert not await ledger.flush()
+        assert not await ledger.flush()
+        server = await start_auth(settings)
+        try:
+            # The channel reconnects on its own backoff: the batch goes once it has.
+            deadline = asyncio.get_running_loop().time() + 15.0
+            while not await ledger.flush():
+                assert asyncio.get_running_loop().time() < deadline, "never sent"
+                await asyncio.sleep(0.2)
+            ledger.record(_record(key_id))
+            await ledger.close()
+            auth = Auth(
+                server, auth_pb2_grpc.AuthServiceStub(channel), bearer(key_file.read_text().strip())
+            )
+            # Kept while the service was away, sent once: the first call and the later one.
+            assert (await _usage(auth))[key_id].requests == 2
+        finally:
+            await server.stop()
