@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -36,7 +36,6 @@ from services.runtime.metrics import ServiceMetrics
 log = structlog.get_logger("tensorgate.rpc")
 
 Context = grpc.aio.ServicerContext[Any, Any]
-Admit = Callable[[Call, Any], Awaitable[QuotaReservation | None]]
 
 _EXPECTED = frozenset({grpc.StatusCode.OK, grpc.StatusCode.CANCELLED})
 
@@ -112,9 +111,6 @@ class Pipeline:
         self._metrics = metrics
         self._authenticator = authenticator
         self._quota = quota
-        self._admit: Admit | None = (
-            self._admit_call if authenticator is not None or quota is not None else None
-        )
         # Set by the server when its shutdown grace period has run out: the calls
         # grpc cancels then were cut off by us, not cancelled by their callers.
         self.cut_off = False
@@ -139,12 +135,14 @@ class Pipeline:
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         return call
 
-    async def _admit_call(self, call: Call, request: Any) -> QuotaReservation | None:
+    async def _authenticate(self, call: Call) -> None:
         if self._authenticator is not None:
             call.principal = await self._authenticator.authenticate(call)
             if call.principal is not None:
                 call.fields["key_id"] = call.principal.key_id
                 call.fields["tenant"] = call.principal.tenant
+
+    async def _reserve(self, call: Call, request: Any) -> QuotaReservation | None:
         if self._quota is not None:
             return await self._quota.reserve(call, request)
         return None
@@ -201,24 +199,48 @@ class Pipeline:
     # -- one wrapper per RPC kind -------------------------------------------------
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> Any:
-        """`handler` with every stage around it (same kind, same (de)serializers)."""
+        """`handler` with every stage around it (same (de)serializers, same wire shape)."""
         deserializer = _lenient(handler.request_deserializer)
         serializer = _passthrough(handler.response_serializer)
-        kinds: list[tuple[Any, Callable[..., Any], bool, bool]] = [
-            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False, False),
-            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, False, True),
-            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, True, False),
-            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True, True),
+        kinds: list[tuple[Any, bool, bool]] = [
+            (handler.unary_unary, False, False),
+            (handler.unary_stream, False, True),
+            (handler.stream_unary, True, False),
+            (handler.stream_stream, True, True),
         ]
-        for behavior, make, client_streams, server_streams in kinds:
-            if behavior is not None:
-                wrapped = (self._streaming if server_streams else self._responding)(
-                    method, behavior, client_streams
-                )
-                return make(
-                    wrapped, request_deserializer=deserializer, response_serializer=serializer
-                )
+        for behavior, client_streams, server_streams in kinds:
+            if behavior is None:
+                continue
+            # grpc.aio receives a unary request whole before it calls the handler, so a
+            # caller without a key could make the service take in and hold requests of
+            # up to the message limit each. With an authenticator, a unary request is
+            # served as a client stream of one message, read once the key is accepted.
+            # The wire is the same: a gRPC message is framed alike in both kinds.
+            reads_late = self._authenticator is not None and not client_streams
+            make = _HANDLER_KINDS[(client_streams or reads_late, server_streams)]
+            wrapped = (self._streaming if server_streams else self._responding)(
+                method, behavior, client_streams, reads_late
+            )
+            return make(wrapped, request_deserializer=deserializer, response_serializer=serializer)
         return handler
+
+    async def _admit(
+        self, call: Call, request: Any, context: Context, client_streams: bool, reads_late: bool
+    ) -> tuple[Any, QuotaReservation | None]:
+        """Authenticates, then reads and checks the request, then reserves quota.
+
+        Returns the request as the handler gets it and the reservation to settle.
+        """
+        try:
+            await self._authenticate(call)
+            if reads_late:
+                request = await _read_one(context, call.method)
+            admitted = self._admitted(call, request, client_streams)
+            return admitted, await self._reserve(call, None if client_streams else admitted)
+        except Exception:
+            if client_streams:
+                await _hear_first(request)
+            raise
 
     def _admitted(self, call: Call, request: Any, client_streams: bool) -> Any:
         """The request as the handler gets it; notes the model it names."""
@@ -234,24 +256,21 @@ class Pipeline:
         return request
 
     def _responding(
-        self, method: str, behavior: Callable[[Any, Any], Any], client_streams: bool
+        self,
+        method: str,
+        behavior: Callable[[Any, Any], Any],
+        client_streams: bool,
+        reads_late: bool,
     ) -> Any:
         """Unary-unary and stream-unary: one response."""
-        admit = self._admit
 
         async def handle(request: Any, context: Context) -> Any:
             call = self._open(method, context)
             code, reservation = grpc.StatusCode.OK, None
-            received = request
             try:
-                request = self._admitted(call, request, client_streams)
-                if admit is not None:
-                    try:
-                        reservation = await admit(call, None if client_streams else request)
-                    except Exception:
-                        if client_streams:
-                            await _hear_first(received)
-                        raise
+                request, reservation = await self._admit(
+                    call, request, context, client_streams, reads_late
+                )
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = self._cancelled_code(call)
@@ -269,19 +288,22 @@ class Pipeline:
         return handle
 
     def _streaming(
-        self, method: str, behavior: Callable[[Any, Any], Any], client_streams: bool
+        self,
+        method: str,
+        behavior: Callable[[Any, Any], Any],
+        client_streams: bool,
+        reads_late: bool,
     ) -> Any:
         """Unary-stream and stream-stream: an async generator of responses."""
-        admit = self._admit
 
         async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
             call = self._open(method, context)
             code, reservation = grpc.StatusCode.OK, None
             responses: Any = None
             try:
-                request = self._admitted(call, request, client_streams)
-                if admit is not None:
-                    reservation = await admit(call, None if client_streams else request)
+                request, reservation = await self._admit(
+                    call, request, context, client_streams, reads_late
+                )
                 responses = behavior(request, context)
                 async for response in responses:
                     yield response
@@ -305,6 +327,27 @@ class Pipeline:
                 await self._close(call, code, reservation)
 
         return handle
+
+
+# grpc's handler constructor by (the request streams, the response streams).
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., Any]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+# What context.read() returns once a client stream has ended (not in grpc's stubs).
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
+
+
+async def _read_one(context: Context, method: str) -> Any:
+    """The one request message of a unary method served as a client stream."""
+    request = await context.read()
+    if request is _EOF:
+        raise InvalidArgument("request", f"is missing: {method} takes one request message")
+    return request
 
 
 # How long a refused client stream's first message is waited for (see _hear_first).

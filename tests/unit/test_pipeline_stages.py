@@ -6,6 +6,7 @@ recording stages to pin down the contract every stage implementation relies on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,6 +66,10 @@ async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
     calls.note_usage(prompt_tokens=2, completion_tokens=5)
 
 
+async def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
 async def _upload(requests: AsyncIterator[bytes], context: Any) -> bytes:
     return b"".join([r async for r in requests])
 
@@ -79,6 +84,7 @@ async def service(events: list[str]) -> AsyncIterator[GrpcService]:
     binding = ServiceBinding(
         SERVICE,
         {
+            "Echo": grpc.unary_unary_rpc_method_handler(_echo),
             "Stream": grpc.unary_stream_rpc_method_handler(_stream),
             "Upload": grpc.stream_unary_rpc_method_handler(_upload),
         },
@@ -158,3 +164,59 @@ async def test_client_streaming_reserves_before_its_requests_arrive(
         reply = await upload(iter([b"a", b"b"]), metadata=(("authorization", "Bearer good"),))
     assert reply == b"ab"
     assert events == ["authenticate", "reserve k1 None", "settle None"]
+
+
+async def _never_sent() -> AsyncIterator[bytes]:
+    # A request that never arrives: the caller holds its message back.
+    await asyncio.Event().wait()
+    yield b"unreachable"
+
+
+@pytest.mark.parametrize("method", ["Echo", "Stream"])
+async def test_a_unary_request_is_not_read_before_the_key_is_accepted(
+    service: GrpcService, events: list[str], method: str
+) -> None:
+    # A keyless caller must not make the service take in a request of up to the message
+    # limit: the refusal comes before the request message has even been sent.
+    events.clear()
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        if method == "Echo":
+            call: Any = channel.stream_unary(f"/{SERVICE}/{method}", None, None)(
+                _never_sent(), timeout=20
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call
+        else:
+            call = channel.stream_stream(f"/{SERVICE}/{method}", None, None)(
+                _never_sent(), timeout=20
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call.read()
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert events == ["authenticate"]
+
+
+async def test_a_unary_method_still_takes_one_request_from_a_unary_caller(
+    service: GrpcService, events: list[str]
+) -> None:
+    events.clear()
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        echo = channel.unary_unary(f"/{SERVICE}/Echo", None, None)
+        assert await echo(b"x" * 100_000, metadata=(("authorization", "Bearer good"),)) == (
+            b"x" * 100_000
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await echo(b"x", metadata=(("authorization", "Bearer bad"),))
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert events[0] == "authenticate" and events[1].startswith("reserve k1")
+
+
+async def test_a_unary_method_called_without_its_request_is_invalid_argument(
+    service: GrpcService,
+) -> None:
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        call = channel.stream_unary(f"/{SERVICE}/Echo", None, None)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call(iter([]), metadata=(("authorization", "Bearer good"),), timeout=20)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes one request message" in (error.value.details() or "")
