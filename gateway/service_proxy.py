@@ -20,6 +20,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from tensorgate.auth.v1 import auth_pb2
 from tensorgate.client_streams import ACCEPTED, is_accepted
 from tensorgate.registry.v1 import registry_pb2
+from tensorgate.registry_client import ACTOR_KEY
 
 from gateway.authentication import require_admin
 from services.runtime import calls
@@ -32,15 +33,24 @@ REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
 AUTH = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
 # Auth calls for gateways on the internal network, never offered to callers.
 AUTH_INTERNAL = frozenset({"Authenticate", "RecordUsage", "WatchKeys"})
-# What a caller says that the service behind needs too: the key, who acts.
-_FORWARDED_KEYS = ("authorization", "x-tensorgate-actor")
 
 
 def _forwarded_metadata() -> tuple[tuple[str, str | bytes], ...]:
+    """The gateway's own metadata, the caller's key, and who acts, for the records.
+
+    With keys checked, who acts is the key the gateway accepted (`key:<id>`), whatever
+    the caller claims: an audit trail must not take a caller's word for who it is. Only
+    a gateway run without authentication passes on the name the caller gave.
+    """
     call = calls.current()
     own: list[tuple[str, str | bytes]] = list(calls.outgoing_metadata())
-    if call is not None:
-        own += [(k, v) for k, v in call.metadata if k in _FORWARDED_KEYS]
+    if call is None:
+        return tuple(own)
+    own += [(k, v) for k, v in call.metadata if k == "authorization"]
+    if call.principal is not None:
+        own.append((ACTOR_KEY, f"key:{call.principal.key_id}"))
+    else:
+        own += [(k, v) for k, v in call.metadata if k == ACTOR_KEY]
     return tuple(own)
 
 

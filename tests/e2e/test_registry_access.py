@@ -12,6 +12,7 @@ from tensorgate.errors import PermissionDeniedError, UnauthenticatedError
 from tensorgate.registry_client import AsyncRegistryClient
 
 from gateway.server import Gateway
+from services.runtime.api_keys import parse_key
 from tests.conftest import AuthStack, RegistryStack, start_auth_gateway
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,3 +61,20 @@ async def test_only_admin_keys_change_the_registry(
         moved = await registry.set_alias("digits", "admin-set", production.version)
         assert moved.version == production.version
         await registry.delete_alias("digits", "admin-set")
+
+
+async def test_the_audit_trail_names_the_key_not_who_the_caller_claims_to_be(
+    keyed_registry_gateway: Gateway, auth_stack: AuthStack
+) -> None:
+    admin_key = parse_key(auth_stack.admin_key)
+    assert admin_key is not None
+    async with AsyncRegistryClient(
+        keyed_registry_gateway.address, api_key=auth_stack.admin_key, actor="someone-else"
+    ) as registry:
+        production = await registry.resolve_model_ref("digits@production")
+        await registry.set_alias("digits", "audited", production.version, reason="audit")
+        try:
+            (move,) = await registry.get_alias_history("digits", "audited")
+        finally:
+            await registry.delete_alias("digits", "audited")
+    assert move.actor == f"key:{admin_key.key_id}"
