@@ -4,7 +4,8 @@
 under models/repository is created as a model if it is new, uploaded as a version
 unless a version with the same artifact exists already, given a `production`
 alias if it has none (an alias someone moved is left where they put it), and
-deployed by that alias. Run twice, it changes nothing.
+deployed by that alias unless it is deployed already (a deployment someone changed,
+its instances say, is left as they set it). Run twice, it changes nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ async def register_demo_model(client: AsyncRegistryClient, folder: Path) -> int:
         await client.set_alias(
             name, ALIAS, version, expected_version=0, reason="demo model registered at start"
         )
-    await client.set_deployment(name, alias=ALIAS)
+    if name not in {d.model for d in await client.list_deployments()}:
+        await client.set_deployment(name, alias=ALIAS)
     return version
 
 

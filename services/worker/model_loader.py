@@ -29,7 +29,12 @@ from tritonclient.grpc import model_config_pb2
 from services.worker.artifact_cache import ArtifactCache, ArtifactRejected
 from services.worker.catalog import ModelCatalog, loaded_model
 from services.worker.desired_state import VersionKey, WantedVersion
-from services.worker.model_repository import TRITON_VERSION, ModelRepository, triton_name
+from services.worker.model_repository import (
+    TRITON_VERSION,
+    ModelRepository,
+    parse_triton_name,
+    triton_name,
+)
 
 log = structlog.get_logger("tensorgate.worker.loader")
 
@@ -37,6 +42,8 @@ Wanted = Mapping[VersionKey, WantedVersion]
 Download = Callable[[str, int], AsyncIterable[registry_pb2.DownloadVersionResponse]]
 
 _FIRST_RETRY_S = 1.0
+# Between routing a version to its replacement Triton model and unloading the old one.
+_SWITCH_DRAIN_S = 1.0
 
 
 class TritonControl(Protocol):
@@ -95,20 +102,26 @@ class ModelLoader:
         """At start: keeps what Triton already serves and is wanted, lets go of the rest.
 
         A remote Triton may still serve versions from before a worker restart;
-        loading them again would reload them in place. Anything else Triton has
-        ready is unloaded, and folders this worker wrote that are not kept go.
+        loading them again would reload them in place. One kept with other instances
+        than wanted now is served until its replacement is loaded beside it. Anything
+        else Triton has ready is unloaded, and folders this worker wrote that are not
+        kept go.
         """
-        by_name = {triton_name(*key): want for key, want in wanted.items()}
         async with self._lock:
             for name, versions in (await self._triton.ready_versions()).items():
-                want = by_name.get(name)
-                if want is not None and TRITON_VERSION in versions and self._repository.has(name):
+                ours = parse_triton_name(name)
+                want = wanted.get((ours[0], ours[1])) if ours is not None else None
+                if (
+                    want is not None
+                    and want.key not in self._loaded
+                    and TRITON_VERSION in versions
+                    and self._repository.has(name)
+                ):
                     config = await self._triton.model_config(name, TRITON_VERSION)
-                    if _instances(config) == want.instances:
-                        self._loaded[want.key] = _Loaded(name, want.instances)
-                        self._catalog.add(loaded_model(TRITON_VERSION, config))
-                        log.info("version already loaded; serving it", version=want.label)
-                        continue
+                    self._loaded[want.key] = _Loaded(name, _instances(config))
+                    self._catalog.add(loaded_model(TRITON_VERSION, config))
+                    log.info("version already loaded; serving it", version=want.label)
+                    continue
                 log.info("unloading what is not wanted", triton_model=name)
                 await self._triton.unload_model(name)
             kept = {loaded.triton_name for loaded in self._loaded.values()}
@@ -158,13 +171,16 @@ class ModelLoader:
 
     async def _load(self, want: WantedVersion) -> None:
         version, label = want.version, want.label
-        if want.key in self._loaded:
-            # Triton cannot change a loaded model's instances without reloading it in
-            # place, which the Python backend does not survive reliably: unload first.
-            log.warning(
-                "reloading to change its instances", version=label, instances=want.instances
-            )
+        # A version loaded with other instances goes on serving until its replacement,
+        # a Triton model of its own (model_repository.py), is loaded beside it.
+        replaced = self._loaded.get(want.key)
+        if replaced is not None and replaced.triton_name == triton_name(
+            version.model, version.version, want.instances
+        ):
+            # Adopted from Triton under the name its replacement needs (written before
+            # names told instances apart): that can only be reloaded after an unload.
             await self._unload(want.key)
+            replaced = None
         try:
             artifact = await self._cache.cached(version)
             if artifact is None:
@@ -196,8 +212,13 @@ class ModelLoader:
             return
         self._failed.pop(want.key, None)
         self._loaded[want.key] = _Loaded(name, want.instances)
+        # Replaces the catalog entry: calls from now on go to the new Triton model.
         self._catalog.add(loaded_model(TRITON_VERSION, config))
         log.info("version serving", version=label, triton_model=name, instances=want.instances)
+        if replaced is not None and replaced.triton_name != name:
+            # A call that picked the old Triton model a moment ago is on its way there.
+            await asyncio.sleep(_SWITCH_DRAIN_S)
+            await self._let_go(want.key, replaced.triton_name)
 
     def _schedule_retirements(self, wanted_now: Callable[[], Wanted]) -> None:
         wanted = wanted_now()
@@ -232,12 +253,18 @@ class ModelLoader:
         loaded = self._loaded.pop(key)
         # Out of the catalog first, so no new call is routed to what goes next.
         self._catalog.remove(*key)
+        await self._let_go(key, loaded.triton_name)
+
+    async def _let_go(self, key: VersionKey, name: str) -> None:
+        """Unloads Triton model `name` (calls in flight finish first) and removes its folder."""
         try:
-            await self._triton.unload_model(loaded.triton_name)
+            await self._triton.unload_model(name)
         except RuntimeError as exc:
-            log.error("could not unload version", version=_label(key), reason=str(exc))
-        await asyncio.to_thread(self._repository.remove, loaded.triton_name)
-        log.info("version retired", version=_label(key), triton_model=loaded.triton_name)
+            # Its folder stays: Triton may still be reading it. The next start sweeps it.
+            log.error("could not unload", version=_label(key), triton_model=name, reason=str(exc))
+            return
+        await asyncio.to_thread(self._repository.remove, name)
+        log.info("unloaded", version=_label(key), triton_model=name)
 
     def _discard_artifacts(self, wanted: Wanted) -> None:
         self._cache.discard({want.version.artifact.sha256 for want in wanted.values()})

@@ -4,7 +4,9 @@ Each registry version is its own Triton model, `<model>__v<version>`, with the
 artifact unpacked as its version folder `1/` and a config.pbtxt rendered from the
 registered one. Loading a new version therefore never reloads a loaded model in
 place (which Triton 2.51's Python backend does not survive reliably), and the old
-and the new version can be served side by side while traffic moves.
+and the new version can be served side by side while traffic moves. A version
+deployed with more than one Triton instance is `<model>__v<version>__x<instances>`,
+so a change of instances is loaded beside the running model too, never in its place.
 
 A folder is built beside its final place and renamed into it, so one that exists
 is whole. Unpacking refuses any member that is not a relative regular file or
@@ -28,20 +30,23 @@ from services.worker.catalog import MODEL_PARAMETER, VERSION_PARAMETER
 
 # Every registry version is version 1 of its own Triton model.
 TRITON_VERSION = 1
-_OURS = re.compile(r"(?P<model>.+)__v(?P<version>[0-9]+)")
+_OURS = re.compile(r"(?P<model>.+?)__v(?P<version>[0-9]+)(?:__x(?P<instances>[0-9]+))?")
 # What `unpack` leaves behind when the worker dies while building a folder.
-_STAGING = re.compile(r"\..+__v[0-9]+\..+")
+_STAGING = re.compile(r"\..+__v[0-9]+(?:__x[0-9]+)?\..+")
 
 
-def triton_name(model: str, version: int) -> str:
-    """The Triton model that serves registry version `model:version`."""
-    return f"{model}__v{version}"
+def triton_name(model: str, version: int, instances: int = 1) -> str:
+    """The Triton model that serves registry version `model:version` with `instances`."""
+    name = f"{model}__v{version}"
+    return name if instances == 1 else f"{name}__x{instances}"
 
 
-def parse_triton_name(name: str) -> tuple[str, int] | None:
-    """(model, version) of a Triton model this worker names, else None."""
+def parse_triton_name(name: str) -> tuple[str, int, int] | None:
+    """(model, version, instances) of a Triton model this worker names, else None."""
     match = _OURS.fullmatch(name)
-    return (match["model"], int(match["version"])) if match else None
+    if match is None:
+        return None
+    return match["model"], int(match["version"]), int(match["instances"] or 1)
 
 
 class ModelRepository:
@@ -56,7 +61,7 @@ class ModelRepository:
         ArtifactRejected if the tar holds anything unsafe (nothing is written then).
         A folder already there (from an earlier run) is replaced.
         """
-        name = triton_name(version.model, version.version)
+        name = triton_name(version.model, version.version, instances)
         parameters = {MODEL_PARAMETER: version.model, VERSION_PARAMETER: str(version.version)}
         try:
             config = render_config(

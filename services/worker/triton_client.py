@@ -22,6 +22,11 @@ from services.runtime.readiness import poll_until
 
 log = structlog.get_logger("tensorgate.triton")
 
+# A model in these states still holds its folder and its instances.
+_IN_USE = frozenset({"READY", "UNLOADING", "LOADING"})
+# Calls in flight finish before an unload does: a long generation may hold it this long.
+_UNLOAD_TIMEOUT_S = 330.0
+
 
 class TritonConnection:
     """A Triton server reached over gRPC at `url` (host:port)."""
@@ -57,12 +62,34 @@ class TritonConnection:
         log.info("model loaded", model=name, seconds=round(time.perf_counter() - started, 2))
 
     async def unload_model(self, name: str) -> None:
-        """Unloads `name`; Triton lets the requests it has in flight finish first."""
+        """Unloads `name` and returns once Triton has let go of it.
+
+        Triton lets the requests in flight finish first, and its unload call returns
+        before the model is gone: until its state leaves UNLOADING, its folder is in use
+        (a Python backend's stub still runs from it) and a load of the same name races.
+        """
+        started = time.perf_counter()
         try:
             await self._control.unload_model(name)
         except InferenceServerException as exc:
             raise RuntimeError(f"Triton could not unload {name}: {exc}") from exc
-        log.info("model unloaded", model=name)
+
+        async def gone() -> bool | None:
+            index = await self._control.get_model_repository_index()
+            states = {entry.state for entry in index.models if entry.name == name}
+            return True if not states & _IN_USE else None
+
+        try:
+            await poll_until(
+                gone,
+                timeout=_UNLOAD_TIMEOUT_S,
+                interval=0.05,
+                what=f"Triton to unload {name}",
+                expected=(InferenceServerException,),
+            )
+        except TimeoutError as exc:
+            raise RuntimeError(str(exc)) from exc
+        log.info("model unloaded", model=name, seconds=round(time.perf_counter() - started, 2))
 
     async def ready_versions(self) -> dict[str, list[int]]:
         """Model name -> versions in state READY, from Triton's repository index."""

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import structlog
+import tritonclient.grpc.aio as triton_aio
 from tensorgate import from_tensor, to_tensor
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.registry_client import AsyncRegistryClient
@@ -182,6 +183,63 @@ async def test_an_alias_move_loads_the_new_version_and_retires_the_old(
             break
         await asyncio.sleep(0.1)
     assert sorted(p.name for p in repository.iterdir()) == ["scale__v2"]
+
+
+async def folders(setup: Setup, wanted: list[str], timeout: float = 60) -> list[str]:
+    """The worker's model folders, once they are `wanted` (or at the timeout)."""
+    repository = setup.data_dir / "worker" / "model-repository"
+    deadline = time.monotonic() + timeout
+    while True:
+        names = sorted(p.name for p in repository.iterdir())
+        if names == wanted or time.monotonic() > deadline:
+            return names
+        await asyncio.sleep(0.01)
+
+
+async def triton_states(setup: Setup) -> dict[str, str]:
+    """Triton model name -> state, from the worker's own Triton."""
+    assert setup.worker is not None
+    client = triton_aio.InferenceServerClient(setup.worker.triton.url)
+    try:
+        index = await client.get_model_repository_index()
+    finally:
+        await client.close()
+    return {entry.name: entry.state for entry in index.models}
+
+
+async def test_changing_instances_under_load_fails_no_call(
+    setup: Setup, stub: worker_pb2_grpc.InferenceWorkerAsyncStub
+) -> None:
+    served: list[list[float]] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def caller() -> None:
+        while not stop.is_set():
+            try:
+                served.append(await scale(stub, "scale:2"))
+            except grpc.aio.AioRpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+    callers = [asyncio.create_task(caller()) for _ in range(4)]
+    try:
+        await setup.client.set_deployment("scale", alias="production", instances=2)
+        # Loaded beside the running model, routed to, and only then the old one goes.
+        assert await folders(setup, ["scale__v2__x2"]) == ["scale__v2__x2"]
+        # A folder goes only once Triton has let go of its model (its unload is async).
+        # (A model whose folder is gone drops out of Triton's index.)
+        assert (await triton_states(setup)).get("scale__v2") in (None, "UNAVAILABLE")
+        before = len(served)
+        await setup.client.set_deployment("scale", alias="production", instances=1)
+        assert await folders(setup, ["scale__v2"]) == ["scale__v2"]
+        assert (await triton_states(setup)).get("scale__v2__x2") in (None, "UNAVAILABLE")
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+    assert failures == []
+    assert before > 0 and len(served) > before
+    assert all(result == [2.0, 4.0] for result in served)
 
 
 async def test_a_tampered_artifact_is_logged_and_not_loaded(

@@ -166,8 +166,10 @@ def test_a_sha256_that_is_not_hex_never_becomes_a_path(tmp_path: Path) -> None:
 
 def test_triton_names_round_trip() -> None:
     assert triton_name("digits", 3) == "digits__v3"
-    assert parse_triton_name("my.model-x__v12") == ("my.model-x", 12)
-    assert parse_triton_name("a__v2__v7") == ("a__v2", 7)
+    assert triton_name("digits", 3, instances=2) == "digits__v3__x2"
+    assert parse_triton_name("my.model-x__v12") == ("my.model-x", 12, 1)
+    assert parse_triton_name("a__v2__v7") == ("a__v2", 7, 1)
+    assert parse_triton_name("digits__v3__x2") == ("digits", 3, 2)
     assert parse_triton_name("digits") is None
     assert parse_triton_name("digits__vx") is None
 
@@ -179,21 +181,22 @@ async def test_a_model_folder_has_the_files_and_the_rendered_config(tmp_path: Pa
     artifact.write_bytes(data)
     repository = ModelRepository(tmp_path / "repo")
     name = repository.write(version, artifact, instances=2)
-    folder = tmp_path / "repo" / "m__v3"
-    assert name == "m__v3" and repository.has(name)
+    folder = tmp_path / "repo" / "m__v3__x2"
+    assert name == "m__v3__x2" and repository.has(name)
     assert (folder / "1" / "model.py").read_bytes() == b"# the model\n"
     assert (folder / "1" / "weights" / "w.bin").read_bytes() == b"\x00\x01\x02"
     config = text_format.Parse(
         (folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
     )
-    assert config.name == "m__v3"
+    assert config.name == "m__v3__x2"
     assert [g.count for g in config.instance_group] == [2]
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params == {"task": "infer", "tensorgate_model": "m", "tensorgate_version": "3"}
-    assert repository.names() == ["m__v3"]
+    assert repository.names() == ["m__v3__x2"]
     # Written again (a restart), it replaces the folder rather than failing.
-    assert repository.write(version, artifact, instances=1) == name
-    assert repository.sweep(keep=set()) == ["m__v3"] and not folder.exists()
+    assert repository.write(version, artifact, instances=2) == name
+    assert repository.write(version, artifact, instances=1) == "m__v3"
+    assert repository.sweep(keep={"m__v3"}) == ["m__v3__x2"] and not folder.exists()
 
 
 def _symlink(tar: tarfile.TarFile) -> None:

@@ -233,15 +233,38 @@ async def test_a_deleted_deployment_retires_its_version(tmp_path: Path) -> None:
     assert world.repository.names() == ["n__v1"]
 
 
-async def test_changing_instances_unloads_before_loading_again(tmp_path: Path) -> None:
+async def test_changing_instances_loads_beside_the_running_model_then_lets_it_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_loader, "_SWITCH_DRAIN_S", 0.0)
     world = World(tmp_path)
     world.want(("m", 1))
     await world.reconcile()
     world.want(("m", 1), instances=3)
     await world.reconcile()
-    assert world.triton.calls == ["load m__v1", "unload m__v1", "load m__v1"]
-    assert [g.count for g in world.triton.ready["m__v1"].instance_group] == [3]
+    # Never unloaded before its replacement serves: the version is never down.
+    assert world.triton.calls == ["load m__v1", "load m__v1__x3", "unload m__v1"]
+    assert [g.count for g in world.triton.ready["m__v1__x3"].instance_group] == [3]
+    assert world.catalog.resolve("m:1").triton_name == "m__v1__x3"
+    assert world.repository.names() == ["m__v1__x3"]
+    world.want(("m", 1))
+    await world.reconcile()
+    assert world.triton.calls[3:] == ["load m__v1", "unload m__v1__x3"]
     assert world.served() == ["m:1"]
+
+
+async def test_a_replacement_that_fails_to_load_leaves_the_running_model_serving(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    world.want(("m", 1))
+    await world.reconcile()
+    world.triton.failing.add("m__v1__x2")
+    world.want(("m", 1), instances=2)
+    await world.reconcile()
+    assert world.triton.calls == ["load m__v1", "load m__v1__x2"]
+    assert world.catalog.resolve("m:1").triton_name == "m__v1"
+    assert "m__v1" in world.triton.ready
 
 
 async def test_at_start_it_keeps_what_is_wanted_and_lets_go_of_the_rest(tmp_path: Path) -> None:
