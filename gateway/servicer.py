@@ -34,6 +34,11 @@ parse_ref = lru_cache(maxsize=4096)(ModelRef.parse)
 
 _parse_chunk = inference_pb2.GenerateChunk.FromString
 
+# What a worker answers when the call never ran there, so another worker may take it:
+# UNAVAILABLE (it could not be reached, or is going away) and NOT_FOUND (it let go of the
+# version a moment before this gateway heard: the retirement raced the routing).
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
+
 
 class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
     def __init__(
@@ -92,7 +97,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                 return
             except grpc.aio.AioRpcError as exc:
                 error = self._failed(worker, exc, resolved)
-                if attempt == 2 or chunks or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if attempt == 2 or chunks or exc.code() not in _RETRIED:
                     raise error from exc
                 log.warning("retrying on another worker", worker=worker.address)
                 self._metrics.retries.labels("Generate").inc()
@@ -115,25 +120,26 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
     async def Infer(self, request: inference_pb2.InferRequest, context: Context) -> Any:
         ref = parse_ref(request.model)
         metadata = calls.outgoing_metadata()
-        worker, info = await self._pool.route(ref)
-        resolved = f"{info.name}:{info.version}"
-        request.model = resolved  # forwarded as it came otherwise: no copy of the tensors
-        calls.note(resolved=resolved)
+        exclude: WorkerEndpoint | None = None
         for attempt in (1, 2):
-            calls.note(worker=worker.address)
+            worker, info = await self._pool.route(ref, exclude=exclude)
+            resolved = f"{info.name}:{info.version}"
+            # Forwarded as it came otherwise: no copy of the tensors.
+            request.model = resolved
+            calls.note(resolved=resolved, worker=worker.address)
             worker.outstanding += 1
             try:
                 # Bytes in, bytes out: the response's tensors are not decoded here.
                 return await worker.infer(request, timeout=self._timeout(), metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 error = self._failed(worker, exc, resolved)
-                if attempt == 2 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if attempt == 2 or exc.code() not in _RETRIED:
                     raise error from exc
             finally:
                 worker.outstanding -= 1
             log.warning("retrying on another worker", worker=worker.address)
             self._metrics.retries.labels("Infer").inc()
-            worker, _ = await self._pool.route(ref, exclude=worker)
+            exclude = worker
         raise AssertionError("unreachable")
 
     async def ListModels(

@@ -13,6 +13,7 @@ versions); `watch` follows it, always giving the latest list.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -92,6 +93,9 @@ class ModelCatalog:
         # Set (and replaced) on every change: a watcher waits on the one it saw last.
         self._changed = asyncio.Event()
         self._closed = False
+        # Triton model name -> when a call last resolved to it (time.monotonic()), so a
+        # replaced version is let go only once callers have stopped using it.
+        self._used: dict[str, float] = {}
         for model in models:
             self._by_name.setdefault(model.info.name, {})[model.info.version] = model
 
@@ -105,7 +109,11 @@ class ModelCatalog:
 
     def add(self, model: LoadedModel) -> None:
         """Makes `model` routable (replacing an entry with the same name and version)."""
-        self._by_name.setdefault(model.info.name, {})[model.info.version] = model
+        versions = self._by_name.setdefault(model.info.name, {})
+        replaced = versions.get(model.info.version)
+        if replaced is not None:
+            self._used.pop(replaced.triton_name, None)
+        versions[model.info.version] = model
         self._changed_now()
 
     def remove(self, name: str, version: int) -> LoadedModel | None:
@@ -115,6 +123,7 @@ class ModelCatalog:
         if not versions:
             self._by_name.pop(name, None)
         if model is not None:
+            self._used.pop(model.triton_name, None)
             self._changed_now()
         return model
 
@@ -147,7 +156,12 @@ class ModelCatalog:
         model = self._resolved.get(ref)
         if model is None:
             model = self._resolved[ref] = self._resolve(ref)
+        self._used[model.triton_name] = time.monotonic()
         return model
+
+    def last_used(self, triton_name: str) -> float | None:
+        """When a call last resolved to Triton model `triton_name` (time.monotonic())."""
+        return self._used.get(triton_name)
 
     def _resolve(self, ref: str) -> LoadedModel:
         parsed = ModelRef.parse(ref)

@@ -71,6 +71,7 @@ class DeploymentSync:
             cache=ArtifactCache(settings.artifact_cache),
             download=download,
             retire_seconds=settings.retire_seconds,
+            retire_max_seconds=settings.retire_max_seconds,
         )
         return cls(channel, loader)
 

@@ -6,9 +6,11 @@ the model repository, its folder is written (model_repository.py), Triton loads
 it (explicit model control) and the catalog starts routing to it.
 
 A version no longer wanted is let go only once every wanted version of its model
-is loaded, and then only after `retire_seconds`, so gateways move to the new one
-first: it leaves the catalog (no new calls), Triton unloads it (calls in flight
-finish) and its folder goes.
+is loaded, and then only once no call has come for it for `retire_seconds`: a
+gateway keeps an alias's traffic on the old version until the new one is loaded on
+every worker, so a worker that was quick must keep the old one while a slower one
+catches up (`retire_max_seconds` bounds that). Then it leaves the catalog (no new
+calls), Triton unloads it (calls in flight finish) and its folder goes.
 
 Failures never stop the worker. An artifact that is not what the registry
 recorded is logged and not tried again while that version stays wanted; any
@@ -18,6 +20,7 @@ other failure (registry or Triton trouble) is retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,7 +45,7 @@ Wanted = Mapping[VersionKey, WantedVersion]
 Download = Callable[[str, int], AsyncIterable[registry_pb2.DownloadVersionResponse]]
 
 _FIRST_RETRY_S = 1.0
-# Between routing a version to its replacement Triton model and unloading the old one.
+# Between taking a Triton model out of the catalog and unloading it.
 _SWITCH_DRAIN_S = 1.0
 
 
@@ -80,6 +83,7 @@ class ModelLoader:
         cache: ArtifactCache,
         download: Download,
         retire_seconds: float,
+        retire_max_seconds: float = 300.0,
         max_retry_seconds: float = 60.0,
     ) -> None:
         self._triton = triton
@@ -88,6 +92,7 @@ class ModelLoader:
         self._cache = cache
         self._download = download
         self._retire_seconds = retire_seconds
+        self._retire_max = max(retire_seconds, retire_max_seconds)
         self._max_retry = max_retry_seconds
         self._loaded: dict[VersionKey, _Loaded] = {}
         self._failed: dict[VersionKey, _Failure] = {}
@@ -228,16 +233,17 @@ class ModelLoader:
             replacements = [other for other in wanted if other[0] == key[0]]
             if all(other in self._loaded for other in replacements):
                 log.info(
-                    "retiring version",
+                    "retiring version once idle",
                     version=_label(key),
                     replaced_by=[_label(other) for other in sorted(replacements)],
-                    in_s=self._retire_seconds,
+                    idle_s=self._retire_seconds,
+                    at_most_s=self._retire_max,
                 )
                 self._retiring[key] = asyncio.create_task(self._retire(key, wanted_now))
 
     async def _retire(self, key: VersionKey, wanted_now: Callable[[], Wanted]) -> None:
         try:
-            await asyncio.sleep(self._retire_seconds)
+            await self._until_idle(key)
         finally:
             # Past the wait, a retirement is no longer called off by cancelling it (an
             # unload half done would be worse); the check under the lock covers that.
@@ -249,10 +255,24 @@ class ModelLoader:
             await self._unload(key)
             self._discard_artifacts(wanted_now())
 
+    async def _until_idle(self, key: VersionKey) -> None:
+        """Returns once version `key` has had no call for `retire_seconds` since it was
+        replaced, or `retire_max_seconds` after that, whichever comes first."""
+        replaced = time.monotonic()
+        while (loaded := self._loaded.get(key)) is not None:
+            now = time.monotonic()
+            last = max(replaced, self._catalog.last_used(loaded.triton_name) or replaced)
+            wait = min(last + self._retire_seconds, replaced + self._retire_max) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
     async def _unload(self, key: VersionKey) -> None:
         loaded = self._loaded.pop(key)
-        # Out of the catalog first, so no new call is routed to what goes next.
+        # Out of the catalog first, so no new call is routed to what goes next; a call
+        # that resolved to it a moment ago is on its way to Triton.
         self._catalog.remove(*key)
+        await asyncio.sleep(_SWITCH_DRAIN_S)
         await self._let_go(key, loaded.triton_name)
 
     async def _let_go(self, key: VersionKey, name: str) -> None:

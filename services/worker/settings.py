@@ -79,8 +79,13 @@ class WorkerSettings(ServiceSettings):
     )
     retire_seconds: Duration = Field(
         5.0,
-        description="with --registry, how long a replaced version stays loaded and routable "
-        "after its replacement is ready, so gateways switch over first",
+        description="with --registry, a replaced version is let go once its replacement is "
+        "ready and it has had no call for this long, so every gateway has switched first",
+    )
+    retire_max_seconds: Duration = Field(
+        300.0,
+        description="with --registry, a replaced version still called (by name:version, or "
+        "by gateways waiting for a slower worker) is let go this long after it was replaced",
     )
 
     @field_validator("model_repository")

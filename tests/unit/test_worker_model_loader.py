@@ -6,6 +6,7 @@ and the catalog's watchers seeing only the latest list."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from google.protobuf import text_format
 from tensorgate.registry.v1 import registry_pb2
 from tritonclient.grpc import model_config_pb2
 
+from services.runtime.errors import NotFound
 from services.worker import model_loader
 from services.worker.artifact_cache import ArtifactCache
 from services.worker.catalog import ModelCatalog
@@ -85,7 +87,9 @@ class Registry:
 
 
 class World:
-    def __init__(self, tmp_path: Path, retire_seconds: float = 0.2) -> None:
+    def __init__(
+        self, tmp_path: Path, retire_seconds: float = 0.2, retire_max_seconds: float = 300.0
+    ) -> None:
         self.repository = ModelRepository(tmp_path / "repo")
         self.triton = FakeTriton(tmp_path / "repo")
         self.registry = Registry()
@@ -98,6 +102,7 @@ class World:
             cache=ArtifactCache(tmp_path / "cache"),
             download=self.registry.download,
             retire_seconds=retire_seconds,
+            retire_max_seconds=retire_max_seconds,
         )
 
     def want(self, *versions: tuple[str, int], instances: int = 1) -> None:
@@ -111,6 +116,12 @@ class World:
 
     def served(self) -> list[str]:
         return [model.label for model in self.catalog.models()]
+
+
+@pytest.fixture(autouse=True)
+def _no_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stand-in Triton has no calls in flight to wait for.
+    monkeypatch.setattr(model_loader, "_SWITCH_DRAIN_S", 0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +148,35 @@ async def test_an_alias_move_loads_the_new_version_then_retires_the_old(tmp_path
     assert world.served() == ["m:2"]
     assert world.triton.calls == ["load m__v1", "load m__v2", "unload m__v1"]
     assert world.repository.names() == ["m__v2"]
+
+
+async def test_a_replaced_version_still_called_stays_until_idle(tmp_path: Path) -> None:
+    # A gateway waiting for a slower worker keeps the alias's traffic on the old version:
+    # this worker must not let go of it while those calls keep coming.
+    world = World(tmp_path, retire_seconds=0.3)
+    world.want(("m", 1))
+    await world.reconcile()
+    world.want(("m", 2))
+    await world.reconcile()
+    for _ in range(8):  # 0.8 s of calls, well past retire_seconds
+        world.catalog.resolve("m:1")
+        await asyncio.sleep(0.1)
+    assert world.served() == ["m:1", "m:2"]
+    await asyncio.sleep(0.45)  # then quiet for longer than retire_seconds
+    assert world.served() == ["m:2"]
+
+
+async def test_a_replaced_version_called_forever_goes_at_retire_max(tmp_path: Path) -> None:
+    world = World(tmp_path, retire_seconds=0.2, retire_max_seconds=0.5)
+    world.want(("m", 1))
+    await world.reconcile()
+    world.want(("m", 2))
+    await world.reconcile()
+    for _ in range(10):  # called every 0.1 s for 1 s: never idle
+        with contextlib.suppress(NotFound):
+            world.catalog.resolve("m:1")
+        await asyncio.sleep(0.1)
+    assert world.served() == ["m:2"]
 
 
 async def test_a_tampered_artifact_is_not_loaded_nor_retried_and_the_old_one_stays(
@@ -234,9 +274,8 @@ async def test_a_deleted_deployment_retires_its_version(tmp_path: Path) -> None:
 
 
 async def test_changing_instances_loads_beside_the_running_model_then_lets_it_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(model_loader, "_SWITCH_DRAIN_S", 0.0)
     world = World(tmp_path)
     world.want(("m", 1))
     await world.reconcile()
