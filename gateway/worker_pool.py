@@ -262,8 +262,13 @@ class WorkerPool:
                 f"model {shown(ref.name)} is not served here; ListModels shows the models "
                 "this key may call"
             )
+        elif ref.version is None:
+            # The newest version some serving worker has: one loaded only on workers that
+            # are draining or down must not take a bare name's calls off the others.
+            served = [v for v, ws in versions.items() if any(w.serving for w in ws)]
+            version = max(served or versions)
         else:
-            version = ref.version if ref.version is not None else max(versions)
+            version = ref.version
             if version not in versions:
                 raise NotFound(
                     f"model {shown(ref.name)} has no version {version} loaded "

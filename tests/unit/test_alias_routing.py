@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2
 
 from gateway.aliases import AliasFeed, AliasRouting, pick_version
+from gateway.discovery import StaticDiscovery
+from gateway.worker_pool import WorkerPool
 from services.runtime.errors import NotFound, Unavailable
 
 
@@ -102,3 +106,36 @@ async def test_settled_is_the_target_only_once_traffic_is_on_it() -> None:
         assert routing.settled("digits", "production") is None  # a rollout under way
     finally:
         await feed.close()
+
+
+class _Endpoint:
+    """What routing reads of a worker (a WorkerEndpoint without its streams)."""
+
+    def __init__(self, address: str, versions: list[int], *, serving: bool) -> None:
+        self.address = address
+        self.serving = serving
+        self.reached = True
+        self.outstanding = 0
+        self.ejected_until = 0.0
+        self.models = {
+            ("digits", v): inference_pb2.ModelInfo(name="digits", version=v) for v in versions
+        }
+
+    def available(self, now: float) -> bool:
+        return self.serving and now >= self.ejected_until
+
+
+async def test_a_bare_name_goes_to_the_newest_version_a_serving_worker_has() -> None:
+    pool = WorkerPool(StaticDiscovery([]), refresh_seconds=60, eject_seconds=1)
+    draining = _Endpoint("a", [1, 2], serving=False)
+    serving = _Endpoint("b", [1], serving=True)
+    pool._workers = {"a": draining, "b": serving}  # type: ignore[dict-item]
+    pool._index_models()
+    worker, info = await pool.route(ModelRef.parse("digits"))
+    assert (worker.address, info.version) == ("b", 1)
+    # Pinned to a version only the draining worker has: it says so rather than reroute.
+    with pytest.raises(Unavailable, match="digits:2"):
+        await pool.route(ModelRef.parse("digits:2"))
+    draining.serving = True
+    worker, info = await pool.route(ModelRef.parse("digits"))
+    assert (worker.address, info.version) == ("a", 2)
