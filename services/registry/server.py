@@ -44,6 +44,7 @@ async def start_registry(settings: RegistrySettings) -> Registry:
             max_bytes=settings.max_artifact_bytes,
             chunk_bytes=settings.chunk_bytes,
             max_uploads=settings.max_uploads,
+            upload_idle_seconds=settings.upload_idle_seconds,
         )
         service = build_server(
             settings,

@@ -55,12 +55,14 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         max_bytes: int,
         chunk_bytes: int,
         max_uploads: int,
+        upload_idle_seconds: float,
     ) -> None:
         self._store = store
         self._artifacts = artifacts
         self._max_bytes = max_bytes
         self._chunk_bytes = chunk_bytes
         self._max_uploads = max_uploads
+        self._upload_idle = upload_idle_seconds
         # Uploads in flight, by the sha256 they declared: a refused upload removes its
         # stored bytes only when no other upload of the same bytes is on its way.
         self._uploading: dict[str, int] = {}
@@ -147,7 +149,13 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         config: registry_pb2.TritonConfig,
         parts: AsyncIterator[registry_pb2.UploadVersionRequest],
     ) -> registry_pb2.ModelVersion:
-        artifact = await receive_artifact(header, parts, self._artifacts, max_bytes=self._max_bytes)
+        artifact = await receive_artifact(
+            header,
+            parts,
+            self._artifacts,
+            max_bytes=self._max_bytes,
+            idle_seconds=self._upload_idle,
+        )
         try:
             if artifact.format == "triton-python":
                 await self._artifacts.check_archive(artifact.sha256)

@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.runtime.settings import MetricsPort, ServiceSettings, SettingsError
+from services.runtime.settings import MetricsPort, PositiveDuration, ServiceSettings, SettingsError
 
 
 def _at_least_one(value: int) -> int:
@@ -46,6 +46,11 @@ class RegistrySettings(ServiceSettings):
     )
     chunk_bytes: Annotated[int, AfterValidator(_at_least_one)] = Field(
         1 << 20, description="size of the chunks a download streams, in bytes"
+    )
+    upload_idle_seconds: PositiveDuration = Field(
+        30.0,
+        description="an upload that sends nothing for this long is abandoned "
+        "(DEADLINE_EXCEEDED) and its slot freed, so stalled clients cannot hold every slot",
     )
 
     @property

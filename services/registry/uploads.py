@@ -8,13 +8,14 @@ nothing, not even the header, until the stored bytes proved to be the registered
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 from tensorgate.registry.v1 import registry_pb2
 
 from services.registry.artifacts import ArtifactStore, check_sha256
-from services.runtime.errors import DataLoss, InvalidArgument, NotFound, shown
+from services.runtime.errors import DataLoss, DeadlineExceeded, InvalidArgument, NotFound, shown
 
 ARTIFACT_FORMATS = ("triton-python", "torchscript", "onnx")
 
@@ -42,17 +43,18 @@ async def receive_artifact(
     store: ArtifactStore,
     *,
     max_bytes: int,
+    idle_seconds: float = 30.0,
 ) -> registry_pb2.Artifact:
     """Stores the chunks that follow `header` and returns the verified artifact.
 
-    On any failure, the caller going away (CancelledError) included, the partial
-    upload is removed before the error propagates.
+    On any failure, the caller going away (CancelledError) or going quiet for
+    `idle_seconds` included, the partial upload is removed before the error propagates.
     """
     check_header(header, max_bytes=max_bytes)
     declared = header.size_bytes
     received = 0
     async with store.writer(max_bytes) as writer:
-        async for part in parts:
+        while (part := await _next_part(parts, idle_seconds, received)) is not None:
             kind = part.WhichOneof("part")
             if kind == "header":
                 raise InvalidArgument(
@@ -72,6 +74,21 @@ async def receive_artifact(
         if received < declared:
             raise InvalidArgument("chunk", f"the stream ended after {received} of {declared} bytes")
         return await writer.commit(header.sha256, declared, header.format)
+
+
+async def _next_part(
+    parts: AsyncIterator[registry_pb2.UploadVersionRequest], idle_seconds: float, received: int
+) -> registry_pb2.UploadVersionRequest | None:
+    """The next message of an upload (None at its end); DeadlineExceeded after
+    `idle_seconds` without one: a stalled client must not hold an upload slot."""
+    try:
+        async with asyncio.timeout(idle_seconds):
+            return await anext(parts, None)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"the upload sent nothing for {idle_seconds:g}s after byte {received}: "
+            "abandoned, nothing kept; send it again"
+        ) from None
 
 
 async def artifact_chunks(

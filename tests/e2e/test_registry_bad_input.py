@@ -18,6 +18,8 @@ from tensorgate.errors import FailedPreconditionError
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 from tensorgate.registry_client import AsyncRegistryClient
 
+from services.registry.server import start_registry
+from services.registry.settings import RegistrySettings
 from tests.conftest import RegistryStack
 from tests.helpers import refused_upload
 
@@ -168,3 +170,48 @@ async def test_two_rollbacks_at_once_cannot_undo_each_other(
         assert sum(isinstance(r, FailedPreconditionError) for r in results) == 1, results
         alias = next(a for a in await registry.list_aliases("digits") if a.name == "rb")
         assert alias.version == first and alias.previous_version == second
+
+
+async def test_a_stalled_upload_is_abandoned_and_frees_its_slot(tmp_path: Path) -> None:
+    # One upload slot: a client that sends its header and then nothing must not hold it.
+    registry = await start_registry(
+        RegistrySettings(
+            data_dir=tmp_path,
+            metrics_port=0,
+            drain_seconds=0.0,
+            max_uploads=1,
+            upload_idle_seconds=0.5,
+        )
+    )
+    payload = _tar({"model.py": b"# a model\n"})
+    header = registry_pb2.UploadVersionRequest.Header(
+        model="digits",
+        sha256=hashlib.sha256(payload).hexdigest(),
+        size_bytes=len(payload),
+        format="triton-python",
+        config_pbtxt=CONFIG,
+    )
+    try:
+        async with AsyncRegistryClient(registry.address) as client:
+            await client.create_model("digits", task="infer")
+        async with grpc.aio.insecure_channel(registry.address) as channel:
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+
+            async def stalled() -> AsyncIterator[registry_pb2.UploadVersionRequest]:
+                yield registry_pb2.UploadVersionRequest(header=header)
+                await asyncio.Event().wait()
+                yield registry_pb2.UploadVersionRequest()
+
+            held = stub.UploadVersion(stalled(), timeout=30)
+            await held.initial_metadata()  # accepted: it has the slot
+            second = iter([registry_pb2.UploadVersionRequest(header=header)])
+            code, details = await _status(stub.UploadVersion(second, timeout=10))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+            code, details = await _status(held)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "sent nothing" in details
+        async with AsyncRegistryClient(registry.address) as client:
+            folder = REPO / "models" / "repository" / "digits"
+            assert (await client.upload("digits", folder)).version == 1
+        assert [p for p in (tmp_path / "artifacts" / "tmp").rglob("*") if p.is_file()] == []
+    finally:
+        await registry.stop()

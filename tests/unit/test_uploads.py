@@ -13,7 +13,7 @@ from tensorgate.registry.v1 import registry_pb2
 
 from services.registry.artifacts import LocalArtifactStore
 from services.registry.uploads import artifact_chunks, receive_artifact
-from services.runtime.errors import DataLoss, InvalidArgument
+from services.runtime.errors import DataLoss, DeadlineExceeded, InvalidArgument
 
 Request = registry_pb2.UploadVersionRequest
 DATA = os.urandom(2 * 1024 * 1024 + 3)
@@ -177,3 +177,16 @@ async def test_a_missing_artifact_is_data_loss_naming_the_version(tmp_path: Path
     with pytest.raises(DataLoss, match=f"artifact of digits:4 \\(sha256 {SHA}\\) is missing"):
         async for _ in artifact_chunks(version, store, chunk_size=1024):
             pass
+
+
+async def test_an_upload_that_goes_quiet_is_abandoned_and_leaves_nothing(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+
+    async def quiet() -> AsyncIterator[Request]:
+        yield chunks(DATA)[0]
+        await asyncio.Event().wait()  # connected, but never sends again
+        yield Request()
+
+    with pytest.raises(DeadlineExceeded, match=r"sent nothing for 0\.2s after byte"):
+        await receive_artifact(header(), quiet(), store, max_bytes=LIMIT, idle_seconds=0.2)
+    assert files(tmp_path) == []
