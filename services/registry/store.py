@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2 as pb
 
@@ -376,15 +376,32 @@ class RegistryStore:
         async with self._database.read() as connection:
             return int((await connection.execute(query)).scalar_one())
 
-    async def events_after(self, revision: int, limit: int = 500) -> list[pb.RegistryEvent]:
-        """Up to `limit` events after `revision`, in revision order."""
-        query = (
-            select(events.c.payload)
+    async def events_after(
+        self, revision: int, limit: int = 500, max_bytes: int = 4 << 20
+    ) -> list[pb.RegistryEvent]:
+        """Up to `limit` events after `revision`, in revision order, and no more than
+        `max_bytes` of them (but at least one): an event may carry a megabyte of config,
+        and a watcher catching up must not hold hundreds of them at once."""
+        sizes = (
+            select(events.c.revision, func.length(events.c.payload))
             .where(events.c.revision > revision)
             .order_by(events.c.revision)
             .limit(limit)
         )
         async with self._database.read() as connection:
+            last, total = revision, 0
+            for number, size in (await connection.execute(sizes)).all():
+                total += int(size)
+                if total > max_bytes and last > revision:
+                    break
+                last = int(number)
+            if last == revision:
+                return []
+            query = (
+                select(events.c.payload)
+                .where(events.c.revision > revision, events.c.revision <= last)
+                .order_by(events.c.revision)
+            )
             payloads = (await connection.execute(query)).scalars()
             return [pb.RegistryEvent.FromString(payload) for payload in payloads]
 

@@ -335,6 +335,11 @@ async def test_events_after_replays_every_change_once_in_order(store: RegistrySt
     assert feed[5].alias_moved.revision == 6 and feed[6].deployment_set.resolved_version == 1
     assert await store.events_after(8) == feed[8:]
     assert await store.events_after(3, limit=2) == feed[3:5]
+    # A batch stops at its byte budget, but always holds at least one event.
+    size = feed[3].ByteSize()
+    assert await store.events_after(3, max_bytes=size + feed[4].ByteSize()) == feed[3:5]
+    assert await store.events_after(3, max_bytes=1) == feed[3:4]
+    assert await store.events_after(11) == []
     times = [event.time.ToMicroseconds() for event in feed]
     assert times == sorted(times)
 
