@@ -191,8 +191,9 @@ def move_message(row: Row[Any]) -> pb.AliasMove:
 class Change:
     """One registry write in progress (see the module docstring)."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: AsyncConnection, actor: str) -> None:
         self.connection = connection
+        self.actor = actor  # who makes the change: recorded with its event
         self.revision = 0
         self.at_us = 0
         self._recorded = False
@@ -223,7 +224,9 @@ class Change:
         """Appends the feed event of this change: `kind` is a RegistryEvent `change` field."""
         if not self.revision or self._recorded:
             raise RuntimeError("a change is stamped first, then records one event")
-        event = pb.RegistryEvent(revision=self.revision, time=timestamp(self.at_us))
+        event = pb.RegistryEvent(
+            revision=self.revision, time=timestamp(self.at_us), actor=self.actor
+        )
         getattr(event, kind).CopyFrom(change)
         payload = event.SerializeToString()
         if len(payload) > MAX_EVENT_BYTES:

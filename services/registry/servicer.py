@@ -297,7 +297,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             check.version_number("deployment.version", deployment.version)
         elif deployment.WhichOneof("target") == "alias":
             check.name("deployment.alias", deployment.alias)
-        return await self._store.set_deployment(deployment)
+        return await self._store.set_deployment(deployment, actor=actor())
 
     async def DeleteDeployment(
         self, request: registry_pb2.DeleteDeploymentRequest, context: Context
@@ -313,6 +313,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             request.model,
             version=request.version if target == "version" else None,
             alias=request.alias if target == "alias" else None,
+            actor=actor(),
         )
         return registry_pb2.DeleteDeploymentResponse()
 

@@ -86,9 +86,9 @@ class RegistryStore:
         await self._database.close()
 
     @asynccontextmanager
-    async def _change(self) -> AsyncIterator[Change]:
+    async def _change(self, actor: str) -> AsyncIterator[Change]:
         async with self._database.write() as connection:
-            change = Change(connection)
+            change = Change(connection, actor)
             await change.lock()
             yield change
             change.check_recorded()
@@ -104,7 +104,7 @@ class RegistryStore:
         if not model.task:
             raise InvalidArgument("model.task", "is required, e.g. 'generate' or 'infer'")
         check_labels("model.labels", model.labels)
-        async with self._change() as change:
+        async with self._change(actor) as change:
             connection = change.connection
             taken = select(models.c.name).where(models.c.name == model.name)
             if (await connection.execute(taken)).first() is not None:
@@ -173,7 +173,7 @@ class RegistryStore:
             return await self.get_model(name)
         if labels is not None:
             check_labels("labels", labels)
-        async with self._change() as change:
+        async with self._change(actor) as change:
             await require_model(change.connection, name)
             await change.stamp()
             row: dict[str, object] = {"updated_us": change.at_us, "updated_by": actor}
@@ -212,7 +212,7 @@ class RegistryStore:
             raise InvalidArgument("artifact.sha256", "must be 64 lowercase hex digits")
         if artifact.size_bytes < 0:
             raise InvalidArgument("artifact.size_bytes", f"must be >= 0, got {artifact.size_bytes}")
-        async with self._change() as change:
+        async with self._change(actor) as change:
             connection = change.connection
             owner = await require_model(connection, model)
             if lineage.parent_version:
@@ -257,8 +257,7 @@ class RegistryStore:
             return [version_message(row) for row in rows]
 
     async def delete_version(self, model: str, version: int, *, actor: str) -> None:
-        # `actor` is kept for the audit log the servicer writes; the feed carries no actor.
-        async with self._change() as change:
+        async with self._change(actor) as change:
             connection = change.connection
             await require_version(connection, model, version)
             users = await deployment_ops.users_of_version(connection, model, version)
@@ -312,7 +311,7 @@ class RegistryStore:
     ) -> pb.Alias:
         """Compare-and-set: `expected_version` None moves unconditionally, 0 only creates,
         n moves only from n."""
-        async with self._change() as change:
+        async with self._change(actor) as change:
             return await alias_ops.set_alias(
                 change,
                 model,
@@ -332,13 +331,13 @@ class RegistryStore:
         reason: str,
         actor: str,
     ) -> pb.Alias:
-        async with self._change() as change:
+        async with self._change(actor) as change:
             return await alias_ops.rollback_alias(
                 change, model, alias, expected_version=expected_version, reason=reason, actor=actor
             )
 
     async def delete_alias(self, model: str, alias: str, *, reason: str, actor: str) -> None:
-        async with self._change() as change:
+        async with self._change(actor) as change:
             await alias_ops.delete_alias(change, model, alias, reason=reason, actor=actor)
 
     async def list_aliases(self, model: str | None) -> list[pb.Alias]:
@@ -355,14 +354,14 @@ class RegistryStore:
 
     # --- deployments (deployments.py) ---------------------------------------------------
 
-    async def set_deployment(self, deployment: pb.Deployment) -> pb.Deployment:
-        async with self._change() as change:
+    async def set_deployment(self, deployment: pb.Deployment, *, actor: str) -> pb.Deployment:
+        async with self._change(actor) as change:
             return await deployment_ops.set_deployment(change, deployment)
 
     async def delete_deployment(
-        self, model: str, *, version: int | None, alias: str | None
+        self, model: str, *, version: int | None, alias: str | None, actor: str
     ) -> None:
-        async with self._change() as change:
+        async with self._change(actor) as change:
             await deployment_ops.delete_deployment(change, model, version=version, alias=alias)
 
     async def list_deployments(self) -> list[pb.Deployment]:

@@ -255,8 +255,8 @@ async def test_in_use_versions_and_aliases_cannot_be_deleted(store: RegistryStor
     await add_version(store)
     await add_version(store)
     await set_alias(store, 1)
-    await store.set_deployment(pb.Deployment(model="digits", alias="production"))
-    await store.set_deployment(pb.Deployment(model="digits", version=1))
+    await store.set_deployment(pb.Deployment(model="digits", alias="production"), actor="dave")
+    await store.set_deployment(pb.Deployment(model="digits", version=1), actor="dave")
     with pytest.raises(FailedPrecondition) as caught:
         await store.delete_version("digits", 1, actor="alice")
     assert caught.value.message == (
@@ -265,8 +265,8 @@ async def test_in_use_versions_and_aliases_cannot_be_deleted(store: RegistryStor
     )
     with pytest.raises(FailedPrecondition, match="'production' of model 'digits' is deployed"):
         await store.delete_alias("digits", "production", reason="", actor="bob")
-    await store.delete_deployment("digits", version=None, alias="production")
-    await store.delete_deployment("digits", version=1, alias=None)
+    await store.delete_deployment("digits", version=None, alias="production", actor="dave")
+    await store.delete_deployment("digits", version=1, alias=None, actor="dave")
     await store.delete_alias("digits", "production", reason="", actor="bob")
     await store.delete_version("digits", 1, actor="alice")
     assert [v.version for v in await store.list_versions("digits")] == [2]
@@ -280,10 +280,14 @@ async def test_deployments_follow_their_alias(store: RegistryStore) -> None:
     await add_version(store)
     await add_version(store)
     await set_alias(store, 1)
-    by_alias = await store.set_deployment(pb.Deployment(model="digits", alias="production"))
+    by_alias = await store.set_deployment(
+        pb.Deployment(model="digits", alias="production"), actor="dave"
+    )
     assert (by_alias.alias, by_alias.instances, by_alias.resolved_version) == ("production", 1, 1)
-    await store.set_deployment(pb.Deployment(model="digits", version=2, instances=4))
-    await store.set_deployment(pb.Deployment(model="digits", version=2, instances=2))  # upsert
+    await store.set_deployment(pb.Deployment(model="digits", version=2, instances=4), actor="dave")
+    await store.set_deployment(
+        pb.Deployment(model="digits", version=2, instances=2), actor="dave"
+    )  # upsert
     await set_alias(store, 2)
     listed = await store.list_deployments()
     assert [(d.WhichOneof("target"), d.instances, d.resolved_version) for d in listed] == [
@@ -291,13 +295,15 @@ async def test_deployments_follow_their_alias(store: RegistryStore) -> None:
         ("version", 2, 2),
     ]
     with pytest.raises(InvalidArgument, match=r"deployment.instances: must be 1..16, got 17"):
-        await store.set_deployment(pb.Deployment(model="digits", version=2, instances=17))
+        await store.set_deployment(
+            pb.Deployment(model="digits", version=2, instances=17), actor="dave"
+        )
     with pytest.raises(InvalidArgument, match=r"deployment.target"):
-        await store.set_deployment(pb.Deployment(model="digits"))
+        await store.set_deployment(pb.Deployment(model="digits"), actor="dave")
     with pytest.raises(NotFound, match="has no alias 'staging'"):
-        await store.set_deployment(pb.Deployment(model="digits", alias="staging"))
+        await store.set_deployment(pb.Deployment(model="digits", alias="staging"), actor="dave")
     with pytest.raises(NotFound, match="has no deployment of version 1"):
-        await store.delete_deployment("digits", version=1, alias=None)
+        await store.delete_deployment("digits", version=1, alias=None, actor="dave")
 
 
 # --- the change feed ----------------------------------------------------------------------
@@ -311,8 +317,8 @@ async def test_events_after_replays_every_change_once_in_order(store: RegistrySt
     await set_alias(store, 1)  # no-op: no event
     await set_alias(store, 2)
     await store.rollback_alias("digits", "production", reason="", actor="bob")
-    await store.set_deployment(pb.Deployment(model="digits", alias="production"))
-    await store.delete_deployment("digits", version=None, alias="production")
+    await store.set_deployment(pb.Deployment(model="digits", alias="production"), actor="dave")
+    await store.delete_deployment("digits", version=None, alias="production", actor="dave")
     await store.delete_alias("digits", "production", reason="", actor="bob")
     await store.delete_version("digits", 2, actor="alice")
     await store.update_model("digits", description="d", labels=None, actor="alice")
@@ -331,6 +337,10 @@ async def test_events_after_replays_every_change_once_in_order(store: RegistrySt
         "model_changed",
     ]
     assert [event.revision for event in feed] == list(range(1, 12))
+    # Who made each change, deletions included.
+    assert [event.actor for event in feed] == (
+        ["alice"] * 3 + ["bob"] * 3 + ["dave"] * 2 + ["bob", "alice", "alice"]
+    )
     assert await store.current_revision() == 11
     assert feed[5].alias_moved.revision == 6 and feed[6].deployment_set.resolved_version == 1
     assert await store.events_after(8) == feed[8:]

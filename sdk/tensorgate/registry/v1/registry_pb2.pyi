@@ -1282,7 +1282,12 @@ class RegistryEvent(_message.Message):
     ALIAS_DELETED_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_SET_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_DELETED_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
+    actor: _builtins.str
+    """Who made the change: "key:<id>" through a gateway that checks API keys, else the
+    name the client gave (x-tensorgate-actor), else "anonymous".
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1311,10 +1316,11 @@ class RegistryEvent(_message.Message):
         alias_deleted: Global___AliasDeleted | None = ...,
         deployment_set: Global___Deployment | None = ...,
         deployment_deleted: Global___DeploymentDeleted | None = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias_deleted", b"alias_deleted", "alias_moved", b"alias_moved", "change", b"change", "deployment_deleted", b"deployment_deleted", "deployment_set", b"deployment_set", "model_changed", b"model_changed", "time", b"time", "version_created", b"version_created", "version_deleted", b"version_deleted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias_deleted", b"alias_deleted", "alias_moved", b"alias_moved", "change", b"change", "deployment_deleted", b"deployment_deleted", "deployment_set", b"deployment_set", "model_changed", b"model_changed", "revision", b"revision", "time", b"time", "version_created", b"version_created", "version_deleted", b"version_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "alias_deleted", b"alias_deleted", "alias_moved", b"alias_moved", "change", b"change", "deployment_deleted", b"deployment_deleted", "deployment_set", b"deployment_set", "model_changed", b"model_changed", "revision", b"revision", "time", b"time", "version_created", b"version_created", "version_deleted", b"version_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["model_changed", "version_created", "version_deleted", "alias_moved", "alias_deleted", "deployment_set", "deployment_deleted"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
