@@ -7,6 +7,7 @@ messages. Domain errors raised below become statuses in the runtime's pipeline.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
@@ -21,7 +22,13 @@ from services.registry.artifacts import ArtifactStore
 from services.registry.store import RegistryStore
 from services.registry.uploads import artifact_chunks, check_header, receive_artifact
 from services.runtime import calls
-from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.runtime.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from services.runtime.triton_config import parse_config
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -218,6 +225,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         check.alias(request.model, request.alias, request.reason)
         check.version_number("version", request.version)
         expected = request.expected_version if request.HasField("expected_version") else None
+        await self._require_intact(request.model, request.version)
         return await self._store.set_alias(
             request.model,
             request.alias,
@@ -295,9 +303,27 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         check.name("deployment.model", deployment.model)
         if deployment.WhichOneof("target") == "version":
             check.version_number("deployment.version", deployment.version)
+            await self._require_intact(deployment.model, deployment.version)
         elif deployment.WhichOneof("target") == "alias":
             check.name("deployment.alias", deployment.alias)
+            ref = ModelRef(deployment.model, alias=deployment.alias)
+            with contextlib.suppress(NotFound):  # the store says so, in its own words
+                target = await self._store.resolve(ref)
+                await self._require_intact(target.model, target.version)
         return await self._store.set_deployment(deployment, actor=actor())
+
+    async def _require_intact(self, model: str, version: int) -> None:
+        """DATA_LOSS naming the version if its stored bytes no longer match their sha256:
+        an alias or a deployment must not send workers to an artifact none can load."""
+        try:
+            stored = await self._store.get_version(model, version)
+        except NotFound:
+            return  # the store refuses the change itself, naming what is missing
+        if not await self._artifacts.verify(stored.artifact.sha256):
+            raise DataLoss(
+                f"artifact of {model}:{version} (sha256 {stored.artifact.sha256}) is missing "
+                "or corrupt in the store: upload the version again"
+            )
 
     async def DeleteDeployment(
         self, request: registry_pb2.DeleteDeploymentRequest, context: Context

@@ -114,9 +114,15 @@ async def test_a_flipped_byte_in_the_store_is_detected_and_never_loaded(
         with pytest.raises(DataLossError, match=f"digits:{bad.version}"):
             await registry.download("digits", bad.version, tmp_path / "bad.tar")
 
-        # Deployed in this order, the worker tries the tampered one first; once the
-        # good one is served, the tampered one was tried and refused.
-        await registry.set_deployment("digits", version=bad.version)
+        # Nothing is sent to workers to load what none could: an alias move or a
+        # deployment to the tampered version is refused, naming it.
+        with pytest.raises(DataLossError, match=f"digits:{bad.version}"):
+            await registry.set_deployment("digits", version=bad.version)
+        with pytest.raises(DataLossError, match=f"digits:{bad.version}"):
+            await registry.set_alias("digits", "tampered", bad.version)
+        await registry.set_alias("digits", "tampered", good.version)
+        with pytest.raises(DataLossError, match=f"digits:{bad.version}"):
+            await registry.set_alias("digits", "tampered", bad.version)
         await registry.set_deployment("digits", version=good.version)
         async with AsyncGatewayClient(address) as client:
             for _ in range(600):
@@ -127,7 +133,6 @@ async def test_a_flipped_byte_in_the_store_is_detected_and_never_loaded(
             else:
                 raise AssertionError(f"digits:{good.version} was never loaded")
             assert ("digits", bad.version) not in loaded
-        # Operators see it: deployed, and not served.
         listed = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).with_name("tensorgate")),
             "models",
@@ -138,10 +143,10 @@ async def test_a_flipped_byte_in_the_store_is_detected_and_never_loaded(
         )
         out, _ = await listed.communicate()
         served = {row.split("\t")[0]: row.split("\t")[3] for row in out.decode().splitlines()}
-        assert served[f"digits:{bad.version}"] == "no", served
+        assert f"digits:{bad.version}" not in served, served
         assert served[f"digits:{good.version}"] == "yes", served
-        await registry.delete_deployment("digits", version=bad.version)
         await registry.delete_deployment("digits", version=good.version)
+        await registry.delete_alias("digits", "tampered")
 
 
 async def test_concurrent_alias_moves_with_compare_and_set(
