@@ -136,26 +136,42 @@ class BenchStack:
                 )
 
     async def _wait_ready(self, timeout: float) -> None:
-        """Until the gateway lists every model (the worker has loaded them all and the
-        gateway has refreshed its view of it) and both hops listen."""
+        """Until both gateways list every model (the worker has loaded them all and each
+        gateway has its view of it; a gateway that started before the worker listened
+        may wait out its channel's reconnect backoff) and both hops listen."""
         deadline = time.monotonic() + timeout
-        listed: set[str] = set()
-        async with grpc.aio.insecure_channel(self.address("gateway")) as channel:
-            stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
-            while time.monotonic() < deadline:
-                self._check_alive()
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    response = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2)
-                    listed = {m.name for m in response.models}
-                    if listed >= set(MODELS) and await self._hops_listen():
-                        return
-                await asyncio.sleep(0.5)
+        listed: dict[str, set[str]] = {}
+        while time.monotonic() < deadline:
+            self._check_alive()
+            for name in ("gateway", "gateway-keys"):
+                listed[name] = await self._listed(name)
+            if all(models >= set(MODELS) for models in listed.values()) and (
+                await self._hops_listen()
+            ):
+                return
+            await asyncio.sleep(0.5)
         raise TimeoutError(
-            f"not ready within {timeout}s (gateway lists {sorted(listed)}); logs in {self.work_dir}"
+            f"not ready within {timeout}s (gateways list {listed}); logs in {self.work_dir}"
         )
 
+    async def _listed(self, name: str) -> set[str]:
+        metadata: tuple[tuple[str, str], ...] = ()
+        if name == "gateway-keys":
+            if not self.admin_key_file.is_file():
+                return set()
+            metadata = (("authorization", f"Bearer {self.admin_key_file.read_text().strip()}"),)
+        async with grpc.aio.insecure_channel(self.address(name)) as channel:
+            stub = gateway_pb2_grpc.InferenceGatewayStub(channel)
+            try:
+                response = await stub.ListModels(
+                    inference_pb2.ListModelsRequest(), timeout=2, metadata=metadata
+                )
+            except grpc.aio.AioRpcError:
+                return set()
+        return {m.name for m in response.models}
+
     async def _hops_listen(self) -> bool:
-        for name in ("hop-a", "hop-b", "gateway-keys"):
+        for name in ("hop-a", "hop-b"):
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.ports[name])
             except OSError:
