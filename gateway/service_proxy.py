@@ -54,6 +54,31 @@ def _forwarded_metadata() -> tuple[tuple[str, str | bytes], ...]:
     return tuple(own)
 
 
+async def _pump(requests: AsyncIterator[bytes], upstream: Any) -> None:
+    """Writes the caller's messages upstream until they end (then half-closes) or the
+    service behind ends the call: a caller gone quiet (a stalled upload the registry
+    gave up on) hears the service's status at once, not when it next sends."""
+    ended = asyncio.Event()
+    upstream.add_done_callback(lambda _: ended.set())
+    upstream_done = asyncio.ensure_future(ended.wait())
+    try:
+        while True:
+            message = asyncio.ensure_future(anext(requests, None))
+            await asyncio.wait({message, upstream_done}, return_when=asyncio.FIRST_COMPLETED)
+            if not message.done():
+                message.cancel()
+                with contextlib.suppress(BaseException):
+                    await message
+                return  # the service behind ended the call: its status says why
+            chunk = message.result()
+            if chunk is None:
+                await upstream.done_writing()
+                return
+            await upstream.write(chunk)
+    finally:
+        upstream_done.cancel()
+
+
 class ServiceProxy:
     """Forwards one service's calls over a long-lived channel to where it runs."""
 
@@ -137,9 +162,7 @@ class ServiceProxy:
                         # Not accepted: the service behind refused, and ended the call.
                         if is_accepted(await upstream.initial_metadata()):
                             await context.send_initial_metadata(ACCEPTED)
-                            async for message in requests:
-                                await upstream.write(message)
-                            await upstream.done_writing()
+                            await _pump(requests, upstream)
                 response: bytes = await upstream
             except grpc.aio.AioRpcError as exc:
                 raise upstream_error(exc, self._subject) from exc

@@ -18,6 +18,8 @@ from tensorgate.errors import FailedPreconditionError
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 from tensorgate.registry_client import AsyncRegistryClient
 
+from gateway.server import start_gateway
+from gateway.settings import GatewaySettings
 from services.registry.server import start_registry
 from services.registry.settings import RegistrySettings
 from tests.conftest import RegistryStack
@@ -191,6 +193,15 @@ async def test_a_stalled_upload_is_abandoned_and_frees_its_slot(tmp_path: Path) 
         format="triton-python",
         config_pbtxt=CONFIG,
     )
+    gateway = await start_gateway(
+        GatewaySettings(
+            allow_anonymous=True,
+            workers=("127.0.0.1:1",),
+            registry=registry.address,
+            metrics_port=0,
+            drain_seconds=0.0,
+        )
+    )
     try:
         async with AsyncRegistryClient(registry.address) as client:
             await client.create_model("digits", task="infer")
@@ -209,9 +220,18 @@ async def test_a_stalled_upload_is_abandoned_and_frees_its_slot(tmp_path: Path) 
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
             code, details = await _status(held)
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "sent nothing" in details
+        # Through the gateway, the stalled caller hears the registry's status when the
+        # registry gives up, not at its own deadline (which says "Deadline Exceeded").
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+            held = stub.UploadVersion(stalled(), timeout=20)
+            await held.initial_metadata()
+            code, details = await _status(held)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "sent nothing" in details
         async with AsyncRegistryClient(registry.address) as client:
             folder = REPO / "models" / "repository" / "digits"
             assert (await client.upload("digits", folder)).version == 1
         assert [p for p in (tmp_path / "artifacts" / "tmp").rglob("*") if p.is_file()] == []
     finally:
+        await gateway.stop()
         await registry.stop()
