@@ -84,13 +84,7 @@ async def rollback_alias(
             f"{_named(model, alias)} points at version {current.version}, not "
             f"{expected_version}: someone moved it since (see its history)"
         )
-    query = (
-        select(alias_moves)
-        .where(alias_moves.c.model == model, alias_moves.c.alias == alias)
-        .order_by(alias_moves.c.revision.desc())
-        .limit(1)
-    )
-    last = (await connection.execute(query)).one()
+    last = await _last_move(connection, model, alias)
     if last.from_version == 0:
         raise FailedPrecondition(
             f"{_named(model, alias)} has no earlier version to roll back to: "
@@ -104,6 +98,24 @@ async def rollback_alias(
     return await _move(
         change, model, alias, current.version, last.from_version, reason, actor, rollback=True
     )
+
+
+async def _last_move(connection: AsyncConnection, model: str, alias: str) -> Any:
+    query = (
+        select(alias_moves)
+        .where(alias_moves.c.model == model, alias_moves.c.alias == alias)
+        .order_by(alias_moves.c.revision.desc())
+        .limit(1)
+    )
+    return (await connection.execute(query)).one()
+
+
+async def rollback_target(connection: AsyncConnection, model: str, alias: str) -> int | None:
+    """The version a rollback of `model@alias` would point it at now (None: none)."""
+    if await find_alias(connection, model, alias) is None:
+        return None
+    last = await _last_move(connection, model, alias)
+    return int(last.from_version) or None
 
 
 async def delete_alias(change: Change, model: str, alias: str, *, reason: str, actor: str) -> None:

@@ -241,6 +241,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         calls.note(model=f"{request.model}@{request.alias}")
         check.alias(request.model, request.alias, request.reason)
         expected = request.expected_version if request.HasField("expected_version") else None
+        target = await self._store.rollback_target(request.model, request.alias)
+        if target is not None:
+            await self._require_intact(request.model, target)
         return await self._store.rollback_alias(
             request.model,
             request.alias,

@@ -336,6 +336,10 @@ class RegistryStore:
                 change, model, alias, expected_version=expected_version, reason=reason, actor=actor
             )
 
+    async def rollback_target(self, model: str, alias: str) -> int | None:
+        async with self._database.read() as connection:
+            return await alias_ops.rollback_target(connection, model, alias)
+
     async def delete_alias(self, model: str, alias: str, *, reason: str, actor: str) -> None:
         async with self._change(actor) as change:
             await alias_ops.delete_alias(change, model, alias, reason=reason, actor=actor)

@@ -105,6 +105,9 @@ async def test_a_flipped_byte_in_the_store_is_detected_and_never_loaded(
     async with AsyncRegistryClient(address) as registry:
         bad = await registry.upload("digits", _digits_copy(tmp_path, os.urandom(8)))
         good = await registry.upload("digits", _digits_copy(tmp_path, os.urandom(8)))
+        # Before the bytes go bad: an alias whose rollback would lead to them.
+        await registry.set_alias("digits", "rolled", bad.version)
+        await registry.set_alias("digits", "rolled", good.version)
         sha = bad.artifact.sha256
         blob = next(p for p in _stored_files(registry_stack) if p.name == sha)
         data = bytearray(blob.read_bytes())
@@ -147,6 +150,12 @@ async def test_a_flipped_byte_in_the_store_is_detected_and_never_loaded(
         assert served[f"digits:{good.version}"] == "yes", served
         await registry.delete_deployment("digits", version=good.version)
         await registry.delete_alias("digits", "tampered")
+        with pytest.raises(DataLossError, match=f"digits:{bad.version}"):
+            await registry.rollback_alias("digits", "rolled")
+        assert next(
+            a for a in await registry.list_aliases("digits") if a.name == "rolled"
+        ).version == (good.version)
+        await registry.delete_alias("digits", "rolled")
 
 
 async def test_concurrent_alias_moves_with_compare_and_set(
