@@ -113,8 +113,8 @@ def rollback(
     expect: Annotated[
         int | None,
         typer.Option(
-            help="roll back only if the alias points at this version now, so two rollbacks "
-            "at once cannot undo each other"
+            help="roll back only if the alias points at this version now (default: the "
+            "version it points at when the command starts)"
         ),
     ] = None,
     address: Address = DEFAULT_ADDRESS,
@@ -122,13 +122,19 @@ def rollback(
 ) -> None:
     """Point an alias back where it pointed before its last move."""
 
-    moved = with_registry(
-        address,
-        api_key,
-        lambda registry: registry.rollback_alias(
-            name, alias_name, reason=reason, expected_version=expect
-        ),
-    )
+    async def roll_back(registry: AsyncRegistryClient) -> registry_pb2.Alias:
+        expected = expect
+        if expected is None:
+            # Pinned to what the alias points at now, a rollback run twice (a retry, or
+            # two people at once) moves it once: the second is refused, naming where it
+            # points, instead of rolling the first one back.
+            current = [a for a in await registry.list_aliases(name) if a.name == alias_name]
+            expected = current[0].version if current else None
+        return await registry.rollback_alias(
+            name, alias_name, reason=reason, expected_version=expected
+        )
+
+    moved = with_registry(address, api_key, roll_back)
     output.result(
         f"{moved.model}@{moved.name} -> {moved.version} (rolled back)",
         (f"{moved.model}@{moved.name}", str(moved.version)),

@@ -16,8 +16,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from tensorgate.errors import FailedPreconditionError
 from tensorgate.model_folder import file_sha256, pack
+from tensorgate.registry.v1.registry_pb2 import Alias
+from tensorgate.registry_client import AsyncRegistryClient
+from typer.testing import CliRunner
 
+from launcher.cli import app
 from services.registry.server import Registry, start_registry
 from services.registry.settings import RegistrySettings
 
@@ -179,3 +184,35 @@ async def test_deployments_and_downloads(registry: Registry, tmp_path: Path) -> 
     _failed(await tensorgate(registry, "models", "download", "tiny:9", tmp_path / "x"), 1)
     assert not (tmp_path / "x").exists()
     _failed(await tensorgate(registry, "models", "deploy", "tiny@"), 2, "alias")
+
+
+async def test_a_rollback_is_pinned_to_where_the_alias_pointed_when_it_started(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another operator's rollback lands between the command reading the alias and
+    # rolling it back: the command must be refused, not roll the other one back.
+    async with AsyncRegistryClient(registry.address) as client:
+        await client.create_model("pinned", task="infer")
+        for _ in range(2):
+            await client.upload("pinned", DIGITS)
+        await client.set_alias("pinned", "production", 1)
+        await client.set_alias("pinned", "production", 2)
+
+    listed = AsyncRegistryClient.list_aliases
+
+    async def list_then_race(self: AsyncRegistryClient, model: str = "") -> list[Alias]:
+        seen = await listed(self, model)
+        await self.rollback_alias("pinned", "production", reason="the other operator")
+        return seen
+
+    monkeypatch.setattr(AsyncRegistryClient, "list_aliases", list_then_race)
+    args = ["models", "rollback", "pinned", "production", "--address", registry.address]
+    # In a thread: the CLI runs its own event loop, and the registry serves on this one.
+    ran = await asyncio.to_thread(CliRunner().invoke, app, args)
+    # (launcher.cli.main turns this into its one `error:` line and exit 1.)
+    assert isinstance(ran.exception, FailedPreconditionError), ran
+    assert "points at version 1, not 2" in str(ran.exception)
+    monkeypatch.undo()
+    async with AsyncRegistryClient(registry.address) as client:
+        history = await client.get_alias_history("pinned", "production")
+    assert [(m.from_version, m.to_version) for m in history] == [(0, 1), (1, 2), (2, 1)]
