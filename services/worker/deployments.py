@@ -72,6 +72,7 @@ class DeploymentSync:
             download=download,
             retire_seconds=settings.retire_seconds,
             retire_max_seconds=settings.retire_max_seconds,
+            rejected_retry_seconds=settings.rejected_retry_seconds,
         )
         return cls(channel, loader)
 

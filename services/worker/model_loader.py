@@ -67,8 +67,7 @@ class _Loaded:
 @dataclass(frozen=True)
 class _Failure:
     attempts: int
-    # When to try again (event-loop time); None: not while this version stays wanted.
-    retry_at: float | None
+    retry_at: float  # when to try again (event-loop time)
 
 
 class ModelLoader:
@@ -85,6 +84,7 @@ class ModelLoader:
         retire_seconds: float,
         retire_max_seconds: float = 300.0,
         max_retry_seconds: float = 60.0,
+        rejected_retry_seconds: float = 300.0,
     ) -> None:
         self._triton = triton
         self._catalog = catalog
@@ -94,6 +94,7 @@ class ModelLoader:
         self._retire_seconds = retire_seconds
         self._retire_max = max(retire_seconds, retire_max_seconds)
         self._max_retry = max_retry_seconds
+        self._rejected_retry = rejected_retry_seconds
         self._loaded: dict[VersionKey, _Loaded] = {}
         self._failed: dict[VersionKey, _Failure] = {}
         self._retiring: dict[VersionKey, asyncio.Task[None]] = {}
@@ -170,9 +171,7 @@ class ModelLoader:
         if loaded is not None and loaded.instances == want.instances:
             return False
         failure = self._failed.get(want.key)
-        if failure is None:
-            return True
-        return failure.retry_at is not None and failure.retry_at <= _now()
+        return failure is None or failure.retry_at <= _now()
 
     async def _load(self, want: WantedVersion) -> None:
         version, label = want.version, want.label
@@ -198,9 +197,17 @@ class ModelLoader:
             await self._triton.load_model(name)
             config = await self._triton.model_config(name, TRITON_VERSION)
         except ArtifactRejected as exc:
-            self._failed[want.key] = _Failure(attempts=1, retry_at=None)
+            # Bytes that went bad in the registry's store can be healed there (an upload
+            # of the same bytes replaces them), so they are fetched again, but seldom:
+            # each try moves the whole artifact.
+            attempts = self._failed[want.key].attempts + 1 if want.key in self._failed else 1
+            self._failed[want.key] = _Failure(attempts, _now() + self._rejected_retry)
             log.error(
-                "artifact rejected; this version is not loaded", version=label, reason=str(exc)
+                "artifact rejected; this version is not loaded",
+                version=label,
+                reason=str(exc),
+                attempts=attempts,
+                retry_in_s=self._rejected_retry,
             )
             return
         except Exception as exc:
@@ -290,7 +297,7 @@ class ModelLoader:
         self._cache.discard({want.version.artifact.sha256 for want in wanted.values()})
 
     def _next_retry(self) -> float | None:
-        due = [f.retry_at for f in self._failed.values() if f.retry_at is not None]
+        due = [f.retry_at for f in self._failed.values()]
         return max(0.0, min(due) - _now()) if due else None
 
 

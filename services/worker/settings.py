@@ -82,6 +82,11 @@ class WorkerSettings(ServiceSettings):
         description="with --registry, a replaced version is let go once its replacement is "
         "ready and it has had no call for this long, so every gateway has switched first",
     )
+    rejected_retry_seconds: PositiveDuration = Field(
+        300.0,
+        description="with --registry, a version whose artifact failed its sha256 check is "
+        "fetched again this often (its bytes may be repaired in the registry meanwhile)",
+    )
     retire_max_seconds: Duration = Field(
         300.0,
         description="with --registry, a replaced version still called (by name:version, or "

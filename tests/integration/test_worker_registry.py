@@ -291,5 +291,22 @@ async def test_a_restarted_worker_is_serving_with_what_it_could_load(setup: Setu
     assert [f"{m.name}:{m.version}" for m in listing.models] == ["scale:2"]
 
 
+async def test_a_rejected_version_is_loaded_once_its_bytes_are_repaired(setup: Setup) -> None:
+    # scale:3's stored bytes are still corrupt (above). Uploading the same bytes again
+    # heals the registry's blob; the worker fetches a rejected artifact again later.
+    assert setup.worker is not None
+    await setup.worker.stop()
+    setup.worker = None
+    settings = worker_settings(setup.registry, setup.data_dir / "worker")
+    setup.worker = await start_worker(settings.model_copy(update={"rejected_retry_seconds": 0.5}))
+    async with grpc.aio.insecure_channel(setup.worker.address) as channel:
+        stub = worker_pb2_grpc.InferenceWorkerStub(channel)
+        assert await wait_for_list(stub, lambda labels: labels == ["scale:2"]) == ["scale:2"]
+        healed = await setup.client.upload("scale", setup.data_dir / "folders" / "scale3")
+        assert healed.artifact.sha256 == setup.versions[3]
+        await wait_for_list(stub, lambda labels: "scale:3" in labels)
+        assert await scale(stub, "scale:3") == [3.0, 6.0]
+
+
 def _is_error(line: Mapping[str, Any]) -> bool:
     return line.get("log_level") == "error"

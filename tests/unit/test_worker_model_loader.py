@@ -88,7 +88,11 @@ class Registry:
 
 class World:
     def __init__(
-        self, tmp_path: Path, retire_seconds: float = 0.2, retire_max_seconds: float = 300.0
+        self,
+        tmp_path: Path,
+        retire_seconds: float = 0.2,
+        retire_max_seconds: float = 300.0,
+        rejected_retry_seconds: float = 300.0,
     ) -> None:
         self.repository = ModelRepository(tmp_path / "repo")
         self.triton = FakeTriton(tmp_path / "repo")
@@ -103,6 +107,7 @@ class World:
             download=self.registry.download,
             retire_seconds=retire_seconds,
             retire_max_seconds=retire_max_seconds,
+            rejected_retry_seconds=rejected_retry_seconds,
         )
 
     def want(self, *versions: tuple[str, int], instances: int = 1) -> None:
@@ -179,34 +184,34 @@ async def test_a_replaced_version_called_forever_goes_at_retire_max(tmp_path: Pa
     assert world.served() == ["m:2"]
 
 
-async def test_a_tampered_artifact_is_not_loaded_nor_retried_and_the_old_one_stays(
+async def test_a_tampered_artifact_is_not_loaded_and_is_fetched_again_only_later(
     tmp_path: Path,
 ) -> None:
-    world = World(tmp_path, retire_seconds=0.0)
+    world = World(tmp_path, retire_seconds=0.0, rejected_retry_seconds=0.5)
     world.want(("m", 1))
     await world.reconcile()
     world.want(("m", 2))
     world.registry.tampered.add(("m", 2))
     with structlog.testing.capture_logs() as logs:
-        assert await world.reconcile() is None
-        await world.reconcile()
+        retry_in = await world.reconcile()
+        assert retry_in is not None and 0.3 < retry_in <= 0.5
+        await world.reconcile()  # not due yet
         await asyncio.sleep(0.05)
     assert world.served() == ["m:1"]  # still serving what it had
     assert world.repository.names() == ["m__v1"]  # nothing written for the bad one
-    assert world.registry.downloads == [("m", 1), ("m", 2)]  # not retried
+    assert world.registry.downloads == [("m", 1), ("m", 2)]  # not fetched again yet
     (error,) = [line for line in logs if line["log_level"] == "error"]
-    assert error["version"] == "m:2"
+    assert error["version"] == "m:2" and error["retry_in_s"] == 0.5
     sha = world.wanted[("m", 2)].version.artifact.sha256
     assert sha in error["reason"] and "received" in error["reason"]
 
-    # Once it is no longer wanted and wanted again (fixed in the registry), it is retried.
+    # Repaired in the registry meanwhile: the next try loads it.
     world.registry.tampered.clear()
-    world.want(("m", 1))
-    await world.reconcile()
-    world.want(("m", 2))
-    await world.reconcile()
+    await asyncio.sleep(0.5)
+    assert await world.reconcile() is None
     await asyncio.sleep(0.05)
     assert world.served() == ["m:2"]
+    assert world.registry.downloads == [("m", 1), ("m", 2), ("m", 2)]
 
 
 async def test_a_failed_load_is_retried_with_backoff(
