@@ -5,6 +5,7 @@ stand beside `LocalArtifactStore`, which keeps blobs as files under a root folde
 
     root/tmp/upload-*.part        uploads in progress (removed on abort and at start)
     root/sha256/ab/ab12...ef      committed blobs, named by the sha256 of their bytes
+    root/registry.lock            held (flock, shared) by every registry using the store
 
 A blob appears under sha256/ only by an atomic rename after its size and hash were
 checked and its bytes fsynced, so a reader never sees a partial or unverified blob.
@@ -15,10 +16,12 @@ worker must never load bytes that are not the ones registered.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +44,10 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # stalls only ~0.1-0.3 ms, so chunks up to this size are done inline.
 _INLINE_MAX_BYTES = 256 * 1024
 _READ_BLOCK = 1024 * 1024
+# With another registry on the same store, a temp file or an unreferenced blob may be
+# its upload in progress (between the blob's rename and the version's commit), so only
+# what nobody touched for this long is taken for a crash's leftovers.
+_ORPHAN_AGE_S = 3600.0
 
 
 class ArtifactWriter(Protocol):
@@ -92,6 +99,10 @@ class ArtifactStore(Protocol):
         """Deletes a blob no version references (an upload refused after its bytes landed)."""
         ...
 
+    def close(self) -> None:
+        """Lets go of what this registry holds on the store (after the last call)."""
+        ...
+
 
 def check_sha256(sha256: str) -> str:
     """`sha256` as the store names blobs (64 lowercase hex), or InvalidArgument("sha256")."""
@@ -110,6 +121,7 @@ class LocalArtifactStore:
         self._blobs = root / "sha256"
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._blobs.mkdir(parents=True, exist_ok=True)
+        self._hold: IO[bytes] | None = None
 
     def blob_path(self, sha256: str) -> Path:
         name = check_sha256(sha256)
@@ -155,27 +167,51 @@ class LocalArtifactStore:
         await asyncio.to_thread(self.blob_path(sha256).unlink, missing_ok=True)
 
     async def collect_garbage(self, referenced: set[str]) -> int:
-        """Call at start, before serving: an upload in progress counts as garbage here."""
+        """Call once at start, before serving; it also takes this registry's hold on the
+        store, kept until `close`. Alone on the store, every temp file and unreferenced
+        blob goes; beside another registry, only those untouched for an hour."""
         keep = {name.lower() for name in referenced}
         return await asyncio.to_thread(self._collect_garbage, keep)
 
+    def close(self) -> None:
+        """Lets go of this registry's hold on the store."""
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+
     def _collect_garbage(self, keep: set[str]) -> int:
+        alone = self._take_hold()
+        if not alone:
+            log.info("another registry uses this artifact store; sweeping only old leftovers")
+        cutoff = time.time() - _ORPHAN_AGE_S if not alone else None
         removed = 0
         for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
+            removed += _remove_if_older(leftover, cutoff)
         for shard in self._blobs.iterdir():
             if not shard.is_dir():
-                shard.unlink()
-                removed += 1
+                removed += _remove_if_older(shard, cutoff)
                 continue
             for blob in shard.iterdir():
                 if blob.name not in keep:
-                    blob.unlink(missing_ok=True)
-                    removed += 1
-            if not any(shard.iterdir()):
+                    removed += _remove_if_older(blob, cutoff)
+            # Beside another registry an empty shard stays: it may be installing into it.
+            if alone and not any(shard.iterdir()):
                 shard.rmdir()
         return removed
+
+    def _take_hold(self) -> bool:
+        """Holds the store's lock shared; True if no other registry held it (blocking)."""
+        if self._hold is None:
+            self._hold = (self.root / "registry.lock").open("a+b")
+        hold = self._hold
+        try:
+            fcntl.flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            alone = False
+        # Shared from here on: exclusive only told us whether anyone else was there.
+        fcntl.flock(hold, fcntl.LOCK_SH)
+        return alone
 
     def _install(self, temp: Path, sha256: str) -> None:
         """Moves a checked, fsynced temp file to its blob path (blocking)."""
@@ -183,8 +219,10 @@ class LocalArtifactStore:
         shard_is_new = not target.parent.exists()
         target.parent.mkdir(exist_ok=True)
         if target.exists() and _blob_is_intact(target):
-            # Same name, same bytes: keep the stored one.
+            # Same name, same bytes: keep the stored one, touched, so that another
+            # registry's sweep does not take it for an old leftover before our commit.
             temp.unlink()
+            os.utime(target)
             return
         if target.exists():
             # A re-upload of the same bytes heals a blob that went bad in the store.
@@ -321,3 +359,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_if_older(path: Path, cutoff: float | None) -> int:
+    """Removes `path` if it was last written before `cutoff` (None: in any case)."""
+    try:
+        if cutoff is not None and path.stat().st_mtime >= cutoff:
+            return 0
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1

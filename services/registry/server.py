@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -22,19 +23,29 @@ log = structlog.get_logger("tensorgate.registry")
 SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 
 
+@dataclass
 class Registry(StoredService[RegistryStore]):
-    """A running registry: its gRPC service over its store."""
+    """A running registry: its gRPC service over its store and its artifacts."""
+
+    artifacts: LocalArtifactStore
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            self.artifacts.close()
 
 
 async def start_registry(settings: RegistrySettings) -> Registry:
     """Opens (and migrates) the store, sweeps unreferenced artifacts, starts serving."""
     url = database_url(settings.database_url.get_secret_value(), settings.data_dir, "registry")
+    artifacts = LocalArtifactStore(settings.artifacts_path)
     store = await RegistryStore.open(url)
     try:
-        artifacts = LocalArtifactStore(settings.artifacts_path)
         # An upload whose version was never committed (a crash between storing the bytes
         # and the database row) left a blob no version names: nothing can see it, and
-        # it goes here, before any new upload could be racing with the sweep.
+        # it goes here, before any upload of ours could be racing with the sweep (one
+        # of another registry on the same store is left alone: see collect_garbage).
         swept = await artifacts.collect_garbage(await store.referenced_artifacts())
         if swept:
             log.info("removed unreferenced artifacts", count=swept)
@@ -55,9 +66,10 @@ async def start_registry(settings: RegistrySettings) -> Registry:
         await service.start()
     except BaseException:
         await store.close()
+        artifacts.close()
         raise
     log.info("registry ready", revision=await store.current_revision())
-    return Registry(service=service, store=store)
+    return Registry(service=service, store=store, artifacts=artifacts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -180,7 +181,38 @@ async def test_garbage_collection_keeps_only_referenced_blobs(tmp_path: Path) ->
 
     removed = await store.collect_garbage({sha(SMALL).upper()})
     assert removed == 4  # the temp file, two blobs, the stray file
-    assert files(tmp_path) == [f"sha256/{sha(SMALL)[:2]}/{sha(SMALL)}"]
+    assert files(tmp_path) == ["registry.lock", f"sha256/{sha(SMALL)[:2]}/{sha(SMALL)}"]
     assert sorted(p.name for p in (tmp_path / "sha256").iterdir()) == [sha(SMALL)[:2]]
     assert await store.collect_garbage({sha(SMALL)}) == 0
     await abandoned.abort()
+    store.close()
+
+
+async def test_beside_another_registry_only_old_leftovers_are_swept(tmp_path: Path) -> None:
+    # The first registry on the store holds it; a second one starting must not take
+    # the first's upload in progress (a temp file, or a blob not yet committed) for a
+    # crash's leftovers, only what nobody touched for an hour.
+    first = LocalArtifactStore(tmp_path)
+    assert await first.collect_garbage(set()) == 0
+    uploading = first.writer(max_bytes=1 << 30)
+    await uploading.write(SMALL)
+    await store_bytes(first, LARGE)  # renamed into place, its version not committed yet
+    await store_bytes(first, b"old")
+    long_ago = time.time() - 2 * 3600
+    old = sha(b"old")
+    os.utime(first.blob_path(old), (long_ago, long_ago))
+
+    second = LocalArtifactStore(tmp_path)
+    assert await second.collect_garbage(set()) == 1
+    assert not first.blob_path(old).exists()
+    assert first.blob_path(sha(LARGE)).exists()
+    assert len(list((tmp_path / "tmp").iterdir())) == 1
+    await uploading.abort()
+
+    # Once both let go, the next registry is alone again and sweeps it all.
+    first.close()
+    second.close()
+    third = LocalArtifactStore(tmp_path)
+    assert await third.collect_garbage(set()) == 1
+    assert files(tmp_path) == ["registry.lock"]
+    third.close()
