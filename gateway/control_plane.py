@@ -112,11 +112,14 @@ class ControlPlane:
         self._ledger = UsageLedger(channel)
         self._ledger.start()
         redis_url = settings.redis_url.get_secret_value()
-        counters = (
-            RedisCounters(redis_url, fail_open=settings.quota_fail_open)
-            if redis_url
-            else InProcessCounters()
-        )
+        counters: InProcessCounters | RedisCounters = InProcessCounters()
+        if redis_url:
+            counters = RedisCounters(redis_url, fail_open=settings.quota_fail_open)
+            try:
+                await counters.check_server()  # Redis 7+, or the gateway does not start
+            except BaseException:
+                await counters.close()
+                raise
         self._gate = QuotaGate(
             counters,
             prices=self._prices.price,

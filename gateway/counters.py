@@ -54,6 +54,8 @@ class Demand:
     tokens: int = 0
     # > 0: the call holds a stream slot, for at most this long if never given back.
     stream_s: float = 0.0
+    # How long the call may run at most: how long a give-back may still come.
+    hold_s: float = 0.0
     # Micro-units; a cap of 0 means none. The seed is what the tenant had spent this
     # month when the counter did not exist yet (from the ledger).
     spend_cap: int = 0

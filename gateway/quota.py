@@ -207,14 +207,15 @@ class QuotaGate:
         kind = type(request)
         remaining = call.remaining()
         call_s = self._max_call_s if remaining is None else max(remaining, 0.0)
+        # A slot a dead gateway never gave back frees itself a little after the call's
+        # deadline would have ended the stream anyway.
+        hold_s = min(call_s + 1.0, self._max_stream_s)
         if kind is _GENERATE:
             text = request.prompt
             # Its UTF-8 length, without copying an ASCII prompt to count it.
             prompt = len(text) if text.isascii() else len(text.encode())
             completion = max(request.max_tokens, 0)
-            # A slot a dead gateway never gave back frees itself a little after the
-            # call's deadline would have ended the stream anyway.
-            stream_s = min(call_s + 1.0, self._max_stream_s)
+            stream_s = hold_s
         elif kind is _INFER:
             prompt = completion = 0
             stream_s = 0.0
@@ -249,6 +250,7 @@ class QuotaGate:
             tenant_limits=principal.tenant_limits,
             tokens=prompt + completion,
             stream_s=stream_s,
+            hold_s=hold_s,
             spend_cap=_micro_units(cap * MICROS),
             # An answer the auth service gave last month says nothing about this one.
             spend_seed=(

@@ -7,19 +7,29 @@ a Redis Cluster as well. Per scope (a key or its tenant):
   id -> tokens plus `_sum`: the minute window (exact sliding log, one member per call);
 - `...:d:<UTC day>` tokens of the day; `...:c` sorted set, reservation id -> expiry (ms):
   the streams open (a gateway that dies mid-stream leaks its slot only until then);
-and per tenant `...:spend:<UTC month>`, micro-units spent, seeded from the ledger.
+and per tenant `...:spend:<UTC month>`, micro-units spent, seeded from the ledger;
+and per reservation a marker `...:r:<reservation id>` ("1" held, "0" given back).
 Every key has a TTL, so abandoned counters go away by themselves. The windows and the
 stream expiries use Redis's clock (one clock for all replicas); the UTC day and month
 are the gateway's.
 
-A reservation whose answer never came (a timeout, a cancelled call) may have been made
-all the same; it is then bounded like a dead gateway's: out of the minute window within
-60 s, its stream slot free at its expiry, only the day and spend counters keep it.
+The marker makes every give-back exactly-once. A reservation whose answer never came
+(a timeout, a cancelled caller) may or may not have been made, and may still be made
+later (the script can sit in Redis's input buffer behind a slow command): its give-back
+then finds the marker held (gives back, once), or finds none and leaves a "0" behind, so
+a reservation that lands after its give-back reserves nothing. Settles use the marker
+too, so a settle sent again after a timeout never counts twice. Such give-backs are
+tried again in the background a few times, `recheck_s` apart.
 
 Redis unreachable or failing: calls are refused with UNAVAILABLE, or with `fail_open`
 admitted and counted in this process instead. Either way the switch is logged once, as
 is the way back, and Redis is asked again at most every `recheck_s` meanwhile rather
-than each call waiting out a timeout.
+than each call waiting out a timeout. A full connection pool is not Redis failing but
+this gateway overloaded: that call alone is refused (RESOURCE_EXHAUSTED, retry shortly)
+and Redis is not taken for down.
+
+Redis 7.0 or newer is required (the scripts use `EXPIRE ... NX`); `check_server` says so
+at start, before any call is served.
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.counters import (
     CONCURRENT_STREAMS,
@@ -51,21 +63,34 @@ from gateway.counters import (
     UtcCalendar,
     over_quota,
 )
-from services.runtime.errors import Unavailable
+from services.runtime.errors import ResourceExhausted, Unavailable
 
 log = structlog.get_logger("tensorgate.quota")
 
 _QUOTAS = (REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE, TOKENS_PER_DAY, CONCURRENT_STREAMS)
 _DAY_TTL_S = 2 * 86400
 _MONTH_GRACE_S = 86400
+# A marker outlives its call by this much: a give-back comes after the call ends, and a
+# reservation that timed out may still land a while later.
+_MARKER_GRACE_MS = 60_000
+# Background give-backs (after a timeout, or a failed settle) are tried this many times.
+_GIVE_BACK_TRIES = 3
+# At most this many wait in the background; past it they are counted as lost.
+_MAX_PENDING_GIVE_BACKS = 10_000
+MIN_REDIS_VERSION = (7, 0)
+# Refused when the gateway's own connection pool stays full: local overload, not an outage.
+OVERLOADED = "quota_store_connections"
 
 # KEYS: scope 1 (the key) then scope 2 (the tenant), 4 each: window zset, window hash,
-#   day counter, stream zset; KEYS[9] the tenant's spend this month.
+#   day counter, stream zset; KEYS[9] the tenant's spend this month; KEYS[10] the marker.
 # ARGV: rid, tokens, stream ms (0: not a stream), day ttl s, then the limits rpm, tpm,
-#   tpd, streams of scope 1 and of scope 2 (5..12), spend cap, seed, cost, month ttl s.
-# Returns {1} when all is reserved, else {0, scope (1 key, 2 tenant, 3 spend),
-#   quota (1..4 as _QUOTAS, 5 spend), used, retry ms (-1: the gateway knows)}.
+#   tpd, streams of scope 1 and of scope 2 (5..12), spend cap, seed, cost, month ttl s,
+#   marker ttl ms (17).
+# Returns {1} when all is reserved, {2} when given back before it ran (nothing done),
+#   else {0, scope (1 key, 2 tenant, 3 spend), quota (1..4 as _QUOTAS, 5 spend), used,
+#   retry ms (-1: the gateway knows)}.
 _RESERVE = """
+if redis.call('EXISTS', KEYS[10]) == 1 then return {2} end
 local WINDOW = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -164,13 +189,28 @@ if cap > 0 then
     redis.call('SET', KEYS[9], int(tonumber(ARGV[14]) + cost), 'EX', ARGV[16])
   end
 end
+redis.call('SET', KEYS[10], '1', 'PX', ARGV[17])
 return {1}
 """
 
 # KEYS as _RESERVE. ARGV: rid, tokens, tokens delta, cost delta, then per scope whether
-# it holds a window entry, day tokens, a stream (5..10), and whether spend was reserved.
-# A counter that has expired meanwhile is left alone, never recreated.
+# it holds a window entry, day tokens, a stream (5..10), whether spend was reserved (11),
+# whether the reservation is known to have been made (12), marker ttl ms (13).
+# Only a held marker is settled, once. A counter that has expired meanwhile is left
+# alone, never recreated. Returns 1 if it settled, 0 if there was nothing to settle.
 _SETTLE = """
+local mark = redis.call('GET', KEYS[10])
+if mark ~= '1' then
+  -- Not made (yet), given back already, or its marker expired. A reservation whose
+  -- answer never came may still land: the "0" makes it reserve nothing.
+  if not mark and ARGV[12] == '0' then redis.call('SET', KEYS[10], '0', 'PX', ARGV[13]) end
+  return 0
+end
+if ARGV[12] == '1' then
+  redis.call('DEL', KEYS[10])
+else
+  redis.call('SET', KEYS[10], '0', 'PX', ARGV[13])
+end
 local rid, tokens = ARGV[1], tonumber(ARGV[2])
 local function int(x) return string.format('%d', x) end
 for s = 1, 2 do
@@ -194,8 +234,29 @@ return 1
 """
 
 
+def pool_exhausted(exc: BaseException) -> bool:
+    """Whether `exc` is redis-py's BlockingConnectionPool timing out on a free connection
+    (it has no exception type of its own): nothing was sent, and Redis is not at fault."""
+    return (
+        isinstance(exc, RedisConnectionError)
+        and isinstance(exc.__cause__, asyncio.TimeoutError)
+        and str(exc).startswith("No connection available")
+    )
+
+
+def _may_have_run(exc: BaseException) -> bool:
+    """Whether a script that failed with `exc` may have run in Redis all the same: the
+    answer timed out (the request was sent, or may have been)."""
+    return isinstance(exc, RedisTimeoutError | asyncio.TimeoutError)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """ "7.0.15" -> (7, 0, 15); what is not a number counts as 0."""
+    return tuple(int(part) if part.isdigit() else 0 for part in text.split(".")[:3])
+
+
 class _RedisHold:
-    __slots__ = ("_counters", "_flags", "_keys", "_reserved", "_rid")
+    __slots__ = ("_counters", "_flags", "_keys", "_marker_ms", "_reserved", "_rid", "landed")
 
     def __init__(
         self,
@@ -204,20 +265,39 @@ class _RedisHold:
         keys: list[str],
         flags: list[str],
         reserved: tuple[int, int],
+        marker_ms: int,
     ) -> None:
         self._counters = counters
         self._rid = rid
         self._keys = keys
         self._flags: list[str] | None = flags
         self._reserved = reserved
+        self._marker_ms = marker_ms
+        # False while it is unknown whether the reservation was made (its answer never
+        # came): a settle then also makes sure a late one reserves nothing.
+        self.landed = True
 
-    async def settle(self, tokens: int, cost: int) -> None:
+    def settle_args(self, tokens: int, cost: int) -> list[Any] | None:
+        """The settle script's ARGV, once (None: settled already)."""
         flags, self._flags = self._flags, None
         if flags is None:
-            return  # settled already
+            return None
         reserved_tokens, reserved_cost = self._reserved
-        args = [self._rid, tokens, tokens - reserved_tokens, cost - reserved_cost, *flags]
-        await self._counters.run_settle(self._keys, args)
+        return [
+            *(self._rid, tokens, tokens - reserved_tokens, cost - reserved_cost),
+            *flags,
+            "1" if self.landed else "0",
+            self._marker_ms,
+        ]
+
+    @property
+    def keys(self) -> list[str]:
+        return self._keys
+
+    async def settle(self, tokens: int, cost: int) -> None:
+        args = self.settle_args(tokens, cost)
+        if args is not None:
+            await self._counters.run_settle(self._keys, args)
 
 
 class RedisCounters:
@@ -232,15 +312,18 @@ class RedisCounters:
         connect_timeout_s: float = 0.5,
         timeout_s: float = 1.0,
         max_connections: int = 64,
+        pool_timeout_s: float | None = None,
         recheck_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`timeout_s` bounds one round trip; `pool_timeout_s` (default `timeout_s`) how
+        long a call waits for one of the `max_connections` connections."""
         # No retries inside the client: a script retried after a timeout may already
         # have run, and would then count the call twice.
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_s,
+            timeout=timeout_s if pool_timeout_s is None else pool_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
@@ -256,7 +339,8 @@ class RedisCounters:
         self._recheck_s = recheck_s
         self._down_until = 0.0  # monotonic; Redis is not asked again before
         self._down = False
-        # Settlements of reservations whose callers were cancelled, kept until they finish.
+        # Give-backs running in the background (cancelled callers, timeouts), kept
+        # until they finish.
         self._settling: set[asyncio.Future[None]] = set()
         # Reservation ids must be unique across every store sharing the Redis: a random
         # prefix per store and a counter are, for far less than a uuid4 per call.
@@ -268,8 +352,39 @@ class RedisCounters:
     def fail_open(self) -> bool:
         return self._local is not None
 
+    async def check_server(self) -> None:
+        """Raises RuntimeError, saying what to do, if the Redis answering is older than
+        7.0. A Redis that cannot be reached now is not an error here: calls meanwhile
+        are refused (or counted locally) as for any outage, and the scripts' first
+        answer from an old Redis is an error the log names."""
+        try:
+            info = await self._redis.info("server")
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "quota store unreachable at start; its version is not checked",
+                error=type(exc).__name__,
+            )
+            return
+        version = str(info.get("redis_version", "0"))
+        if parse_version(version) < MIN_REDIS_VERSION:
+            wanted = ".".join(map(str, MIN_REDIS_VERSION))
+            raise RuntimeError(
+                f"the quota store (--redis-url) runs Redis {version}; quota counters need "
+                f"Redis {wanted} or newer: upgrade it, or leave --redis-url unset to count "
+                "in this gateway alone"
+            )
+
     async def close(self) -> None:
+        for task in list(self._settling):
+            task.cancel()
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
         await self._redis.aclose()
+
+    async def given_back(self) -> None:
+        """Waits for the give-backs running in the background (for tests and shutdown)."""
+        while self._settling:
+            await asyncio.gather(*list(self._settling), return_exceptions=True)
 
     async def reserve(self, demand: Demand) -> CounterHold:
         if self._down and time.monotonic() < self._down_until:
@@ -284,9 +399,11 @@ class RedisCounters:
             *(f"{key}w", f"{key}t", f"{key}d:{day}", f"{key}c"),
             *(f"{tenant}w", f"{tenant}t", f"{tenant}d:{day}", f"{tenant}c"),
             f"{tag}spend:{period.month_name}",
+            f"{tag}r:{rid}",
         ]
         kl, tl = demand.key_limits, demand.tenant_limits
         stream_ms = int(demand.stream_s * 1000) if demand.stream_s > 0 else 0
+        marker_ms = max(stream_ms, int(demand.hold_s * 1000)) + _MARKER_GRACE_MS
         args: list[Any] = [
             rid,
             demand.tokens,
@@ -300,6 +417,7 @@ class RedisCounters:
             demand.spend_seed,
             demand.cost,
             int(period.month_end - now) + _MONTH_GRACE_S,
+            marker_ms,
         ]
         flags = []
         for limits in (kl, tl):
@@ -307,33 +425,68 @@ class RedisCounters:
             flags.append("1" if limits.tokens_per_day else "0")
             flags.append("1" if stream_ms and limits.concurrent_streams else "0")
         flags.append("1" if demand.spend_cap else "0")
+        hold = _RedisHold(self, rid, keys, flags, (demand.tokens, demand.cost), marker_ms)
         script = asyncio.ensure_future(self._reserve(keys, args))
         try:
             # Shielded: a caller that goes away mid round trip must not leave what the
             # script may already have reserved (a stream slot, spend) held until it expires.
             reply = await asyncio.shield(script)
         except asyncio.CancelledError:
-            hold = _RedisHold(self, rid, keys, flags, (demand.tokens, demand.cost))
-            script.add_done_callback(partial(self._give_back, hold))
+            script.add_done_callback(partial(self._after_cancel, hold))
             raise
         except (RedisError, OSError) as exc:
+            if pool_exhausted(exc):
+                raise self._overloaded() from None
+            if _may_have_run(exc):
+                self._give_back_later(hold)
             self._went_down(exc)
             return await self._unreachable(demand)
         self._answered()
+        if reply[0] == 2:
+            # Its id's give-back ran first: only a reservation whose caller had already
+            # gone sees this, so this never reaches a caller that is still waiting.
+            raise Unavailable("quota reservation abandoned; retry shortly")
         if reply[0] != 1:
             raise self._refusal(demand, reply, now, period.day_end, period.month_end)
-        return _RedisHold(self, rid, keys, flags, (demand.tokens, demand.cost))
+        return hold
 
-    def _give_back(self, hold: _RedisHold, script: asyncio.Future[Any]) -> None:
-        """Settles, with nothing used, a reservation whose caller was cancelled while the
-        script ran: the request stays counted, the rest (stream slot, tokens, spend) is
-        given back."""
+    def _after_cancel(self, hold: _RedisHold, script: asyncio.Future[Any]) -> None:
+        """Gives back, with nothing used, a reservation whose caller was cancelled while
+        the script ran: the request stays counted, the rest (stream slot, tokens, spend)
+        is given back. A script that failed may have run all the same."""
         if script.cancelled() or script.exception() is not None:
+            error = None if script.cancelled() else script.exception()
+            if error is not None and pool_exhausted(error):
+                return  # never sent
+            self._give_back_later(hold)
+        elif script.result()[0] == 1:
+            self._give_back_later(hold, landed=True)
+
+    def _give_back_later(self, hold: _RedisHold, *, landed: bool = False) -> None:
+        hold.landed = landed
+        args = hold.settle_args(0, 0)
+        if args is not None:
+            self._settle_later(hold.keys, args)
+
+    def _settle_later(self, keys: list[str], args: list[Any]) -> None:
+        if len(self._settling) >= _MAX_PENDING_GIVE_BACKS:
+            self.lost_settlements += 1
             return
-        if script.result()[0] == 1:
-            task = asyncio.ensure_future(hold.settle(0, 0))
-            self._settling.add(task)
-            task.add_done_callback(self._settling.discard)
+        task = asyncio.ensure_future(self._settle_with_retries(keys, args))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_with_retries(self, keys: list[str], args: list[Any]) -> None:
+        # Safe to send again: the marker lets only one of them count.
+        for attempt in range(_GIVE_BACK_TRIES):
+            if attempt:
+                await asyncio.sleep(self._recheck_s)
+            try:
+                await self._settle(keys, args)
+            except (RedisError, OSError):
+                continue
+            return
+        self.lost_settlements += 1
 
     @staticmethod
     def _refusal(
@@ -374,13 +527,23 @@ class RedisCounters:
         try:
             await self._settle(keys, args)
         except (RedisError, OSError) as exc:
-            # Not raised: the call itself went well. What stays reserved is bounded:
-            # the tokens leave the minute window within 60 s, the stream slot at its
-            # expiry; only the day and spend counters keep the reserved upper bound.
-            self.lost_settlements += 1
-            self._went_down(exc)
+            # Not raised: the call itself went well. Tried again in the background (the
+            # marker makes a settle that did run count once); if that fails too, what
+            # stays reserved is bounded: the tokens leave the minute window within 60 s,
+            # the stream slot frees at its expiry, and only the day and spend counters
+            # keep the reserved upper bound.
+            if not pool_exhausted(exc):
+                self._went_down(exc)
+            self._settle_later(keys, args)
             return
         self._answered()
+
+    def _overloaded(self) -> ResourceExhausted:
+        return ResourceExhausted(
+            "this gateway has too many quota checks waiting for the quota store; retry shortly",
+            subject=OVERLOADED,
+            retry_after_s=self._recheck_s,
+        )
 
     async def _unreachable(self, demand: Demand) -> CounterHold:
         if self._local is None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -26,9 +27,9 @@ from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 from tensorgate.inference.v1 import inference_pb2
 
-from gateway.counters import MICROS
+from gateway.counters import MICROS, Demand
 from gateway.quota import Price, QuotaGate, QuotaReservation
-from gateway.redis_counters import RedisCounters
+from gateway.redis_counters import OVERLOADED, RedisCounters, parse_version
 from services.runtime.calls import Call, Limits, Principal, Usage
 from services.runtime.errors import ResourceExhausted, Unavailable
 
@@ -211,7 +212,7 @@ async def test_every_counter_expires_by_itself(
     client = Redis.from_url(redis_url)
     try:
         keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        assert len(keys) == 9
+        assert len(keys) == 10  # the 9 counters and the reservation's marker
         for key in keys:
             assert await client.ttl(key) > 0, key
     finally:
@@ -273,6 +274,7 @@ class PrivateRedis:
     """A redis-server of this test's own, to stop and start again."""
 
     def __init__(self) -> None:
+        self.process_id = 0
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
@@ -285,6 +287,7 @@ class PrivateRedis:
             ],
             stdout=subprocess.DEVNULL,
         )
+        self.process_id = self._process.pid
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -334,7 +337,8 @@ async def test_redis_going_away_and_coming_back(
             else:
                 with pytest.raises(Unavailable):
                     await gate.reserve(call(who), generate())
-            await held.settle(Usage(1, 1))  # lost with Redis, not raised
+            await held.settle(Usage(1, 1))  # not raised; tried again in the background
+            await counters.given_back()
             assert counters.lost_settlements == 1
             private_redis.start()  # empty, and without the scripts: NOSCRIPT, loaded again
             await asyncio.sleep(0.25)
@@ -369,3 +373,160 @@ async def test_a_reserve_cancelled_mid_round_trip_gives_its_stream_slot_back(
                 await reserving
     await asyncio.sleep(0.5)  # the give-backs run once their scripts have answered
     assert len(admitted(await attempt(two_gateways, who, 10, generate()))) == 3
+
+
+def _day_key(prefix: str, scope: str) -> str:
+    return f"{prefix}{{acme}}:{scope}d:{datetime.now(UTC).strftime('%Y-%m-%d')}"
+
+
+async def test_a_reserve_that_timed_out_and_landed_later_is_given_back_once(
+    private_redis: PrivateRedis,
+) -> None:
+    counters = RedisCounters(private_redis.url, timeout_s=0.2, recheck_s=0.3)
+    gate = QuotaGate(counters)
+    who = principal(key=Limits(concurrent_streams=1, tokens_per_day=1000))
+    client = Redis.from_url(private_redis.url)
+    try:
+        first = await gate.reserve(call(who), generate())  # the script loaded, warm
+        assert first is not None
+        await first.settle(Usage(10, 5))
+        # Redis stops answering (a stall, not a crash): the reserve times out with its
+        # script sent, and the script runs once Redis goes on. Whether its give-back
+        # runs before or after it, the slot and the day's tokens end up given back.
+        os.kill(private_redis.process_id, signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable):
+                await gate.reserve(call(who), generate())
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(private_redis.process_id, signal.SIGCONT)
+        await counters.given_back()
+        assert counters.lost_settlements == 0
+        await asyncio.sleep(0.35)  # past recheck_s: Redis is asked again
+        again = await gate.reserve(call(who), generate())  # the only stream slot is free
+        assert again is not None
+        assert int(await client.get(_day_key("tg:quota:", "key:k1:")) or 0) == 15 + 110
+    finally:
+        await client.aclose()
+        await gate.close()
+
+
+async def test_a_give_back_that_runs_before_its_reservation_leaves_nothing_held(
+    redis_url: str, prefix: str
+) -> None:
+    counters = RedisCounters(redis_url, prefix=prefix)
+    demand = Demand("k1", "acme", Limits(concurrent_streams=1), NO_LIMITS, 110, 30.0, 30.0)
+    try:
+        # The give-back of a reservation whose answer never came, run before the
+        # reservation's script (stuck behind a slow command on another connection):
+        # simulated by the "0" marker it leaves for the next reservation id.
+        rid = f"{counters._rid_prefix}{1:x}"
+        client = Redis.from_url(redis_url)
+        await client.set(f"{prefix}{{acme}}:r:{rid}", "0", px=60_000)
+        await client.aclose()
+        with pytest.raises(Unavailable):
+            await counters.reserve(demand)  # reserved nothing: the marker said so
+        assert await counters.reserve(demand) is not None  # so the one slot was free
+        with pytest.raises(ResourceExhausted):
+            await counters.reserve(demand)
+    finally:
+        await counters.close()
+
+
+async def test_a_settle_sent_again_counts_once(redis_url: str, prefix: str) -> None:
+    counters = RedisCounters(redis_url, prefix=prefix)
+    demand = Demand("k1", "acme", Limits(tokens_per_day=1000), NO_LIMITS, tokens=110)
+    client = Redis.from_url(redis_url)
+    try:
+        hold = await counters.reserve(demand)
+        assert int(await client.get(_day_key(prefix, "key:k1:")) or 0) == 110
+        # A settle whose answer timed out is sent again: it counts once.
+        args = hold.settle_args(15, 0)  # type: ignore[attr-defined]
+        await counters.run_settle(hold.keys, args)  # type: ignore[attr-defined]
+        await counters.run_settle(hold.keys, args)  # type: ignore[attr-defined]
+        assert int(await client.get(_day_key(prefix, "key:k1:")) or 0) == 15
+    finally:
+        await client.aclose()
+        await counters.close()
+
+
+_BUSY = """
+local start = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+async def test_a_full_connection_pool_is_overload_not_an_outage(
+    private_redis: PrivateRedis,
+) -> None:
+    counters = RedisCounters(
+        private_redis.url, timeout_s=5.0, max_connections=1, pool_timeout_s=0.05
+    )
+    gate, who = QuotaGate(counters), principal(key=Limits(requests_per_minute=100))
+    client = Redis.from_url(private_redis.url)
+    try:
+        assert await gate.reserve(call(who), infer()) is not None  # the pool's connection
+        # Redis is busy with a slow script; the one connection waits on it, so the
+        # next call finds the pool full.
+        busy = asyncio.ensure_future(client.eval(_BUSY, 0, 600_000))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(gate.reserve(call(who), infer()))
+        await asyncio.sleep(0.1)
+        with capture_logs() as logs, pytest.raises(ResourceExhausted) as over:
+            await gate.reserve(call(who), infer())
+        assert over.value.subject == OVERLOADED
+        assert over.value.retry_after_s > 0
+        assert "too many quota checks" in over.value.message
+        await busy
+        assert await waiting is not None
+        # Redis was never taken for down: the next call goes to it at once.
+        assert await gate.reserve(call(who), infer()) is not None
+        assert logs == []
+    finally:
+        await client.aclose()
+        await gate.close()
+
+
+async def test_redis_7_or_newer_is_required_at_start(redis_url: str) -> None:
+    counters = RedisCounters(redis_url)
+    try:
+        await counters.check_server()  # the Redis here is 7.x
+    finally:
+        await counters.close()
+    assert parse_version("7.0.15") >= (7, 0) > parse_version("6.2.14")
+    assert parse_version("8.0-rc1") >= (7, 0)
+
+
+async def test_an_older_redis_fails_the_start_saying_what_to_do() -> None:
+    # No Redis 6 is installed here: a server that speaks RESP answers as one would.
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            if not line.startswith(b"*"):
+                continue
+            parts = []
+            for _ in range(int(line[1:])):
+                await reader.readline()
+                parts.append((await reader.readline()).strip().upper())
+            if parts[0] == b"INFO":
+                body = b"# Server\r\nredis_version:6.2.14\r\n"
+                writer.write(b"$%d\r\n%s\r\n" % (len(body), body))
+            else:
+                writer.write(b"+OK\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    counters = RedisCounters(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(RuntimeError) as error:
+            await counters.check_server()
+        assert "Redis 6.2.14" in str(error.value)
+        assert "Redis 7.0 or newer" in str(error.value)
+    finally:
+        await counters.close()
+        server.close()
+        await server.wait_closed()
