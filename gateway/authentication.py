@@ -15,7 +15,8 @@ keeps working (callers keep being served through a short outage of the auth serv
 that is then the bound on a revocation it could not push. 0 turns this off.
 
 Model scopes and admin-only calls are checked here too, once the request is known
-(`check_access`, called by the quota stage). Refusals never say why a key is invalid.
+(`check_access`, called by the quota stage). Every refused key, a missing one included,
+hears the same KEY_REFUSED: never why.
 """
 
 from __future__ import annotations
@@ -33,14 +34,18 @@ import structlog
 from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 
-from services.runtime.api_keys import allows, bearer_key, parse_key, principal_of
+from services.runtime.api_keys import (
+    KEY_REFUSED,
+    allows,
+    bearer_key,
+    parse_key,
+    principal_of,
+)
 from services.runtime.calls import Call, Principal
 from services.runtime.errors import PermissionDenied, Unauthenticated, Unavailable, shown
 
 log = structlog.get_logger("tensorgate.gateway.auth")
 
-NO_KEY = "an API key is required: send metadata 'authorization: Bearer tg_...'"
-INVALID_KEY = "invalid API key"
 _CACHE_ENTRIES = 10_000
 _REFUSED_ENTRIES = 1_000
 # A key the auth service refused is remembered this long, so a client retrying a bad
@@ -116,7 +121,7 @@ class KeyAuthenticator:
     async def authenticate(self, call: Call) -> Principal:
         key = bearer_key(call.metadata)
         if key is None:
-            raise Unauthenticated(NO_KEY)
+            raise Unauthenticated(KEY_REFUSED)
         digest = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
         cached = self._cache.get(digest) or self._refused.get(digest)
@@ -135,11 +140,11 @@ class KeyAuthenticator:
             else:
                 # Only a key not cached is parsed: one in the cache was well formed.
                 if parse_key(key) is None:
-                    raise Unauthenticated(INVALID_KEY)
+                    raise Unauthenticated(KEY_REFUSED)
                 cached = await self._lookup(digest, key, cached, now)
         principal = cached.principal
         if principal is None or (principal.expires_at and time.time() >= principal.expires_at):
-            raise Unauthenticated(INVALID_KEY)
+            raise Unauthenticated(KEY_REFUSED)
         return principal
 
     def _ask_later(self, digest: bytes, key: str, stale: _Cached, now: float) -> None:

@@ -10,9 +10,9 @@
 - `GetUsage` needs any valid key; the servicer limits a non-admin key to its tenant.
 - Every other RPC needs an admin key; one added later does too, unless listed here.
 
-No key: UNAUTHENTICATED saying how to send one; a key that is refused for any reason:
-UNAUTHENTICATED "invalid API key"; a valid key without admin on an admin RPC:
-PERMISSION_DENIED. A key that passed is remembered for at most CACHE_SECONDS (never
+No key, or a key refused for any reason: UNAUTHENTICATED with the one KEY_REFUSED
+message (it says how to send a key, never which it was); a valid key without admin on an
+admin RPC: PERMISSION_DENIED. A key that passed is remembered for at most CACHE_SECONDS (never
 past its expiry), so a burst of admin calls costs one lookup, and a revocation takes
 effect here within that time. The cache holds the secret's hash, never the key.
 """
@@ -29,6 +29,7 @@ from services.auth.records import KeyRefused
 from services.auth.store import AuthStore
 from services.runtime.api_keys import (
     AUTHORIZATION,
+    KEY_REFUSED,
     bearer_key,
     hash_secret,
     parse_key,
@@ -46,7 +47,7 @@ KEY_IF_GIVEN_METHODS = frozenset({"ListPrices"})
 ANY_KEY_METHODS = frozenset({"GetUsage", *KEY_IF_GIVEN_METHODS})
 CACHE_SECONDS = 2.0
 CACHE_ENTRIES = 1024
-KEY_REQUIRED = "an API key is required (authorization: Bearer tg_...)"
+KEY_REQUIRED = KEY_REFUSED  # never says whether a key was missing or refused
 ADMIN_REQUIRED = "this call needs an admin key"
 
 
@@ -89,7 +90,7 @@ class AuthServiceAuthenticator:
         try:
             principal = await self._principal(key)
         except KeyRefused as refused:
-            # Why, for the operator's log line; the caller hears "invalid API key" only.
+            # Why, for the operator's log line; the caller hears KEY_REFUSED only.
             call.fields["auth_refused"] = refused.reason
             if refused.key_id:
                 call.fields["key_id"] = refused.key_id

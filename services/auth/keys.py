@@ -1,7 +1,7 @@
 """API keys in the database: creation (the one moment a key exists in full), lookups,
 and the check a presented key must pass. AuthStore calls these inside its transactions.
 
-A key is refused the same way (records.KeyRefused, "invalid API key") whether it is
+A key is refused the same way (records.KeyRefused, KEY_REFUSED) whether it is
 malformed, unknown, has the wrong secret, is revoked or has expired; the work done is
 the same too: an unknown key id still costs a hash and a compare.
 """

@@ -21,9 +21,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
 
+from services.runtime.api_keys import KEY_REFUSED
 from services.runtime.errors import InvalidArgument, Unauthenticated, shown
 
-INVALID_KEY = "invalid API key"
+INVALID_KEY = KEY_REFUSED  # the same words for every refused key, no key included
 QUOTA_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "concurrent_streams")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")

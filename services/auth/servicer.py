@@ -19,7 +19,7 @@ from services.auth.key_changes import KeyChanges
 from services.auth.records import QUOTA_FIELDS, KeyRefused, QuotaUpdate
 from services.auth.store import AuthStore
 from services.runtime import calls
-from services.runtime.api_keys import allows
+from services.runtime.api_keys import KEY_REFUSED, allows
 from services.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -134,7 +134,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
         try:
             principal = await self._store.authenticate(request.key)
         except KeyRefused as refused:
-            # Why, for the operator's log line; the gateway hears "invalid API key" only.
+            # Why, for the operator's log line; the gateway hears KEY_REFUSED only.
             calls.note(auth_refused=refused.reason)
             if refused.key_id:
                 calls.note(key_id=refused.key_id)
@@ -162,7 +162,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
         caller = calls.principal()
         if caller is None:  # the authenticator lets no keyless GetUsage through
-            raise Unauthenticated("an API key is required (authorization: Bearer tg_...)")
+            raise Unauthenticated(KEY_REFUSED)
         tenant_id = request.tenant_id
         if not caller.admin:
             if tenant_id and tenant_id != caller.tenant:

@@ -5,7 +5,7 @@ modules of their own that these methods call inside one transaction each. Every 
 validates what it is given and raises the contract's errors (services.runtime.errors):
 INVALID_ARGUMENT naming the field, NOT_FOUND for an unknown tenant or key,
 ALREADY_EXISTS for a duplicate, and for a presented key that may not be used, always
-the same UNAUTHENTICATED "invalid API key" (records.KeyRefused).
+the same UNAUTHENTICATED KEY_REFUSED (records.KeyRefused).
 
 Writes that must not interleave across replicas on PostgreSQL are single statements
 (ON CONFLICT upserts, UPDATE ... SET x = coalesce(x, ...)) or lock the row they read.
@@ -272,7 +272,7 @@ class AuthStore:
     async def authenticate(self, key: str, *, with_spend: bool = True) -> pb.Principal:
         """Who `key` is, with its tenant's limits and (`with_spend`) this month's spend.
 
-        records.KeyRefused ("invalid API key") whatever is wrong with it."""
+        records.KeyRefused (KEY_REFUSED) whatever is wrong with it."""
         now_us = self.now_us()
         async with self._database.read() as connection:
             row = await key_ops.check_key(connection, key, now_us)

@@ -44,6 +44,10 @@ _KEY = re.compile(
 _KEY_LIKE = re.compile(r"(tg_[a-z2-7]{12}_)[0-9A-Za-z]{8,}(?:_[0-9A-Za-z]*)?")
 _BEARER = re.compile(r"bearer[ \t]+(\S+)[ \t]*", re.IGNORECASE)
 AUTHORIZATION = "authorization"
+# The one answer to every key that is refused (none, malformed, unknown, revoked,
+# expired), at the gateway and the auth service alike: it never says which, but says
+# what a caller must send.
+KEY_REFUSED = "a valid API key is required: send metadata 'authorization: Bearer <api key>'"
 
 
 class ParsedKey(NamedTuple):

@@ -2,8 +2,9 @@
 behind the gateway): the error contract for Generate and Infer, model scopes, admin-only
 calls, rotation grace and revocation within the gateway's key cache time.
 
-Every refused key (malformed, a wrong checksum, unknown, revoked, expired) gets the same
-UNAUTHENTICATED answer, word for word: nothing tells a caller which one it was.
+Every refused key (none, malformed, a wrong checksum, unknown, revoked, expired) gets the
+same UNAUTHENTICATED answer, word for word: nothing tells a caller which one it was, and
+it says what to send.
 """
 
 from __future__ import annotations
@@ -103,9 +104,8 @@ async def test_every_bad_key_is_unauthenticated_and_none_says_which(
     _, unknown = new_key()  # well-formed, with a right checksum, never stored
     await _until(used_then_expired.key.expire_time.ToMicroseconds() / 1e6 + 0.1)
 
-    no_key = await _refused(attempt, address, None)
-    assert "authorization" in no_key.message
-    bad = {
+    bad: dict[str, str | None] = {
+        "no key": None,
         "malformed": "tg_not_a_key",
         "not a tg_ key at all": "sk-" + "x" * 40,
         "wrong checksum": _wrong_checksum(good.secret),
@@ -118,6 +118,7 @@ async def test_every_bad_key_is_unauthenticated_and_none_says_which(
     answers = {why: (await _refused(attempt, address, key)).message for why, key in bad.items()}
     assert len(set(answers.values())) == 1, answers
     message = next(iter(answers.values()))
+    assert "authorization: Bearer <api key>" in message  # what to do, for every one
     for word in ("revoked", "expired", "unknown", "checksum", "malformed", "exist"):
         assert word not in message.lower(), message
     for key in (revoked, expiring, used_then_expired):

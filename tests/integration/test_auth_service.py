@@ -30,8 +30,10 @@ from services.auth.settings import AuthSettings
 from services.runtime.api_keys import new_key, parse_key
 from services.runtime.logging import configure_logging, flush_logs
 
-INVALID_KEY = "invalid API key"
-KEY_REQUIRED = "an API key is required (authorization: Bearer tg_...)"
+# Missing or refused, a key hears the same words, which say what to send.
+INVALID_KEY = KEY_REQUIRED = (
+    "a valid API key is required: send metadata 'authorization: Bearer <api key>'"
+)
 ADMIN_REQUIRED = "this call needs an admin key"
 OPEN_METHODS = {"Authenticate", "RecordUsage", "WatchKeys"}
 KEY_IF_GIVEN = {"ListPrices"}  # keyless for gateways; a key given is checked

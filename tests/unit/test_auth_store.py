@@ -346,7 +346,7 @@ async def test_the_authenticator_caches_briefly_and_boundedly(
     tenant_key = (await add_key(store)).secret
     assert await authenticator.authenticate(_call("Authenticate", None)) is None
     assert await authenticator.authenticate(_call("RecordUsage", None)) is None
-    with pytest.raises(Unauthenticated, match=r"Bearer tg_\.\.\."):
+    with pytest.raises(Unauthenticated, match=r"Bearer <api key>"):
         await authenticator.authenticate(_call("ListTenants", None))
     with pytest.raises(PermissionDenied, match="admin"):
         await authenticator.authenticate(_call("ListTenants", tenant_key))
