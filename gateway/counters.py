@@ -3,15 +3,16 @@ embedded in-process store.
 
 A store checks every quota a call touches and reserves all of it in one atomic step,
 or reserves nothing and raises ResourceExhausted naming the first quota over its limit.
-What it holds per scope ("key:<id>", "tenant:<id>"):
+What it holds per scope ("key:<lineage id>", "tenant:<id>"):
 - a minute window: a log of the calls admitted in the last 60 s with the tokens each
   reserved (later settled), so requests and tokens per minute are exact sliding windows;
 - tokens per UTC day, in one counter per day;
 - the streams open now;
 and per tenant the spend of the UTC month, in micro-units of the price currency.
 
-A limit of 0 means no limit, and nothing is counted for it: a limit set later counts
-from then on. The redis store (redis_counters.py) keeps the same state in Redis.
+A limit of 0 means no limit, and nothing is counted for it: a minute or stream limit set
+later counts from then on, a day limit from what the ledger counted today.
+The redis store (redis_counters.py) keeps the same state in Redis.
 """
 
 from __future__ import annotations
@@ -61,6 +62,24 @@ class Demand:
     spend_cap: int = 0
     spend_seed: int = 0
     cost: int = 0
+    # The key whose per-key counters this call counts in ("": key_id): a rotated key
+    # shares its predecessor's, so the pair never has twice the key's limits.
+    lineage_id: str = ""
+    # What the key's lineage and the tenant used today when their day counter did not
+    # exist yet (from the ledger).
+    key_day_seed: int = 0
+    tenant_day_seed: int = 0
+
+    def scopes(self) -> tuple[tuple[str, str, Limits, int], tuple[str, str, Limits, int]]:
+        """(name a refusal gives, name the counters are kept under, limits, day seed) of
+        the key and of the tenant."""
+        key = f"key:{self.key_id}"
+        counted = f"key:{self.lineage_id}" if self.lineage_id else key
+        tenant = f"tenant:{self.tenant}"
+        return (
+            (key, counted, self.key_limits, self.key_day_seed),
+            (tenant, tenant, self.tenant_limits, self.tenant_day_seed),
+        )
 
 
 class CounterHold(Protocol):
@@ -297,13 +316,13 @@ class InProcessCounters:
         period = self._calendar.at(now)
         tokens, stream = demand.tokens, demand.stream_s > 0
         checked: list[tuple[_Scope, Limits]] = []
-        for name, limits in (
-            (f"key:{demand.key_id}", demand.key_limits),
-            (f"tenant:{demand.tenant}", demand.tenant_limits),
-        ):
+        for name, counted, limits, day_seed in demand.scopes():
             if not is_limited(limits):
                 continue
-            scope = self._scope(name)
+            scope = self._scope(counted)
+            if limits.tokens_per_day and scope.day != period.day:
+                # A day counter that starts now (a restart) starts from the ledger.
+                scope.day, scope.day_tokens = period.day, day_seed
             self._check(scope, name, limits, tokens, stream, now, period)
             checked.append((scope, limits))
         spend_key, spent = "", 0

@@ -3,8 +3,11 @@ is forwarded, and settled with what it really used when it ends.
 
 A reservation is one request, an upper bound of the call's tokens and, for Generate, one
 stream slot, per key and per tenant (services.runtime.calls.Limits), and its cost against
-the tenant's monthly spend cap. All of it is reserved in one atomic step of the counter
-store (counters.py in process, redis_counters.py across replicas), or none of it.
+the tenant's monthly spend cap. A key's counters are its lineage's (a rotated key counts
+in its predecessor's), and the day's tokens and the month's spend start from what the
+ledger counted when a counter starts empty (a restart), as the Principal carries them.
+All of it is reserved in one atomic step of the counter store (counters.py in process,
+redis_counters.py across replicas), or none of it.
 
 Tokens: the prompt's bound is its length in UTF-8 bytes (byte-level tokenizers use one
 token per byte and BPE fewer), plus max_tokens. Cost: at reserve, the per-model `Price`
@@ -259,7 +262,11 @@ class QuotaGate:
                 else 0
             ),
             cost=cost,
+            lineage_id=principal.lineage_id,
         )
+        if principal.usage_day == day:  # yesterday's tokens say nothing about today's
+            demand.key_day_seed = principal.lineage_day_tokens
+            demand.tenant_day_seed = principal.tenant_day_tokens
         check_fits(demand)
         hold = await self._counters.reserve(demand)
         return QuotaReservation(self, call, hold, price, day)

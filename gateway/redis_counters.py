@@ -2,11 +2,12 @@
 
 The state is that of the in-process store (counters.py), in Redis keys under a prefix,
 all of one tenant's in one hash slot (`{tenant}`), so a script's keys stay together on
-a Redis Cluster as well. Per scope (a key or its tenant):
+a Redis Cluster as well. Per scope (a key's lineage, or its tenant):
 - `...:w` sorted set, reservation id -> admitted at (ms), and `...:t` hash, reservation
   id -> tokens plus `_sum`: the minute window (exact sliding log, one member per call);
-- `...:d:<UTC day>` tokens of the day; `...:c` sorted set, reservation id -> expiry (ms):
-  the streams open (a gateway that dies mid-stream leaks its slot only until then);
+- `...:d:<UTC day>` tokens of the day, seeded from the ledger; `...:c` sorted set,
+  reservation id -> expiry (ms): the streams open (a gateway that dies mid-stream leaks
+  its slot only until then);
 and per tenant `...:spend:<UTC month>`, micro-units spent, seeded from the ledger;
 and per reservation a marker `...:r:<reservation id>` ("1" held, "0" given back).
 Every key has a TTL, so abandoned counters go away by themselves. The windows and the
@@ -85,7 +86,8 @@ OVERLOADED = "quota_store_connections"
 #   day counter, stream zset; KEYS[9] the tenant's spend this month; KEYS[10] the marker.
 # ARGV: rid, tokens, stream ms (0: not a stream), day ttl s, then the limits rpm, tpm,
 #   tpd, streams of scope 1 and of scope 2 (5..12), spend cap, seed, cost, month ttl s,
-#   marker ttl ms (17).
+#   marker ttl ms (17), then the day seed of scope 1 and of scope 2 (18, 19): where a
+#   day counter starts when it does not exist yet.
 # Returns {1} when all is reserved, {2} when given back before it ran (nothing done),
 #   else {0, scope (1 key, 2 tenant, 3 spend), quota (1..4 as _QUOTAS, 5 spend), used,
 #   retry ms (-1: the gateway knows)}.
@@ -126,7 +128,7 @@ local function tokens_free_after(w, h, need)
   end
 end
 
-local limits = {}
+local limits, day_fresh = {}, {}
 for s = 1, 2 do
   local k, a = (s - 1) * 4, 4 + (s - 1) * 4
   local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
@@ -145,7 +147,9 @@ for s = 1, 2 do
     end
   end
   if tpd > 0 then
-    local used = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+    local held = redis.call('GET', KEYS[k + 3])
+    local used = held and tonumber(held) or tonumber(ARGV[17 + s])
+    day_fresh[s] = not held
     if used + tokens > tpd then return {0, s, 3, used, -1} end
   end
   if streams > 0 and stream_ms > 0 then
@@ -172,8 +176,12 @@ for s = 1, 2 do
     redis.call('PEXPIRE', KEYS[k + 2], WINDOW + 1000)
   end
   if l[3] > 0 then
-    redis.call('INCRBY', KEYS[k + 3], int(tokens))
-    redis.call('EXPIRE', KEYS[k + 3], ARGV[4], 'NX')
+    if day_fresh[s] then
+      redis.call('SET', KEYS[k + 3], int(tonumber(ARGV[17 + s]) + tokens), 'EX', ARGV[4])
+    else
+      redis.call('INCRBY', KEYS[k + 3], int(tokens))
+      redis.call('EXPIRE', KEYS[k + 3], ARGV[4], 'NX')
+    end
   end
   if l[4] > 0 and stream_ms > 0 then
     redis.call('ZADD', KEYS[k + 4], int(now + stream_ms), rid)
@@ -393,7 +401,8 @@ class RedisCounters:
         period = self._calendar.at(now)
         rid = f"{self._rid_prefix}{next(self._ids):x}"
         tag = f"{self._prefix}{{{demand.tenant}}}:"
-        key, tenant = f"{tag}key:{demand.key_id}:", f"{tag}tenant:"
+        (_, key_scope, _, _), (_, tenant_scope, _, _) = demand.scopes()
+        key, tenant = f"{tag}{key_scope}:", f"{tag}{tenant_scope}:"
         day = period.day_name
         keys = [
             *(f"{key}w", f"{key}t", f"{key}d:{day}", f"{key}c"),
@@ -418,6 +427,8 @@ class RedisCounters:
             demand.cost,
             int(period.month_end - now) + _MONTH_GRACE_S,
             marker_ms,
+            demand.key_day_seed,
+            demand.tenant_day_seed,
         ]
         flags = []
         for limits in (kl, tl):

@@ -17,6 +17,7 @@ from sqlalchemy import Row, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
 
+from services.auth import ledger
 from services.auth.records import (
     QUOTA_FIELDS,
     KeyRefused,
@@ -46,6 +47,8 @@ class NewKey:
     quota: pb.Quota
     expire_us: int | None = None
     rotated_from: str = ""
+    # The first key of the rotation chain ("": the new key starts one of its own).
+    lineage_id: str = ""
 
 
 async def require_key(connection: AsyncConnection, key_id: str, *, lock: bool = False) -> Row[Any]:
@@ -79,6 +82,7 @@ async def insert_key(connection: AsyncConnection, key: NewKey, now_us: int) -> t
                 expire_us=key.expire_us,
                 revoke_us=None,
                 rotated_from=key.rotated_from,
+                lineage_id=key.lineage_id or key_id,
                 **quota_values(key.quota),
             )
             .on_conflict_do_nothing(index_elements=[api_keys.c.key_id])
@@ -126,9 +130,12 @@ async def check_key(connection: AsyncConnection, key: str, now_us: int) -> Row[A
     return row
 
 
-def principal_message(row: Row[Any], month_spend: float, spend_month: str) -> pb.Principal:
+def principal_message(
+    row: Row[Any], month_spend: float, spend_month: str, day: ledger.DayTokens | None = None
+) -> pb.Principal:
     """A row from `check_key` as the Principal a gateway enforces; `month_spend` is the
-    tenant's spend in the UTC month `spend_month` ("2024-06")."""
+    tenant's spend in the UTC month `spend_month` ("2024-06"), `day` the ledger's tokens
+    of the key's lineage and tenant today."""
     principal = pb.Principal(
         key_id=row.key_id,
         tenant_id=row.tenant_id,
@@ -139,7 +146,12 @@ def principal_message(row: Row[Any], month_spend: float, spend_month: str) -> pb
         monthly_spend_cap=row.monthly_spend_cap,
         month_spend=month_spend,
         spend_month=spend_month,
+        lineage_id=row.lineage_id or row.key_id,
     )
+    if day is not None:
+        principal.lineage_day_tokens = day.lineage
+        principal.tenant_day_tokens = day.tenant
+        principal.usage_day = day.day
     if row.expire_us is not None:
         principal.expire_time.CopyFrom(timestamp(row.expire_us))
     return principal

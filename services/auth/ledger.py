@@ -11,9 +11,9 @@ databases, so concurrent batches from several gateways never lose an addition.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Row, delete, func, select
+from sqlalchemy import Row, case, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
 
@@ -27,8 +27,9 @@ from services.auth.records import (
     month_range,
     upsert,
     usage_message,
+    utc_day,
 )
-from services.auth.schema import prices, usage, usage_batches
+from services.auth.schema import api_keys, prices, usage, usage_batches
 from services.runtime.errors import InvalidArgument
 
 # How long an applied batch id is remembered; a gateway gives up a batch long before.
@@ -140,6 +141,30 @@ async def month_spend(connection: AsyncConnection, tenant_id: str, now_us: int) 
         usage.c.tenant_id == tenant_id, usage.c.day >= first, usage.c.day < after
     )
     return float((await connection.execute(query)).scalar_one())
+
+
+class DayTokens(NamedTuple):
+    """Tokens the ledger counts on one UTC day for a key's lineage and for its tenant."""
+
+    day: str
+    lineage: int
+    tenant: int
+
+
+async def day_tokens(
+    connection: AsyncConnection, tenant_id: str, lineage_id: str, now_us: int
+) -> DayTokens:
+    """Prompt plus completion tokens on the UTC day holding `now_us`: of every key of
+    `lineage_id` (a key and the keys rotated from it), and of the whole tenant."""
+    day = utc_day(now_us).isoformat()
+    tokens = usage.c.prompt_tokens + usage.c.completion_tokens
+    lineage_keys = select(api_keys.c.key_id).where(api_keys.c.lineage_id == lineage_id)
+    query = select(
+        func.coalesce(func.sum(case((usage.c.key_id.in_(lineage_keys), tokens), else_=0)), 0),
+        func.coalesce(func.sum(tokens), 0),
+    ).where(usage.c.tenant_id == tenant_id, usage.c.day == day)
+    lineage, tenant = (await connection.execute(query)).one()
+    return DayTokens(day, int(lineage), int(tenant))
 
 
 def check_price(price: pb.Price) -> None:

@@ -55,6 +55,9 @@ api_keys = Table(
     Column("expire_us", BigInteger, nullable=True),  # NULL: never expires
     Column("revoke_us", BigInteger, nullable=True),  # NULL: not revoked
     Column("rotated_from", String(32), nullable=False),  # "" unless made by a rotation
+    # The first key of its rotation chain (itself, unless made by a rotation): a rotated
+    # key and its successor count in one set of per-key quota counters.
+    Column("lineage_id", String(32), nullable=False),
     ForeignKeyConstraint(["tenant_id"], ["auth_tenants.id"]),
     Index("ix_auth_api_keys_tenant", "tenant_id"),
 )

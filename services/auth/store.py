@@ -215,6 +215,7 @@ class AuthStore:
                 same.quota,
                 expire_us=old.expire_us,
                 rotated_from=key_id,
+                lineage_id=old.lineage_id or key_id,
             )
             row, full_key = await key_ops.insert_key(connection, new, now_us)
         return pb.CreateApiKeyResponse(key=key_message(row), secret=full_key)
@@ -270,16 +271,20 @@ class AuthStore:
         return key_message(row)
 
     async def authenticate(self, key: str, *, with_spend: bool = True) -> pb.Principal:
-        """Who `key` is, with its tenant's limits and (`with_spend`) this month's spend.
+        """Who `key` is, with its tenant's limits and (`with_spend`) what the ledger
+        counts of this month's spend and of today's tokens, which a gateway's counters
+        start from.
 
         records.KeyRefused (KEY_REFUSED) whatever is wrong with it."""
         now_us = self.now_us()
+        spend, day = 0.0, None
         async with self._database.read() as connection:
             row = await key_ops.check_key(connection, key, now_us)
-            spend = (
-                await ledger.month_spend(connection, row.tenant_id, now_us) if with_spend else 0.0
-            )
-        return key_ops.principal_message(row, spend, utc_month(now_us))
+            if with_spend:
+                spend = await ledger.month_spend(connection, row.tenant_id, now_us)
+                lineage = row.lineage_id or row.key_id
+                day = await ledger.day_tokens(connection, row.tenant_id, lineage, now_us)
+        return key_ops.principal_message(row, spend, utc_month(now_us), day)
 
     # --- prices and the ledger (ledger.py) ------------------------------------------------
 

@@ -161,4 +161,8 @@ def principal_of(message: auth_pb2.Principal) -> Principal:
         month_spend=message.month_spend,
         spend_month=message.spend_month,
         expires_at=expires_at,
+        lineage_id=message.lineage_id,
+        lineage_day_tokens=message.lineage_day_tokens,
+        tenant_day_tokens=message.tenant_day_tokens,
+        usage_day=message.usage_day,
     )

@@ -46,6 +46,13 @@ class Principal:
     spend_month: str = ""
     # Unix time the key stops working (expiry or end of a rotation grace); 0: never.
     expires_at: float = 0.0
+    # The key whose per-key counters this key counts in (a rotated key's first
+    # predecessor; "": its own), and what the ledger counted today ("2024-06-30") for
+    # those keys and for the tenant, where day counters that start empty start from.
+    lineage_id: str = ""
+    lineage_day_tokens: int = 0
+    tenant_day_tokens: int = 0
+    usage_day: str = ""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -530,3 +531,43 @@ async def test_an_older_redis_fails_the_start_saying_what_to_do() -> None:
         await counters.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_rotated_key_and_its_successor_share_counters_in_redis(
+    two_gateways: tuple[QuotaGate, QuotaGate],
+) -> None:
+    limits = Limits(requests_per_minute=3)
+    old = Principal(key_id="k1", tenant="acme", key_limits=limits, lineage_id="k1")
+    new = Principal(key_id="k2", tenant="acme", key_limits=limits, lineage_id="k1")
+    assert len(admitted(await attempt(two_gateways, old, 2, infer()))) == 2
+    results = await attempt(two_gateways, new, 3, infer())
+    assert len(admitted(results)) == 1
+    assert {r.subject for r in results if isinstance(r, ResourceExhausted)} == {
+        "key:k2:requests_per_minute"
+    }
+
+
+async def test_day_counters_start_from_the_ledger_in_redis(
+    two_gateways: tuple[QuotaGate, QuotaGate], redis_url: str, prefix: str
+) -> None:
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    who = Principal(
+        key_id="k2",
+        tenant="acme",
+        key_limits=Limits(tokens_per_day=1000),
+        lineage_id="k1",
+        lineage_day_tokens=800,
+        usage_day=today,
+    )
+    first, second = two_gateways
+    assert await first.reserve(call(who), generate()) is not None  # 800 + 110
+    # Once the counter exists, it is the count: a later answer does not set it back.
+    with pytest.raises(ResourceExhausted) as over:
+        await second.reserve(call(replace(who, lineage_day_tokens=0)), generate())
+    assert over.value.subject == "key:k2:tokens_per_day"
+    assert "used 910 of its 1000" in over.value.message
+    client = Redis.from_url(redis_url)
+    try:
+        assert int(await client.get(_day_key(prefix, "key:k1:")) or 0) == 910
+    finally:
+        await client.aclose()

@@ -12,13 +12,16 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import select
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.auth.v1 import auth_pb2 as pb
 
 from services.auth.authenticator import AuthServiceAuthenticator
 from services.auth.records import INVALID_KEY, KeyRefused, QuotaUpdate
 from services.auth.schema import api_keys as api_keys_table
-from services.auth.store import AuthStore
+from services.auth.store import MIGRATIONS, VERSION_TABLE, AuthStore
 from services.runtime import api_keys
 from services.runtime.api_keys import parse_key
 from services.runtime.calls import Call
@@ -255,6 +258,92 @@ async def test_rotation_keeps_scopes_and_ends_the_old_key_after_the_grace(
     await store.authenticate(rotated.secret)
     with pytest.raises(FailedPrecondition):
         await store.rotate_key(old.key.key_id, grace_seconds=10)
+
+
+async def test_a_rotation_chain_shares_the_first_keys_lineage_and_its_day_tokens(
+    store: AuthStore, clock: Clock
+) -> None:
+    await add_tenant(store)
+    first = await add_key(store)
+    other = await add_key(store)
+    second = await store.rotate_key(first.key.key_id, grace_seconds=60)
+    third = await store.rotate_key(second.key.key_id, grace_seconds=60)
+    # Every key of the chain counts in the first key's per-key counters.
+    lineage = first.key.key_id
+    for key in (first, second, third):
+        assert (await store.authenticate(key.secret)).lineage_id == lineage
+    assert (await store.authenticate(other.secret)).lineage_id == other.key.key_id
+    # Today's tokens in the ledger, which a gateway's day counters start from.
+    today = datetime.fromtimestamp(clock.now, UTC).strftime("%Y-%m-%d")
+    used = [(first, today, 100), (second, today, 20), (other, today, 5), (third, "2030-03-30", 7)]
+    await store.record_usage(
+        "b1",
+        [
+            pb.UsageRecord(
+                tenant_id="acme",
+                key_id=key.key.key_id,
+                model="tinylm",
+                day=day,
+                requests=1,
+                prompt_tokens=tokens - 1,
+                completion_tokens=1,
+            )
+            for key, day, tokens in used
+        ],
+    )
+    seen = await store.authenticate(third.secret)
+    assert (seen.usage_day, seen.lineage_day_tokens, seen.tenant_day_tokens) == (today, 120, 125)
+    seen = await store.authenticate(other.secret)
+    assert (seen.lineage_day_tokens, seen.tenant_day_tokens) == (5, 125)
+
+
+def _to_first_schema(connection: Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes.update(connection=connection, version_table=VERSION_TABLE)
+    command.upgrade(config, "0001")
+
+
+async def test_the_lineage_migration_follows_existing_rotation_chains(database_url: str) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_to_first_schema)
+            await connection.execute(
+                text("INSERT INTO auth_tenants VALUES ('acme', '', 0, 0, 0, 0, 0, 0)")
+            )
+            # a <- b <- c (c rotated from b, b from a), and d on its own.
+            for key_id, parent in (
+                ("a" * 12, ""),
+                ("b" * 12, "a" * 12),
+                ("c" * 12, "b" * 12),
+                ("d" * 12, ""),
+            ):
+                await connection.execute(
+                    text(
+                        "INSERT INTO auth_api_keys VALUES (:k, 'acme', '', '', '[]', false,"
+                        " 0, 0, 0, 0, 0, NULL, NULL, :p)"
+                    ),
+                    {"k": key_id, "p": parent},
+                )
+    finally:
+        await engine.dispose()
+    store = await AuthStore.open(database_url)  # migrates to head
+    await store.close()
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT key_id, lineage_id FROM auth_api_keys ORDER BY key_id")
+            )
+            assert [tuple(row) for row in rows] == [
+                ("a" * 12, "a" * 12),
+                ("b" * 12, "a" * 12),
+                ("c" * 12, "a" * 12),
+                ("d" * 12, "d" * 12),
+            ]
+    finally:
+        await engine.dispose()
 
 
 async def test_rotation_never_extends_a_key_and_refuses_dead_ones(

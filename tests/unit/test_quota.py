@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -422,3 +423,50 @@ async def test_a_call_that_never_resolved_its_model_is_booked_as_unresolved() ->
     await reservation.release()
     (record,) = ledger.records
     assert (record.model, record.errors) == ("(unresolved)", 1)
+
+
+async def test_a_rotated_key_shares_its_predecessors_counters() -> None:
+    gate, limits = make_gate(Clock()), Limits(requests_per_minute=2, concurrent_streams=1)
+    old = Principal(key_id="k1", tenant="acme", key_limits=limits, lineage_id="k1")
+    new = Principal(key_id="k2", tenant="acme", key_limits=limits, lineage_id="k1")
+    # During the grace period both keys work, but the pair has one key's limits.
+    stream = await admit(gate, old, generate())
+    error = await refused(gate, new, generate())
+    assert error.subject == "key:k2:concurrent_streams"  # named as the caller knows it
+    await stream.settle(Usage(10, 10))
+    await admit(gate, new, generate())
+    error = await refused(gate, old, infer())
+    assert error.subject == "key:k1:requests_per_minute"
+    # Another key of the tenant counts on its own.
+    other = Principal(key_id="k3", tenant="acme", key_limits=limits, lineage_id="k3")
+    await admit(gate, other, infer())
+
+
+async def test_tokens_per_day_start_from_the_ledger_after_a_restart() -> None:
+    clock = Clock()
+    today = "2024-06-15"  # NOON's
+    who = Principal(
+        key_id="k2",
+        tenant="acme",
+        key_limits=Limits(tokens_per_day=1000),
+        tenant_limits=Limits(tokens_per_day=5000),
+        lineage_id="k1",
+        lineage_day_tokens=900,
+        tenant_day_tokens=4000,
+        usage_day=today,
+    )
+    # A gateway that starts afresh starts the day's counters from what the ledger counted.
+    error = await refused(make_gate(clock), who, generate())  # 110 more than 900 of 1000
+    assert error.subject == "key:k2:tokens_per_day"
+    assert "used 900 of its 1000" in error.message
+    tenant_bound = replace(who, lineage_day_tokens=0, tenant_day_tokens=4950)
+    error = await refused(make_gate(clock), tenant_bound, generate())
+    assert error.subject == "tenant:acme:tokens_per_day"
+    # Counters that exist already are not set back by an answer cached earlier.
+    gate = make_gate(clock)
+    await admit(gate, replace(who, lineage_day_tokens=0), generate())
+    await admit(gate, replace(who, lineage_day_tokens=0), generate())
+    error = await refused(gate, replace(who, lineage_day_tokens=0), generate(max_tokens=790))
+    assert "used 220 of its 1000" in error.message
+    # What the ledger said yesterday says nothing about today.
+    await admit(make_gate(clock), replace(who, usage_day="2024-06-14"), generate())

@@ -198,6 +198,10 @@ class Principal(_message.Message):
     MONTH_SPEND_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     SPEND_MONTH_FIELD_NUMBER: _builtins.int
+    LINEAGE_ID_FIELD_NUMBER: _builtins.int
+    LINEAGE_DAY_TOKENS_FIELD_NUMBER: _builtins.int
+    TENANT_DAY_TOKENS_FIELD_NUMBER: _builtins.int
+    USAGE_DAY_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     tenant_id: _builtins.str
     admin: _builtins.bool
@@ -210,6 +214,18 @@ class Principal(_message.Message):
     """The UTC month month_spend is for ("2024-06"): a gateway that still holds this
     answer in the next month must not start that month from it.
     """
+    lineage_id: _builtins.str
+    """The key id whose per-key quota counters this key counts in: the first key of its
+    rotation chain, so that a rotated key and its successor share one set of limits
+    during the grace period rather than each getting their own.
+    """
+    lineage_day_tokens: _builtins.int
+    """Tokens the ledger counts on the UTC day usage_day ("2024-06-30") for the keys of
+    lineage_id and for the tenant, so a gateway whose day counters start empty (a
+    restart) starts from them rather than from zero.
+    """
+    tenant_day_tokens: _builtins.int
+    usage_day: _builtins.str
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -233,10 +249,14 @@ class Principal(_message.Message):
         month_spend: _builtins.float = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         spend_month: _builtins.str = ...,
+        lineage_id: _builtins.str = ...,
+        lineage_day_tokens: _builtins.int = ...,
+        tenant_day_tokens: _builtins.int = ...,
+        usage_day: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "key_quota", b"key_quota", "tenant_quota", b"tenant_quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "expire_time", b"expire_time", "key_id", b"key_id", "key_quota", b"key_quota", "models", b"models", "month_spend", b"month_spend", "monthly_spend_cap", b"monthly_spend_cap", "spend_month", b"spend_month", "tenant_id", b"tenant_id", "tenant_quota", b"tenant_quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "expire_time", b"expire_time", "key_id", b"key_id", "key_quota", b"key_quota", "lineage_day_tokens", b"lineage_day_tokens", "lineage_id", b"lineage_id", "models", b"models", "month_spend", b"month_spend", "monthly_spend_cap", b"monthly_spend_cap", "spend_month", b"spend_month", "tenant_day_tokens", b"tenant_day_tokens", "tenant_id", b"tenant_id", "tenant_quota", b"tenant_quota", "usage_day", b"usage_day"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
