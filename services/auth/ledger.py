@@ -10,10 +10,13 @@ databases, so concurrent batches from several gateways never lose an addition.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Row, case, delete, func, select
+from sqlalchemy import Row, case, delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
 
@@ -30,7 +33,7 @@ from services.auth.records import (
     utc_day,
 )
 from services.auth.schema import api_keys, prices, usage, usage_batches
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, shown
 
 # How long an applied batch id is remembered; a gateway gives up a batch long before.
 BATCH_MEMORY_US = 7 * 24 * 3600 * 1_000_000
@@ -38,6 +41,7 @@ _MAX_BATCH_ID = 128
 _MAX_MODEL = 256
 _COUNTS = ("requests", "errors", "prompt_tokens", "completion_tokens", "compute_micros")
 _KEY = ("tenant_id", "key_id", "model", "day")
+_KEY_ORDER = ("day", "tenant_id", "key_id", "model")  # what GetUsage pages through
 
 
 def check_record(index: int, record: pb.UsageRecord) -> None:
@@ -109,6 +113,26 @@ async def forget_batches(connection: AsyncConnection, now_us: int) -> int:
     return int(result.rowcount)
 
 
+def page_token(record: pb.UsageRecord) -> str:
+    """The token of the page after `record`: the ledger key it ends at, opaque to callers."""
+    after = [getattr(record, name) for name in _KEY_ORDER]
+    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
+
+
+def _after(token: str) -> list[str]:
+    try:
+        after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        after = None
+    if not (
+        isinstance(after, list)
+        and len(after) == len(_KEY_ORDER)
+        and all(isinstance(part, str) for part in after)
+    ):
+        raise InvalidArgument("page_token", f"{shown(token)} is not a token this call returned")
+    return after
+
+
 async def usage_rows(
     connection: AsyncConnection,
     *,
@@ -117,9 +141,20 @@ async def usage_rows(
     model: str,
     start_day: str,
     end_day: str,
+    limit: int | None = None,
+    page_token: str = "",
 ) -> list[pb.UsageRecord]:
-    """Ledger rows matching every filter that is not empty, oldest day first."""
+    """Ledger rows matching every filter that is not empty, oldest day first, then by
+    tenant, key and model: at most `limit`, after the row `page_token` names."""
     query = select(usage)
+    if page_token:
+        # Keyset paging on the primary key's columns: a page is an index range, however
+        # deep, and rows added meanwhile neither repeat nor shift later pages.
+        query = query.where(
+            tuple_(*(usage.c[name] for name in _KEY_ORDER)) > tuple_(*_after(page_token))
+        )
+    if limit is not None:
+        query = query.limit(limit)
     if tenant_id:
         query = query.where(usage.c.tenant_id == tenant_id)
     if key_id:
@@ -130,7 +165,7 @@ async def usage_rows(
         query = query.where(usage.c.day >= start_day)
     if end_day:
         query = query.where(usage.c.day <= end_day)
-    query = query.order_by(usage.c.day, usage.c.tenant_id, usage.c.key_id, usage.c.model)
+    query = query.order_by(*(usage.c[name] for name in _KEY_ORDER))
     return [usage_message(row) for row in await connection.execute(query)]
 
 

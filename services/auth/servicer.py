@@ -168,11 +168,13 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
             if tenant_id and tenant_id != caller.tenant:
                 raise PermissionDenied("a tenant's key sees only its own tenant's usage")
             tenant_id = caller.tenant
-        records = await self._store.get_usage(
+        records, token = await self._store.get_usage(
             tenant_id=tenant_id,
             key_id=request.key_id,
             model=request.model,
             start_day=request.start_day,
             end_day=request.end_day,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
-        return pb.GetUsageResponse(records=records)
+        return pb.GetUsageResponse(records=records, next_page_token=token)

@@ -49,6 +49,7 @@ from services.store import Database
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version_auth"
 MAX_GRACE_SECONDS = 366 * 24 * 3600
+_PAGE_SIZE, _MAX_PAGE_SIZE = 100, 1000  # GetUsage, as the registry's list calls
 # Applied batch ids are pruned at most this often: a DELETE per batch would be waste.
 _PRUNE_EVERY_US = 3600 * 1_000_000
 
@@ -318,9 +319,17 @@ class AuthStore:
         model: str = "",
         start_day: str = "",
         end_day: str = "",
-    ) -> list[pb.UsageRecord]:
-        """Ledger rows per tenant, key, model and day; empty filters match everything and
-        the days are inclusive."""
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[pb.UsageRecord], str]:
+        """Ledger rows per tenant, key, model and day, a page of `page_size` (0: 100)
+        after `page_token`, and the next page's token ("" on the last); empty filters
+        match everything and the days are inclusive."""
+        if not 0 <= page_size <= _MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                "page_size", f"must be 0..{_MAX_PAGE_SIZE} (0 means {_PAGE_SIZE}), got {page_size}"
+            )
+        size = page_size or _PAGE_SIZE
         if tenant_id:
             check_name("tenant_id", tenant_id)
         if key_id:
@@ -332,14 +341,18 @@ class AuthStore:
         if start_day and end_day and end_day < start_day:
             raise InvalidArgument("end_day", f"{end_day} is before start_day {start_day}")
         async with self._database.read() as connection:
-            return await ledger.usage_rows(
+            rows = await ledger.usage_rows(
                 connection,
                 tenant_id=tenant_id,
                 key_id=key_id,
                 model=model,
                 start_day=start_day,
                 end_day=end_day,
+                limit=size + 1,
+                page_token=page_token,
             )
+        page = rows[:size]
+        return page, ledger.page_token(page[-1]) if len(rows) > size else ""
 
     async def month_spend(self, tenant_id: str) -> float:
         """The tenant's ledger cost in the current UTC month."""

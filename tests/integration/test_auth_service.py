@@ -22,6 +22,7 @@ import grpc
 import orjson
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from tensorgate import AsyncAuthClient
 from tensorgate.auth.v1 import auth_pb2 as pb
 from tensorgate.auth.v1 import auth_pb2_grpc
 
@@ -311,7 +312,8 @@ async def test_a_tenant_sees_only_its_own_usage(auth: Auth, output: Output) -> N
     await auth.stub.RecordUsage(pb.RecordUsageRequest(batch_id="iso", records=records))
 
     async def tenants_seen(metadata: Metadata, **filters: str) -> set[str]:
-        answer = await auth.stub.GetUsage(pb.GetUsageRequest(**filters), metadata=metadata)
+        request = pb.GetUsageRequest(**filters)  # type: ignore[arg-type]
+        answer = await auth.stub.GetUsage(request, metadata=metadata)
         return {record.tenant_id for record in answer.records}
 
     assert await tenants_seen(bearer(a.secret)) == {"iso-a"}
@@ -405,3 +407,36 @@ async def test_a_tenant_key_lists_only_the_prices_of_models_it_may_call(
     # Keyless (a gateway's price book) and admin: every price.
     assert {"pricey-a", "pricey-b", "hidden-c"} <= await listed()
     assert {"pricey-a", "pricey-b", "hidden-c"} <= await listed(auth.admin)
+
+
+async def test_usage_comes_a_page_at_a_time(auth: Auth, output: Output) -> None:
+    created = await tenant_key(auth, output, "pages")
+    models = [f"m{n:03d}" for n in range(250)]
+    records = [
+        pb.UsageRecord(
+            tenant_id="pages", key_id=created.key.key_id, model=m, day=today(), requests=1
+        )
+        for m in models
+    ]
+    await auth.stub.RecordUsage(pb.RecordUsageRequest(batch_id="pages", records=records))
+    seen: list[str] = []
+    request = pb.GetUsageRequest(tenant_id="pages", page_size=100)
+    pages = 0
+    while True:
+        answer = await auth.stub.GetUsage(request, metadata=auth.admin)
+        seen.extend(record.model for record in answer.records)
+        pages += 1
+        if not answer.next_page_token:
+            break
+        request.page_token = answer.next_page_token
+    assert (pages, seen) == (3, models)  # 100, 100, 50: each row once, in order
+    # 0 means 100; a size past 1000 or a token this call never made is refused.
+    first = await auth.stub.GetUsage(pb.GetUsageRequest(tenant_id="pages"), metadata=auth.admin)
+    assert len(first.records) == 100 and first.next_page_token
+    for bad in (pb.GetUsageRequest(page_size=1001), pb.GetUsageRequest(page_token="nonsense")):
+        error = await fails(auth.stub.GetUsage(bad, metadata=auth.admin))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The SDK reads every page.
+    async with AsyncAuthClient(auth.server.address, api_key=auth.admin_key) as client:
+        rows = await client.get_usage(tenant="pages")
+    assert [row.model for row in rows] == models

@@ -85,7 +85,7 @@ async def test_usage_batches_add_up_once_each(store: AuthStore) -> None:
     assert await store.record_usage("batch-1", records)
     assert not await store.record_usage("batch-1", records)  # a retried batch
     assert await store.record_usage("batch-2", records[:1])
-    (row,) = await store.get_usage()
+    (row,), _ = await store.get_usage()
     assert (row.requests, row.errors, row.prompt_tokens, row.completion_tokens) == (3, 1, 20, 10)
     assert (row.compute_micros, row.cost) == (200, 1.0)
 
@@ -103,7 +103,7 @@ async def test_concurrent_batches_from_two_replicas_lose_nothing(
         )
     finally:
         await other.close()
-    (row,) = await store.get_usage()
+    (row,), _ = await store.get_usage()
     assert (row.requests, row.cost) == (20, 20.0)
 
 
@@ -128,7 +128,7 @@ async def test_usage_refusals_name_the_record_and_field(store: AuthStore) -> Non
         with pytest.raises(InvalidArgument) as caught:
             await store.record_usage("b", [good, record])
         assert caught.value.violations[0].field == field
-    assert await store.get_usage() == []
+    assert await store.get_usage() == ([], "")
     assert await store.record_usage("b", [good])  # refused batches claimed nothing
 
 
@@ -147,7 +147,8 @@ async def test_get_usage_filters_and_month_spend(store: AuthStore, clock: Clock)
     assert await store.record_usage("all", records)
 
     async def costs(**filters: str) -> list[float]:
-        return [r.cost for r in await store.get_usage(**filters)]
+        rows, _ = await store.get_usage(**filters)  # type: ignore[arg-type]
+        return [r.cost for r in rows]
 
     assert await costs() == [1, 2, 8, 4, 16]
     assert await costs(tenant_id="acme") == [1, 2, 4, 16]
@@ -177,5 +178,29 @@ async def test_applied_batch_ids_are_forgotten_after_a_week(store: AuthStore, cl
     clock.now += 8 * DAY
     assert await store.record_usage("new", [record])  # prunes "old"
     assert await store.record_usage("old", [record])
-    (row,) = await store.get_usage()
+    (row,), _ = await store.get_usage()
     assert row.requests == 3
+
+
+async def test_usage_pages_cover_every_row_once_in_order(store: AuthStore) -> None:
+    keys = ("aaaaaaaaaaaa", "bbbbbbbbbbbb")
+    records = [
+        pb.UsageRecord(tenant_id=t, key_id=k, model=m, day=d, requests=1)
+        for d in ("2030-03-01", "2030-03-02")
+        for t in ("acme", "beta")
+        for k in keys
+        for m in ("m1", "m2")
+    ]
+    assert await store.record_usage("all", records)
+    whole, token = await store.get_usage(page_size=1000)
+    assert len(whole) == 16 and token == ""
+    paged: list[pb.UsageRecord] = []
+    token = ""
+    while True:
+        page, token = await store.get_usage(page_size=3, page_token=token)
+        paged.extend(page)
+        if not token:
+            break
+    assert paged == whole
+    with pytest.raises(InvalidArgument, match="page_size"):
+        await store.get_usage(page_size=1001)

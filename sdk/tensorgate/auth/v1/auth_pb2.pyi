@@ -798,6 +798,8 @@ class GetUsageRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     START_DAY_FIELD_NUMBER: _builtins.int
     END_DAY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Empty: the caller's own tenant (an admin: every tenant)."""
     key_id: _builtins.str
@@ -805,6 +807,12 @@ class GetUsageRequest(_message.Message):
     start_day: _builtins.str
     """Inclusive UTC days, YYYY-MM-DD; empty means unbounded."""
     end_day: _builtins.str
+    page_size: _builtins.int
+    """1..1000; 0 means 100."""
+    page_token: _builtins.str
+    """next_page_token of the previous page (asked with the same filters); empty for the
+    first.
+    """
     def __init__(
         self,
         *,
@@ -813,10 +821,12 @@ class GetUsageRequest(_message.Message):
         model: _builtins.str = ...,
         start_day: _builtins.str = ...,
         end_day: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_day", b"end_day", "key_id", b"key_id", "model", b"model", "start_day", b"start_day", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_day", b"end_day", "key_id", b"key_id", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "start_day", b"start_day", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,16 +837,22 @@ class GetUsageResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
-    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]: ...
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]:
+        """Oldest day first, then by tenant, key and model."""
+
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___UsageRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

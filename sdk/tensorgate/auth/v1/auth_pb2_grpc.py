@@ -213,7 +213,7 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """The ledger, summed per tenant, key, model and day in a date range.
+        """The ledger, summed per tenant, key, model and day in a date range, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

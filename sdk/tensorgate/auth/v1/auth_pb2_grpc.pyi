@@ -72,7 +72,7 @@ class AuthServiceStub:
     (re)connects drops its whole cache: it may have missed changes meanwhile.
     """
     GetUsage: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetUsageRequest, _auth_pb2.GetUsageResponse]
-    """The ledger, summed per tenant, key, model and day in a date range."""
+    """The ledger, summed per tenant, key, model and day in a date range, a page at a time."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -110,7 +110,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     (re)connects drops its whole cache: it may have missed changes meanwhile.
     """
     GetUsage: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetUsageRequest, _auth_pb2.GetUsageResponse]  # type: ignore[assignment]
-    """The ledger, summed per tenant, key, model and day in a date range."""
+    """The ledger, summed per tenant, key, model and day in a date range, a page at a time."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -235,6 +235,6 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.GetUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetUsageResponse, _abc.Awaitable[_auth_pb2.GetUsageResponse]]:
-        """The ledger, summed per tenant, key, model and day in a date range."""
+        """The ledger, summed per tenant, key, model and day in a date range, a page at a time."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
