@@ -186,19 +186,40 @@ def file_sha256(path: Path) -> str:
 
 
 def check_tar(path: Path) -> None:
-    """Refuses a tar that holds anything but relative regular files and folders."""
+    """Refuses a tar that holds anything but relative regular files and folders, each
+    path once, none both a file and a folder: what unpacks the same way everywhere."""
     try:
         with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                name = PurePosixPath(member.name)
-                if name.is_absolute() or ".." in name.parts:
-                    raise ModelFolderError(f"{path}: member {member.name!r} leaves its folder")
-                if not (member.isreg() or member.isdir()):
-                    raise ModelFolderError(
-                        f"{path}: member {member.name!r} is not a regular file or folder"
-                    )
-    except tarfile.TarError as exc:
+            _check_members(path, tar)
+    except ModelFolderError:
+        raise
+    except (tarfile.TarError, ValueError, OSError, RecursionError) as exc:
+        # tarfile raises more than TarError for a damaged header (ValueError for a bad
+        # sparse map, for one): all of it means the same to the caller.
         raise ModelFolderError(f"{path}: not an uncompressed tar file ({exc})") from None
+
+
+def _check_members(path: Path, tar: tarfile.TarFile) -> None:
+    files: set[PurePosixPath] = set()
+    folders: set[PurePosixPath] = set()
+    for member in tar:
+        name = PurePosixPath(member.name)
+        shown = repr(member.name)
+        if name.is_absolute() or ".." in name.parts:
+            raise ModelFolderError(f"{path}: member {shown} leaves its folder")
+        if not (member.isreg() or member.isdir()):
+            raise ModelFolderError(f"{path}: member {shown} is not a regular file or folder")
+        if not name.parts:  # "", "." or "./": the version folder itself
+            if member.isreg():
+                raise ModelFolderError(f"{path}: member {shown} is a file without a name")
+            continue
+        if name in files or (member.isreg() and name in folders):
+            raise ModelFolderError(f"{path}: member {shown} is in the tar more than once")
+        clash = next((parent for parent in name.parents if parent in files), None)
+        if clash is not None:
+            raise ModelFolderError(f"{path}: {str(clash)!r} is both a file and a folder")
+        folders.update(name.parents)
+        (files if member.isreg() else folders).add(name)
 
 
 def unpack(artifact: Path, config_pbtxt: str, dest: Path, version: int) -> None:

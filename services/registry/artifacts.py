@@ -7,8 +7,9 @@ stand beside `LocalArtifactStore`, which keeps blobs as files under a root folde
     root/sha256/ab/ab12...ef      committed blobs, named by the sha256 of their bytes
     root/registry.lock            held (flock, shared) by every registry using the store
 
-A blob appears under sha256/ only by an atomic rename after its size and hash were
-checked and its bytes fsynced, so a reader never sees a partial or unverified blob.
+A blob appears under sha256/ only by an atomic rename after its size, hash and the
+caller's check were passed and its bytes fsynced, so a reader never sees a partial or
+unverified blob.
 Reads verify the whole blob again before the first byte goes out: disks rot, and a
 worker must never load bytes that are not the ones registered.
 """
@@ -28,7 +29,6 @@ from types import TracebackType
 from typing import IO, Protocol, Self
 
 import structlog
-from tensorgate.model_folder import ModelFolderError, check_tar
 from tensorgate.registry.v1 import registry_pb2
 
 from services.runtime.errors import DataLoss, InvalidArgument, NotFound
@@ -56,8 +56,16 @@ class ArtifactWriter(Protocol):
     async def write(self, chunk: bytes) -> None: ...
 
     async def commit(
-        self, expected_sha256: str, expected_size: int, format: str
-    ) -> registry_pb2.Artifact: ...
+        self,
+        expected_sha256: str,
+        expected_size: int,
+        format: str,
+        *,
+        check: Callable[[Path], None] | None = None,
+    ) -> registry_pb2.Artifact:
+        """Stores the blob if its size and sha256 are the expected ones and `check`
+        (run on the received file, in a thread) raises nothing; else nothing is stored."""
+        ...
 
     async def abort(self) -> None: ...
 
@@ -90,13 +98,9 @@ class ArtifactStore(Protocol):
         """Removes unfinished uploads and blobs not in `referenced`; returns how many."""
         ...
 
-    async def check_archive(self, sha256: str) -> None:
-        """InvalidArgument unless the blob is a tar of relative regular files and folders
-        (what a worker unpacks into Triton's model repository)."""
-        ...
-
-    async def remove(self, sha256: str) -> None:
-        """Deletes a blob no version references (an upload refused after its bytes landed)."""
+    def remove(self, sha256: str) -> None:
+        """Deletes a blob no version references (an upload refused after its bytes landed),
+        at once: no other call runs between the caller's checks and the removal."""
         ...
 
     def close(self) -> None:
@@ -155,16 +159,10 @@ class LocalArtifactStore:
         path = self.blob_path(sha256)
         return await asyncio.to_thread(_blob_is_intact, path)
 
-    async def check_archive(self, sha256: str) -> None:
-        try:
-            await asyncio.to_thread(check_tar, self.blob_path(sha256))
-        except ModelFolderError as exc:
-            # The message names a path inside the store: the caller needs only what.
-            reason = str(exc).split(": ", 1)[-1]
-            raise InvalidArgument("chunk", f"the artifact is not a usable tar: {reason}") from None
-
-    async def remove(self, sha256: str) -> None:
-        await asyncio.to_thread(self.blob_path(sha256).unlink, missing_ok=True)
+    def remove(self, sha256: str) -> None:
+        # On the event loop, not in a thread: the caller's check that nothing uses the
+        # blob must still hold when it goes (a cheap metadata call).
+        self.blob_path(sha256).unlink(missing_ok=True)
 
     async def collect_garbage(self, referenced: set[str]) -> int:
         """Call once at start, before serving; it also takes this registry's hold on the
@@ -271,9 +269,15 @@ class LocalArtifactWriter:
         await self._in_step(self._append, chunk, inline=len(chunk) <= _INLINE_MAX_BYTES)
 
     async def commit(
-        self, expected_sha256: str, expected_size: int, format: str
+        self,
+        expected_sha256: str,
+        expected_size: int,
+        format: str,
+        *,
+        check: Callable[[Path], None] | None = None,
     ) -> registry_pb2.Artifact:
-        """Checks size, then hash, and stores the blob; the writer is finished after."""
+        """Checks size, hash and `check`, then stores the blob; the writer is finished
+        after. Refused bytes never reach the store."""
         self._check_open()
         expected = check_sha256(expected_sha256)
         if self._size != expected_size:
@@ -283,7 +287,7 @@ class LocalArtifactWriter:
         computed = self._hash.hexdigest()
         if computed != expected:
             raise InvalidArgument("sha256", f"declared {expected} but the bytes hash to {computed}")
-        await self._in_step(self._install, expected, inline=False)
+        await self._in_step(self._install, expected, check, inline=False)
         self._done = True
         return registry_pb2.Artifact(sha256=expected, size_bytes=self._size, format=format)
 
@@ -325,12 +329,14 @@ class LocalArtifactWriter:
         self._opened().write(chunk)
         self._hash.update(chunk)
 
-    def _install(self, sha256: str) -> None:
+    def _install(self, sha256: str, check: Callable[[Path], None] | None) -> None:
         blob = self._opened()
         blob.flush()
         os.fsync(blob.fileno())
         blob.close()
         assert self._path is not None
+        if check is not None:
+            check(self._path)
         self._store._install(self._path, sha256)
 
 

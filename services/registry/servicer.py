@@ -13,6 +13,7 @@ from datetime import UTC
 from typing import Any
 
 import grpc
+import structlog
 from tensorgate.client_streams import ACCEPTED
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -32,6 +33,8 @@ from services.runtime.errors import (
 from services.runtime.triton_config import parse_config
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+log = structlog.get_logger("tensorgate.registry")
 
 ACTOR_KEY = "x-tensorgate-actor"
 # A watcher re-reads the database this often even when this process saw no commit,
@@ -164,8 +167,6 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             idle_seconds=self._upload_idle,
         )
         try:
-            if artifact.format == "triton-python":
-                await self._artifacts.check_archive(artifact.sha256)
             version = await self._store.create_version(
                 header.model,
                 artifact=artifact,
@@ -176,15 +177,24 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                 actor=actor(),
             )
         except BaseException:
-            # The bytes landed but no version names them: unless another upload of the
-            # same bytes is under way or a version has them, they go now.
-            if self._uploading.get(artifact.sha256, 0) <= 1 and (
-                artifact.sha256 not in await self._store.referenced_artifacts()
-            ):
-                await self._artifacts.remove(artifact.sha256)
+            await self._drop_unregistered(artifact.sha256)
             raise
         calls.note(resolved=f"{version.model}:{version.version}")
         return version
+
+    async def _drop_unregistered(self, sha256: str) -> None:
+        """Removes a blob whose upload failed after it landed, unless a version has it
+        or another upload of the same bytes is under way. The count is read after the
+        database answered, with nothing awaited between it and the removal: an upload
+        that began meanwhile may already be using the blob."""
+        try:
+            in_use = await self._store.artifact_in_use(sha256)
+        except Exception as exc:
+            # Kept, then: the next start's sweep removes it if no version names it.
+            log.warning("could not check an unregistered artifact", sha256=sha256, reason=repr(exc))
+            return
+        if not in_use and self._uploading.get(sha256) == 1:
+            self._artifacts.remove(sha256)
 
     async def GetVersion(
         self, request: registry_pb2.GetVersionRequest, context: Context

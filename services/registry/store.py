@@ -273,6 +273,12 @@ class RegistryStore:
             deleted = pb.VersionDeleted(model=model, version=version)
             await change.record("version_deleted", deleted)
 
+    async def artifact_in_use(self, sha256: str) -> bool:
+        """Whether some version's artifact is the blob named `sha256`."""
+        query = select(versions.c.model).where(versions.c.sha256 == sha256).limit(1)
+        async with self._database.read() as connection:
+            return (await connection.execute(query)).first() is not None
+
     async def referenced_artifacts(self) -> set[str]:
         async with self._database.read() as connection:
             return set((await connection.execute(select(versions.c.sha256).distinct())).scalars())

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+from tensorgate.model_folder import ModelFolderError, check_tar
 from tensorgate.registry.v1 import registry_pb2
 
 from services.registry.artifacts import ArtifactStore, check_sha256
@@ -73,7 +75,18 @@ async def receive_artifact(
             await writer.write(part.chunk)
         if received < declared:
             raise InvalidArgument("chunk", f"the stream ended after {received} of {declared} bytes")
-        return await writer.commit(header.sha256, declared, header.format)
+        return await writer.commit(header.sha256, declared, header.format, check=_check_archive)
+
+
+def _check_archive(path: Path) -> None:
+    """InvalidArgument unless the artifact is a tar of relative regular files and folders:
+    every format is a Triton version folder that workers unpack the same way."""
+    try:
+        check_tar(path)
+    except ModelFolderError as exc:
+        # The message names a temp file inside the store: the caller needs only what.
+        reason = str(exc).split(": ", 1)[-1]
+        raise InvalidArgument("chunk", f"the artifact is not a usable tar: {reason}") from None
 
 
 async def _next_part(

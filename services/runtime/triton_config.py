@@ -66,8 +66,8 @@ def parse_config(pbtxt: str) -> registry_pb2.TritonConfig:
 
     Refuses what Triton would refuse to load: text that does not parse, no backend,
     no inputs or outputs, tensors without a name, type or dims, dims that are 0 or
-    below -1. The `name` is cleared from the kept text: a worker loads the model
-    under a name of its own choosing (see render_config).
+    below -1. The `name` and `version_policy` are cleared from the kept text: a worker
+    loads each version as version 1 of a model named by it (see render_config).
     """
     if len(pbtxt) > MAX_CONFIG_CHARS:
         raise InvalidArgument(FIELD, f"is {len(pbtxt)} characters; at most {MAX_CONFIG_CHARS}")
@@ -89,6 +89,9 @@ def parse_config(pbtxt: str) -> registry_pb2.TritonConfig:
     _check_tensors("output", model.output)
     params = {key: value.string_value for key, value in model.parameters.items()}
     model.ClearField("name")
+    # Each registry version is version 1 of a Triton model of its own (the worker's
+    # model repository); a policy naming other versions would leave nothing to load.
+    model.ClearField("version_policy")
     return registry_pb2.TritonConfig(
         backend=backend,
         inputs=tensor_specs(model.input),

@@ -10,6 +10,7 @@ import os
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from gateway.server import start_gateway
 from gateway.settings import GatewaySettings
 from services.registry.server import start_registry
 from services.registry.settings import RegistrySettings
+from services.registry.store import RegistryStore
 from tests.conftest import RegistryStack
 from tests.helpers import refused_upload
 
@@ -150,6 +152,11 @@ async def test_refused_uploads_leave_no_bytes_behind(
     assert code == INVALID and "tar" in details
     code, details = await _upload(stub, _tar({"../escape.py": b"x"}))
     assert code == INVALID and "tar" in details
+    # Every format is a tar of the version folder: a worker unpacks each the same way.
+    code, details = await _upload(stub, b"onnx bytes, no tar " + os.urandom(600), format="onnx")
+    assert code == INVALID and "tar" in details
+    code, details = await _upload(stub, _tar({"m.onnx": b"x", "m.onnx/x": b"y"}), format="onnx")
+    assert code == INVALID and "both a file and a folder" in details
     code, details = await _upload(stub, archive, config_pbtxt='backend: "../x"')
     assert code == INVALID
     assert _stored(registry_stack) == before
@@ -234,4 +241,78 @@ async def test_a_stalled_upload_is_abandoned_and_frees_its_slot(tmp_path: Path) 
         assert [p for p in (tmp_path / "artifacts" / "tmp").rglob("*") if p.is_file()] == []
     finally:
         await gateway.stop()
+        await registry.stop()
+
+
+async def test_an_upload_that_fails_after_its_bytes_landed_spares_another_upload_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upload A lands its bytes, then fails (its lineage parent was deleted meanwhile) and
+    # cleans up; upload C of the same bytes starts during that clean-up and installs the
+    # blob before A decides. A must leave the blob to C, whose version is then whole.
+    registry = await start_registry(
+        RegistrySettings(data_dir=tmp_path, metrics_port=0, drain_seconds=0.0)
+    )
+    a_checking, c_installed, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    in_use, create = RegistryStore.artifact_in_use, RegistryStore.create_version
+
+    async def in_use_while_c_lands(self: RegistryStore, sha256: str) -> bool:
+        answer = await in_use(self, sha256)
+        a_checking.set()
+        await c_installed.wait()
+        return answer
+
+    async def create_after_a(self: RegistryStore, model: str, **fields: Any) -> Any:
+        if not fields["lineage"].parent_version:  # upload C
+            c_installed.set()
+            await a_done.wait()
+        return await create(self, model, **fields)
+
+    try:
+        async with AsyncRegistryClient(registry.address) as client:
+            folder = REPO / "models" / "repository" / "digits"
+            await client.create_model("same", task="infer")
+            await client.upload("same", folder)
+            await client.upload("same", folder, description="the parent, deleted below")
+        monkeypatch.setattr(RegistryStore, "artifact_in_use", in_use_while_c_lands)
+        monkeypatch.setattr(RegistryStore, "create_version", create_after_a)
+        payload = _tar({"model.py": os.urandom(2048)})
+        header = registry_pb2.UploadVersionRequest.Header(
+            model="same",
+            sha256=hashlib.sha256(payload).hexdigest(),
+            size_bytes=len(payload),
+            format="triton-python",
+            config_pbtxt=CONFIG,
+        )
+        async with grpc.aio.insecure_channel(registry.address) as channel:
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+            a = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
+            a_header = registry_pb2.UploadVersionRequest.Header()
+            a_header.CopyFrom(header)
+            a_header.lineage.parent_version = 2
+            await a.write(registry_pb2.UploadVersionRequest(header=a_header))
+            await a.initial_metadata()
+            await stub.DeleteVersion(registry_pb2.DeleteVersionRequest(model="same", version=2))
+            await a.write(registry_pb2.UploadVersionRequest(chunk=payload))
+            await a.done_writing()
+            await a_checking.wait()
+
+            async def upload_c() -> registry_pb2.ModelVersion:
+                c = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
+                await c.write(registry_pb2.UploadVersionRequest(header=header))
+                await c.initial_metadata()
+                await c.write(registry_pb2.UploadVersionRequest(chunk=payload))
+                await c.done_writing()
+                return await c  # type: ignore[no-any-return]
+
+            c_task = asyncio.create_task(upload_c())
+            code, _ = await _status(a)
+            assert code == grpc.StatusCode.NOT_FOUND
+            a_done.set()
+            c_version = await c_task
+        monkeypatch.undo()
+        async with AsyncRegistryClient(registry.address) as client:
+            await client.download("same", c_version.version, tmp_path / "c.tar")
+        assert (tmp_path / "c.tar").read_bytes() == payload
+    finally:
         await registry.stop()

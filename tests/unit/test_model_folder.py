@@ -173,3 +173,50 @@ def test_the_digits_example_packs() -> None:
         names = {m.name for m in _members(packed.path)}
         assert {"model.py", "digits.pt", "digits_arch.py"} <= names
         assert 'name: "digits"' in packed.config_pbtxt
+
+
+def _tar_of(path: Path, *members: tuple[str, bytes | None]) -> Path:
+    """A tar of (name, data) members in this order; data None makes a folder."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE if data is None else tarfile.REGTYPE
+            info.size = len(data or b"")
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("members", "complaint"),
+    [
+        ([("", b"x")], "file without a name"),
+        ([("./", b"x")], "file without a name"),
+        ([("model.py", b"a"), ("model.py", b"b")], "more than once"),
+        ([("w", None), ("w", b"x")], "more than once"),
+        ([("w", b"x"), ("w", None)], "more than once"),
+        ([("w", b"x"), ("w/a.bin", b"y")], "both a file and a folder"),
+        ([("w/a.bin", b"y"), ("w", b"x")], "more than once"),
+    ],
+)
+def test_a_tar_that_would_not_unpack_the_same_everywhere_is_refused(
+    tmp_path: Path, members: list[tuple[str, bytes | None]], complaint: str
+) -> None:
+    with pytest.raises(ModelFolderError, match=complaint):
+        check_tar(_tar_of(tmp_path / "bad.tar", *members))
+
+
+def test_a_tar_made_with_its_folder_as_dot_is_accepted(tmp_path: Path) -> None:
+    # `tar -cf m.tar -C 1 .` writes "./" first and "./model.py" after.
+    check_tar(_tar_of(tmp_path / "ok.tar", ("./", None), ("./model.py", b"x"), ("./w", None)))
+
+
+def test_a_damaged_header_is_refused_as_not_a_tar(tmp_path: Path) -> None:
+    # A PAX sparse map that is not numbers: tarfile raises ValueError, not TarError.
+    damaged = tmp_path / "damaged.tar"
+    with tarfile.open(damaged, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("model.py")
+        info.size = 4
+        info.pax_headers = {"GNU.sparse.map": "1,x"}
+        tar.addfile(info, io.BytesIO(b"abcd"))
+    with pytest.raises(ModelFolderError, match="not an uncompressed tar"):
+        check_tar(damaged)

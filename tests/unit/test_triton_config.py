@@ -199,3 +199,12 @@ def test_render_refuses_what_it_cannot_write() -> None:
         render_config(registered, triton_name="m", instances=0, parameters={})
     with pytest.raises(DataLoss, match=r"no config\.pbtxt"):
         render_config(registry_pb2.TritonConfig(), triton_name="m", instances=1, parameters={})
+
+
+def test_the_name_and_a_version_policy_are_not_kept() -> None:
+    # A worker loads each registry version as version 1 of a model it names: a policy
+    # asking for version 7 would leave Triton nothing to load.
+    pbtxt = (MODELS / "digits" / "config.pbtxt").read_text()
+    pbtxt += "\nversion_policy { specific { versions: [7] } }\n"
+    kept = text_format.Parse(parse_config(pbtxt).pbtxt, model_config_pb2.ModelConfig())
+    assert kept.name == "" and not kept.HasField("version_policy")

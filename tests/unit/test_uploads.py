@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
+import tarfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -16,7 +18,19 @@ from services.registry.uploads import artifact_chunks, receive_artifact
 from services.runtime.errors import DataLoss, DeadlineExceeded, InvalidArgument
 
 Request = registry_pb2.UploadVersionRequest
-DATA = os.urandom(2 * 1024 * 1024 + 3)
+
+
+def _tar_of(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("model.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+# An artifact is a tar of the version folder; this one spans three 1 MiB chunks.
+DATA = _tar_of(os.urandom(2 * 1024 * 1024 + 3))
 SHA = hashlib.sha256(DATA).hexdigest()
 LIMIT = 8 * 1024 * 1024
 
@@ -60,13 +74,18 @@ async def test_upload_then_download_round_trip(tmp_path: Path) -> None:
     assert len(parts) == 1 + 3
 
 
-async def test_an_empty_artifact_is_a_header_and_no_chunk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("format", ["triton-python", "onnx", "torchscript"])
+async def test_bytes_that_are_no_tar_are_refused_before_they_land(
+    tmp_path: Path, format: str
+) -> None:
     store = LocalArtifactStore(tmp_path)
-    empty = header(sha256=hashlib.sha256(b"").hexdigest(), size_bytes=0)
-    artifact = await receive_artifact(empty, stream([]), store, max_bytes=LIMIT)
-    version = registry_pb2.ModelVersion(model="m", version=1, artifact=artifact)
-    parts = [p async for p in artifact_chunks(version, store, chunk_size=1024)]
-    assert [p.WhichOneof("part") for p in parts] == ["version"]
+    for data in (b"", os.urandom(4096)):
+        refused = header(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        refused.format = format
+        with pytest.raises(InvalidArgument, match="not a usable tar") as caught:
+            await receive_artifact(refused, stream(chunks(data)), store, max_bytes=LIMIT)
+        assert caught.value.violations[0].field == "chunk" and "upload-" not in str(caught.value)
+    assert files(tmp_path) == []
 
 
 @pytest.mark.parametrize(
