@@ -303,7 +303,7 @@ async def test_an_upload_that_fails_after_its_bytes_landed_spares_another_upload
                 await c.initial_metadata()
                 await c.write(registry_pb2.UploadVersionRequest(chunk=payload))
                 await c.done_writing()
-                return await c  # type: ignore[no-any-return]
+                return await c
 
             c_task = asyncio.create_task(upload_c())
             code, _ = await _status(a)
