@@ -9,6 +9,7 @@ limit; `Change.record` refuses anything that still gets too big.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -27,14 +28,27 @@ MAX_TRANSFORMATION = 128
 MAX_LINEAGE_PARAMETERS = 64
 MAX_LINEAGE_VALUE = 256
 MAX_TENANT = 128
+# C0 and C1 controls but tab and newline, and the bidirectional overrides and isolates
+# that make text show other than it reads.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # Timestamps protobuf can turn into a datetime: years 1..9999.
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
 
 
 def text(field: str, value: str, limit: int) -> None:
+    """Free text: at most `limit` bytes, and no control character but tab and newline
+    (PostgreSQL cannot store NUL, and escape sequences would reach operators' terminals
+    through the CLI)."""
     size = len(value.encode())
     if size > limit:
         raise InvalidArgument(field, f"is {size} bytes; at most {limit} are allowed")
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise InvalidArgument(
+            field,
+            f"holds the control character U+{ord(bad.group()):04X} at position {bad.start()}; "
+            "only printable text, tabs and newlines are kept",
+        )
 
 
 def name(field: str, value: str) -> None:
@@ -54,6 +68,12 @@ def name(field: str, value: str) -> None:
 def version_number(field: str, value: int) -> None:
     if value < 1:
         raise InvalidArgument(field, f"must be a version number (>= 1), got {value}")
+
+
+def optional_name(field: str, value: str) -> None:
+    """A name a list call may filter by; empty means no filter."""
+    if value:
+        name(field, value)
 
 
 def labels(field: str, values: Mapping[str, str]) -> None:

@@ -89,11 +89,15 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def GetModel(
         self, request: registry_pb2.GetModelRequest, context: Context
     ) -> registry_pb2.Model:
+        check.name("name", request.name)
         return await self._store.get_model(request.name)
 
     async def ListModels(
         self, request: registry_pb2.ListModelsRequest, context: Context
     ) -> registry_pb2.ListModelsResponse:
+        check.optional_name("task", request.task)
+        # Each label is one more join: bounded as a model's own labels are.
+        check.labels("labels", request.labels)
         models, token = await self._store.list_models(
             page_size=request.page_size,
             page_token=request.page_token,
@@ -205,6 +209,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def ListVersions(
         self, request: registry_pb2.ListVersionsRequest, context: Context
     ) -> registry_pb2.ListVersionsResponse:
+        check.name("model", request.model)
         return registry_pb2.ListVersionsResponse(
             versions=await self._store.list_versions(request.model)
         )
@@ -277,6 +282,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     ) -> registry_pb2.ListAliasesResponse:
         # The revision is read first: the list may then include later moves too, which
         # a watcher starting from this revision replays harmlessly (a move is absolute).
+        check.optional_name("model", request.model)
         revision = await self._store.current_revision()
         return registry_pb2.ListAliasesResponse(
             aliases=await self._store.list_aliases(request.model or None), revision=revision
@@ -285,6 +291,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def GetAliasHistory(
         self, request: registry_pb2.GetAliasHistoryRequest, context: Context
     ) -> registry_pb2.GetAliasHistoryResponse:
+        check.alias(request.model, request.alias)
         return registry_pb2.GetAliasHistoryResponse(
             moves=await self._store.alias_history(request.model, request.alias)
         )

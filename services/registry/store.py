@@ -51,6 +51,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version_registry"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PAGE_SIZE, _MAX_PAGE_SIZE = 100, 1000
+_MAX_TOKEN_CHARS = 1024
 
 
 def _page_token(after: str) -> str:
@@ -58,10 +59,13 @@ def _page_token(after: str) -> str:
 
 
 def _after(token: str) -> str:
-    try:
-        after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        after = None
+    after = None
+    # A token this call made is short; anything long is not one, and is not decoded.
+    if len(token) <= _MAX_TOKEN_CHARS:
+        try:
+            after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
+        except (binascii.Error, ValueError, KeyError, TypeError, RecursionError):
+            after = None
     if not isinstance(after, str):
         raise InvalidArgument("page_token", f"{shown(token)} is not a token this call returned")
     return after

@@ -122,6 +122,44 @@ async def test_times_out_of_range_are_invalid(
     assert code == INVALID and "time" in details
 
 
+async def test_control_characters_names_and_unbounded_filters_are_invalid(
+    stub: registry_pb2_grpc.ModelRegistryAsyncStub,
+) -> None:
+    # NUL cannot be stored by PostgreSQL (it was INTERNAL there), an escape sequence
+    # would reach an operator's terminal, and a filter of 1,000 labels is 1,000 joins.
+    model = registry_pb2.Model
+    calls = {
+        "name": stub.GetModel(registry_pb2.GetModelRequest(name="digits\x00")),
+        "model": stub.ListVersions(registry_pb2.ListVersionsRequest(model="di\x00gits")),
+        "model.description": stub.CreateModel(
+            registry_pb2.CreateModelRequest(
+                model=model(name="ctl", task="infer", description="\x1b]0;pwned\x07")
+            )
+        ),
+        "model.labels": stub.CreateModel(
+            registry_pb2.CreateModelRequest(
+                model=model(name="ctl", task="infer", labels={"team": "a\x00b"})
+            )
+        ),
+        "reason": stub.SetAlias(
+            registry_pb2.SetAliasRequest(
+                model="digits", alias="p", version=1, reason="\u202egnp.exe"
+            )
+        ),
+        "alias": stub.GetAliasHistory(
+            registry_pb2.GetAliasHistoryRequest(model="digits", alias="p\x00")
+        ),
+        "labels": stub.ListModels(
+            registry_pb2.ListModelsRequest(labels={f"k{i}": "v" for i in range(1000)})
+        ),
+        "task": stub.ListModels(registry_pb2.ListModelsRequest(task="in\x00fer")),
+        "page_token": stub.ListModels(registry_pb2.ListModelsRequest(page_token="W" * 200_000)),
+    }
+    for field, call in calls.items():
+        code, details = await _status(call)
+        assert code == INVALID and details.startswith(field), (field, details)
+
+
 async def test_versions_and_names_that_cannot_exist_are_invalid_not_missing(
     stub: registry_pb2_grpc.ModelRegistryAsyncStub,
 ) -> None:
