@@ -5,6 +5,7 @@ that scripts can `cut -f` them."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
@@ -19,6 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from tensorgate.registry_client import Progress as ProgressCallback
 
 
@@ -55,9 +57,19 @@ def dash(n: int) -> str:
     return str(n) if n else "-"
 
 
+# C0 and C1 controls and the bidirectional overrides: what a stored description or
+# reason could use to drive the terminal (escape sequences) or show other than it reads.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(cell: str) -> str:
+    """`cell` with each control character written out as an escape (\\x1b)."""
+    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode(), cell)
+
+
 def _plain(cell: str) -> str:
     # A tab or newline inside a cell would split one row into several for a script.
-    return cell.replace("\t", " ").replace("\n", " ")
+    return _visible(cell).replace("\t", " ").replace("\n", " ")
 
 
 _FREE_TEXT = frozenset({"DESCRIPTION", "LABELS", "REASON", "ALIASES"})
@@ -82,14 +94,15 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]], *, empty: str =
             column, no_wrap=index == 0, overflow="fold", ratio=2 if column in _FREE_TEXT else None
         )
     for row in rows:
-        shown.add_row(*row)
+        # Text, not str: a "[" in a stored description is not rich markup.
+        shown.add_row(*(Text(_visible(cell)) for cell in row))
     console.print(shown)
 
 
 def result(sentence: str, row: Sequence[str]) -> None:
     """What a command did: a sentence for people, or one tab-separated row for scripts."""
     if Console().is_terminal:
-        Console().print(sentence, highlight=False, markup=False, soft_wrap=True)
+        Console().print(_visible(sentence), highlight=False, markup=False, soft_wrap=True)
     else:
         print("\t".join(_plain(cell) for cell in row))
 
