@@ -143,7 +143,10 @@ class ModelLoader:
         and the registry may have moved on. Returns the seconds until a failed
         load is due again, or None when none is.
         """
-        self._forget(wanted_now())
+        given_up = self._forget(wanted_now())
+        if given_up:
+            async with self._lock:
+                await self._clear_failed(given_up, wanted_now())
         for key in sorted(wanted_now()):
             want = wanted_now().get(key)
             if want is not None and self._due(want):
@@ -158,13 +161,28 @@ class ModelLoader:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _forget(self, wanted: Wanted) -> None:
-        # A version that is no longer wanted gets a fresh start if it is wanted again.
-        for key in [key for key in self._failed if key not in wanted]:
+    def _forget(self, wanted: Wanted) -> set[VersionKey]:
+        """Calls off retirements of versions wanted again; returns the failed versions
+        no longer wanted (each gets a fresh start if it is wanted again)."""
+        given_up = {key for key in self._failed if key not in wanted}
+        for key in given_up:
             del self._failed[key]
         for key in [key for key in self._retiring if key in wanted]:
             self._retiring.pop(key).cancel()
             log.info("retirement called off; the version is wanted again", version=_label(key))
+        return given_up
+
+    async def _clear_failed(self, given_up: set[VersionKey], wanted: Wanted) -> None:
+        """Removes what failed loads of versions no longer wanted left behind: their
+        folders (a load that failed has ended, so Triton reads none of them) and their
+        cached artifacts."""
+        serving = {loaded.triton_name for loaded in self._loaded.values()}
+        for name in self._repository.names():
+            ours = parse_triton_name(name)
+            if ours is not None and (ours[0], ours[1]) in given_up and name not in serving:
+                await asyncio.to_thread(self._repository.remove, name)
+                log.info("removed the folder of a version that failed", triton_model=name)
+        self._discard_artifacts(wanted)
 
     def _due(self, want: WantedVersion) -> bool:
         loaded = self._loaded.get(want.key)

@@ -236,6 +236,23 @@ async def test_a_failed_load_is_retried_with_backoff(
     assert world.registry.downloads.count(("a", 1)) == 1  # the verified artifact was kept
 
 
+async def test_a_version_that_failed_leaves_nothing_once_it_is_no_longer_wanted(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    world.want(("a", 1), ("b", 2))
+    world.triton.failing.add("a__v1")
+    await world.reconcile()
+    assert world.repository.names() == ["a__v1", "b__v2"]  # written, then refused by Triton
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    world.want(("b", 2))
+    assert await world.reconcile() is None  # nothing left to retry
+    assert world.repository.names() == ["b__v2"]
+    cached = [p.stem for p in (tmp_path / "cache").iterdir()]
+    assert cached == [world.wanted[("b", 2)].version.artifact.sha256]
+    assert world.served() == ["b:2"]
+
+
 async def test_a_version_wanted_again_while_retiring_stays(tmp_path: Path) -> None:
     world = World(tmp_path, retire_seconds=0.2)
     world.want(("m", 1))
