@@ -245,9 +245,11 @@ class WorkerPool:
                 serving = {v: [w for w in ws if w.serving] for v, ws in (versions or {}).items()}
                 version = self._aliases.version(ref.name, ref.alias, serving)
             if not versions or version not in versions:
+                # The gateway does not know the deployments: say both things it may be.
                 raise Unavailable(
-                    f"model {shown(str(ref))} means version {version}, which no worker has "
-                    "loaded yet; retry shortly"
+                    f"model {shown(str(ref))} means version {version}, which no worker serves: "
+                    "retry shortly if it was just deployed, else deploy it (tensorgate models "
+                    f"deploy {ref.name}@{ref.alias})"
                 )
         elif not versions:
             unreached = sum(not w.reached for w in self._workers.values())
