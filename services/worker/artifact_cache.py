@@ -115,12 +115,16 @@ class ArtifactCache:
             await asyncio.to_thread(partial.unlink, missing_ok=True)
         return target
 
-    def discard(self, keep: set[str]) -> None:
-        """Removes cached artifacts whose sha256 is not in `keep`, and stray downloads."""
+    def discard(self, keep: set[str], *, downloads: bool = False) -> None:
+        """Removes cached artifacts whose sha256 is not in `keep`, and with `downloads`
+        unfinished downloads too (only when none can be in progress: at start)."""
         if not self.directory.is_dir():
             return
         for path in self.directory.iterdir():
-            if path.name.startswith(".download-") or path.stem not in keep:
+            if path.name.startswith(".download-"):
+                if downloads:
+                    path.unlink(missing_ok=True)
+            elif path.stem not in keep:
                 path.unlink(missing_ok=True)
 
 

@@ -43,6 +43,8 @@ class DeploymentSync:
         self._channel = channel
         self.feed = RegistryFeed(channel, max_backoff=max_backoff)
         self.loader = loader
+        # A model's loads ending is a reason for another pass (retire what they replace).
+        loader.on_change(self.feed.wake)
         self.synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -99,7 +101,8 @@ class DeploymentSync:
         first = True
         while True:
             try:
-                retry_in = await self.loader.reconcile(self._wanted)
+                # The first pass waits for every load: the worker is in sync after it.
+                retry_in = await self.loader.reconcile(self._wanted, wait=first)
             except Exception:
                 log.exception("deployment pass failed; trying again")
                 retry_in = _PASS_RETRY_S

@@ -1,9 +1,11 @@
 """Makes what this worker's Triton serves match what the registry wants.
 
-For each wanted version not loaded yet, one at a time: the artifact is fetched
-into the cache and verified (sha256 and size) before anything is written into
-the model repository, its folder is written (model_repository.py), Triton loads
-it (explicit model control) and the catalog starts routing to it.
+For each wanted version not loaded yet, one at a time per model: the artifact is
+fetched into the cache and verified (sha256 and size) before anything is written
+into the model repository, its folder is written (model_repository.py), Triton
+loads it (explicit model control) and the catalog starts routing to it. Models
+load side by side, so a model whose load takes minutes (or hangs in its
+initialize) holds back no other model's rollout or rollback.
 
 A version no longer wanted is let go only once every wanted version of its model
 is loaded, and then only once no call has come for it for `retire_seconds`: a
@@ -13,8 +15,9 @@ catches up (`retire_max_seconds` bounds that). Then it leaves the catalog (no ne
 calls), Triton unloads it (calls in flight finish) and its folder goes.
 
 Failures never stop the worker. An artifact that is not what the registry
-recorded is logged and not tried again while that version stays wanted; any
-other failure (registry or Triton trouble) is retried with backoff.
+recorded is logged and fetched again only every `rejected_retry_seconds`; any
+other failure (registry or Triton trouble) is retried with backoff. What a failed
+version left behind goes once it is no longer wanted.
 """
 
 from __future__ import annotations
@@ -98,8 +101,17 @@ class ModelLoader:
         self._loaded: dict[VersionKey, _Loaded] = {}
         self._failed: dict[VersionKey, _Failure] = {}
         self._retiring: dict[VersionKey, asyncio.Task[None]] = {}
-        # One change to Triton at a time: loads, unloads and retirements.
-        self._lock = asyncio.Lock()
+        # One change to a model's Triton models at a time (loads, unloads, retirements);
+        # models apart change side by side, so one slow load holds no other rollout back.
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._working: dict[str, asyncio.Task[None]] = {}  # model -> its loads in progress
+        self._leftovers: set[VersionKey] = set()  # failed, no longer wanted, not cleared
+        # Called when a model's loads end: what a pass decides may have changed.
+        self._on_change: Callable[[], None] = lambda: None
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """`callback` runs each time a model's loads end (see `reconcile`)."""
+        self._on_change = callback
 
     def loaded(self) -> set[VersionKey]:
         return set(self._loaded)
@@ -113,69 +125,99 @@ class ModelLoader:
         else Triton has ready is unloaded, and folders this worker wrote that are not
         kept go.
         """
-        async with self._lock:
-            for name, versions in (await self._triton.ready_versions()).items():
-                ours = parse_triton_name(name)
-                want = wanted.get((ours[0], ours[1])) if ours is not None else None
-                if (
-                    want is not None
-                    and want.key not in self._loaded
-                    and TRITON_VERSION in versions
-                    and self._repository.has(name)
-                ):
-                    config = await self._triton.model_config(name, TRITON_VERSION)
-                    self._loaded[want.key] = _Loaded(name, _instances(config))
-                    self._catalog.add(loaded_model(TRITON_VERSION, config))
-                    log.info("version already loaded; serving it", version=want.label)
-                    continue
-                log.info("unloading what is not wanted", triton_model=name)
-                await self._triton.unload_model(name)
-            kept = {loaded.triton_name for loaded in self._loaded.values()}
-            removed = await asyncio.to_thread(self._repository.sweep, kept)
-            if removed:
-                log.info("removed model folders not wanted", triton_models=removed)
-            self._discard_artifacts(wanted)
+        for name, versions in (await self._triton.ready_versions()).items():
+            ours = parse_triton_name(name)
+            want = wanted.get((ours[0], ours[1])) if ours is not None else None
+            if (
+                want is not None
+                and want.key not in self._loaded
+                and TRITON_VERSION in versions
+                and self._repository.has(name)
+            ):
+                config = await self._triton.model_config(name, TRITON_VERSION)
+                self._loaded[want.key] = _Loaded(name, _instances(config))
+                self._catalog.add(loaded_model(TRITON_VERSION, config))
+                log.info("version already loaded; serving it", version=want.label)
+                continue
+            log.info("unloading what is not wanted", triton_model=name)
+            await self._triton.unload_model(name)
+        kept = {loaded.triton_name for loaded in self._loaded.values()}
+        removed = await asyncio.to_thread(self._repository.sweep, kept)
+        if removed:
+            log.info("removed model folders not wanted", triton_models=removed)
+        self._discard_artifacts(wanted, downloads=True)
 
-    async def reconcile(self, wanted_now: Callable[[], Wanted]) -> float | None:
-        """One pass: loads what is missing, schedules retirements.
+    async def reconcile(
+        self, wanted_now: Callable[[], Wanted], *, wait: bool = True
+    ) -> float | None:
+        """One pass: starts each model's missing loads, schedules retirements.
 
+        Each model's loads run on their own, one at a time; a model whose loads are
+        still running from an earlier pass is left to them. With `wait`, returns
+        once every model's loads have ended (the first pass: the worker is then in
+        sync); else at once, and `on_change` is called as each model's loads end.
         `wanted_now` is asked again before each load, since a load takes seconds
         and the registry may have moved on. Returns the seconds until a failed
         load is due again, or None when none is.
         """
-        given_up = self._forget(wanted_now())
-        if given_up:
-            async with self._lock:
-                await self._clear_failed(given_up, wanted_now())
-        for key in sorted(wanted_now()):
-            want = wanted_now().get(key)
-            if want is not None and self._due(want):
-                async with self._lock:
-                    await self._load(want)
+        self._forget(wanted_now())
+        wanted = wanted_now()
+        models = {key[0] for key in self._leftovers}
+        models.update(model for (model, _), want in wanted.items() if self._due(want))
+        for model in sorted(models - set(self._working)):
+            work = asyncio.create_task(self._work_on(model, wanted_now), name=f"load-{model}")
+            self._working[model] = work
+        if wait and self._working:
+            await asyncio.wait(list(self._working.values()))
         self._schedule_retirements(wanted_now)
         return self._next_retry()
 
     async def close(self) -> None:
-        tasks = list(self._retiring.values())
+        tasks = [*self._retiring.values(), *self._working.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _forget(self, wanted: Wanted) -> set[VersionKey]:
-        """Calls off retirements of versions wanted again; returns the failed versions
-        no longer wanted (each gets a fresh start if it is wanted again)."""
-        given_up = {key for key in self._failed if key not in wanted}
-        for key in given_up:
+    def _lock_of(self, model: str) -> asyncio.Lock:
+        return self._locks.setdefault(model, asyncio.Lock())
+
+    async def _work_on(self, model: str, wanted_now: Callable[[], Wanted]) -> None:
+        """Clears what failed versions of `model` left, then loads its due versions."""
+        try:
+            async with self._lock_of(model):
+                await self._clear_failed(model, wanted_now())
+            for key in sorted(key for key in wanted_now() if key[0] == model):
+                want = wanted_now().get(key)
+                if want is not None and self._due(want):
+                    async with self._lock_of(model):
+                        await self._load(want)
+        except Exception:
+            # _load turns what it expects into retries; this is a bug or the disk.
+            log.exception("loading a model's versions failed", model=model)
+        finally:
+            if self._working.get(model) is asyncio.current_task():
+                del self._working[model]
+            self._on_change()
+
+    def _forget(self, wanted: Wanted) -> None:
+        """Calls off retirements of versions wanted again; a failed version no longer
+        wanted gets a fresh start if it is wanted again, and its leftovers are cleared."""
+        for key in [key for key in self._failed if key not in wanted]:
             del self._failed[key]
+            self._leftovers.add(key)
+        self._leftovers.difference_update(wanted)
         for key in [key for key in self._retiring if key in wanted]:
             self._retiring.pop(key).cancel()
             log.info("retirement called off; the version is wanted again", version=_label(key))
-        return given_up
 
-    async def _clear_failed(self, given_up: set[VersionKey], wanted: Wanted) -> None:
-        """Removes what failed loads of versions no longer wanted left behind: their
-        folders (a load that failed has ended, so Triton reads none of them) and their
-        cached artifacts."""
+    async def _clear_failed(self, model: str, wanted: Wanted) -> None:
+        """Removes what failed loads of `model`'s versions no longer wanted left behind:
+        their folders (a load that failed has ended, so Triton reads none of them) and
+        their cached artifacts."""
+        given_up = {key for key in self._leftovers if key[0] == model and key not in wanted}
+        self._leftovers.difference_update(given_up)
+        if not given_up:
+            return
         serving = {loaded.triton_name for loaded in self._loaded.values()}
         for name in self._repository.names():
             ours = parse_triton_name(name)
@@ -274,7 +316,7 @@ class ModelLoader:
             # unload half done would be worse); the check under the lock covers that.
             if self._retiring.get(key) is asyncio.current_task():
                 del self._retiring[key]
-        async with self._lock:
+        async with self._lock_of(key[0]):
             if key in wanted_now() or key not in self._loaded:
                 return
             await self._unload(key)
@@ -311,8 +353,10 @@ class ModelLoader:
         await asyncio.to_thread(self._repository.remove, name)
         log.info("unloaded", version=_label(key), triton_model=name)
 
-    def _discard_artifacts(self, wanted: Wanted) -> None:
-        self._cache.discard({want.version.artifact.sha256 for want in wanted.values()})
+    def _discard_artifacts(self, wanted: Wanted, *, downloads: bool = False) -> None:
+        # Downloads in progress belong to other models' loads, except at start.
+        keep = {want.version.artifact.sha256 for want in wanted.values()}
+        self._cache.discard(keep, downloads=downloads)
 
     def _next_retry(self) -> float | None:
         due = [f.retry_at for f in self._failed.values()]

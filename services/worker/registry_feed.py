@@ -37,6 +37,10 @@ class RegistryFeed:
         self._start_revision: int | None = None
         self._changed = asyncio.Event()
 
+    def wake(self) -> None:
+        """Makes the next `wait_changed` return at once, as a change would."""
+        self._changed.set()
+
     async def wait_changed(self, timeout: float | None = None) -> None:
         """Returns once the state changed since the last call, or after `timeout` seconds."""
         try:

@@ -310,3 +310,56 @@ async def test_a_rejected_version_is_loaded_once_its_bytes_are_repaired(setup: S
 
 def _is_error(line: Mapping[str, Any]) -> bool:
     return line.get("log_level") == "error"
+
+
+SLOW_MODEL = """
+import os
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        while not os.path.exists({flag!r}):  # a load that takes as long as the test says
+            time.sleep(0.05)
+
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())]
+            )
+            for r in requests
+        ]
+"""
+
+
+async def test_a_model_that_loads_for_ever_holds_no_other_rollout_back(setup: Setup) -> None:
+    assert setup.worker is not None  # the one the tests above restarted
+    async with grpc.aio.insecure_channel(setup.worker.address) as channel:
+        await _roll_out_beside_a_hung_load(setup, worker_pb2_grpc.InferenceWorkerStub(channel))
+
+
+async def _roll_out_beside_a_hung_load(
+    setup: Setup, stub: worker_pb2_grpc.InferenceWorkerAsyncStub
+) -> None:
+    flag = setup.data_dir / "slow-may-finish"
+    folder = setup.data_dir / "folders" / "slow"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(CONFIG)
+    (folder / "1" / "model.py").write_text(SLOW_MODEL.format(flag=str(flag)))
+    await setup.client.create_model("slow", task="infer")
+    await setup.client.upload("slow", folder)
+    await setup.client.set_deployment("slow", version=1)
+    async with asyncio.timeout(60):
+        while (await triton_states(setup)).get("slow__v1") != "LOADING":
+            await asyncio.sleep(0.1)
+    # While slow:1 is still in its initialize, production moves (the healed copy, v4).
+    await setup.client.set_alias("scale", "production", 4)
+    labels = await wait_for_list(stub, lambda labels: "scale:4" in labels)
+    assert "slow:1" not in labels
+    assert await scale(stub, "scale:4") == [3.0, 6.0]
+    flag.touch()
+    await wait_for_list(stub, lambda labels: "slow:1" in labels)
+    await setup.client.delete_deployment("slow", version=1)

@@ -35,9 +35,12 @@ class FakeTriton:
         self.ready: dict[str, model_config_pb2.ModelConfig] = {}
         self.calls: list[str] = []
         self.failing: set[str] = set()
+        self.hanging: dict[str, asyncio.Event] = {}  # loads that wait for their event
 
     async def load_model(self, name: str) -> None:
         self.calls.append(f"load {name}")
+        if name in self.hanging:
+            await self.hanging[name].wait()
         if name in self.failing:
             raise RuntimeError(f"Triton could not load {name}: boom")
         text = (self.root / name / "config.pbtxt").read_text()
@@ -251,6 +254,35 @@ async def test_a_version_that_failed_leaves_nothing_once_it_is_no_longer_wanted(
     cached = [p.stem for p in (tmp_path / "cache").iterdir()]
     assert cached == [world.wanted[("b", 2)].version.artifact.sha256]
     assert world.served() == ["b:2"]
+
+
+async def test_a_hung_load_holds_no_other_model_back(tmp_path: Path) -> None:
+    # Model a's initialize hangs; b is deployed, then rolled to v2 and back to v1 meanwhile.
+    world = World(tmp_path, retire_seconds=0.0)
+    released = asyncio.Event()
+    world.triton.hanging["a__v1"] = released
+    passes = asyncio.Event()
+    world.loader.on_change(passes.set)
+
+    async def settle(*labels: str) -> None:
+        async with asyncio.timeout(10):
+            while world.served() != list(labels):
+                retry_in = await world.loader.reconcile(lambda: world.wanted, wait=False)
+                passes.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(retry_in or 0.05):
+                        await passes.wait()
+
+    world.want(("a", 1), ("b", 1))
+    await settle("b:1")
+    world.want(("a", 1), ("b", 2))
+    await settle("b:2")
+    world.want(("a", 1), ("b", 1))
+    await settle("b:1")
+    assert world.triton.calls.count("load a__v1") == 1  # still the first, still hung
+    released.set()
+    await settle("a:1", "b:1")
+    await world.loader.close()
 
 
 async def test_a_version_wanted_again_while_retiring_stays(tmp_path: Path) -> None:
