@@ -352,9 +352,12 @@ async def _roll_out_beside_a_hung_load(
     await setup.client.create_model("slow", task="infer")
     await setup.client.upload("slow", folder)
     await setup.client.set_deployment("slow", version=1)
-    async with asyncio.timeout(60):
-        while (await triton_states(setup)).get("slow__v1") != "LOADING":
-            await asyncio.sleep(0.1)
+    for _ in range(600):  # Triton has no feed of its states: asked every 0.1 s
+        if (await triton_states(setup)).get("slow__v1") == "LOADING":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("slow:1 never started loading")
     # While slow:1 is still in its initialize, production moves (the healed copy, v4).
     await setup.client.set_alias("scale", "production", 4)
     labels = await wait_for_list(stub, lambda labels: "scale:4" in labels)
