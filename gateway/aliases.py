@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping
 
 import grpc
 import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.runtime.channels import open_channel
@@ -41,6 +42,7 @@ class AliasFeed:
         # gateway that has not routed the alias itself yet (a new or restarted one).
         self._previous: dict[tuple[str, str], int] = {}
         self.revision = 0
+        self._revision_time = Timestamp()  # of the change at `revision` (see Watch)
         # Set once the feed has caught up with the registry at least once: before
         # that an unknown alias may simply not have arrived yet.
         self.synced = asyncio.Event()
@@ -81,6 +83,7 @@ class AliasFeed:
             self._targets.pop(key, None)
             self._previous.pop(key, None)
         self.revision = event.revision
+        self._revision_time.CopyFrom(event.time)
 
     def _set(self, alias: registry_pb2.Alias) -> None:
         key = (alias.model, alias.name)
@@ -101,15 +104,18 @@ class AliasFeed:
                     for alias in listing.aliases:
                         self._set(alias)
                     self.revision = listing.revision
+                    self._revision_time.CopyFrom(listing.revision_time)
                     self.synced.set()
-                async for event in self._stub.Watch(
-                    registry_pb2.WatchRequest(since_revision=self.revision)
-                ):
+                since = registry_pb2.WatchRequest(since_revision=self.revision)
+                if self.revision:
+                    since.since_time.CopyFrom(self._revision_time)
+                async for event in self._stub.Watch(since):
                     self.apply(event)
                     backoff = _BACKOFF_FIRST_S
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    # The registry's history was reset: start over from nothing.
+                    # The registry's history was reset, replaced or restored: start
+                    # over from nothing.
                     log.warning("registry history reset; re-reading aliases")
                     self.synced.clear()
                     continue

@@ -68,7 +68,7 @@ async def start_registry(settings: RegistrySettings) -> Registry:
         await store.close()
         artifacts.close()
         raise
-    log.info("registry ready", revision=await store.current_revision())
+    log.info("registry ready", revision=await store.feed.current_revision())
     return Registry(service=service, store=store, artifacts=artifacts)
 
 

@@ -283,10 +283,13 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         # The revision is read first: the list may then include later moves too, which
         # a watcher starting from this revision replays harmlessly (a move is absolute).
         check.optional_name("model", request.model)
-        revision = await self._store.current_revision()
-        return registry_pb2.ListAliasesResponse(
+        revision, at_us = await self._store.feed.current_revision_at()
+        listing = registry_pb2.ListAliasesResponse(
             aliases=await self._store.list_aliases(request.model or None), revision=revision
         )
+        if revision:
+            listing.revision_time.FromMicroseconds(at_us)
+        return listing
 
     async def GetAliasHistory(
         self, request: registry_pb2.GetAliasHistoryRequest, context: Context
@@ -378,7 +381,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         seen = request.since_revision
         if seen < 0:
             raise InvalidArgument("since_revision", f"must be >= 0, got {seen}")
-        current = await self._store.current_revision()
+        current = await self._store.feed.current_revision()
         if seen > current:
             # The client saw revisions this registry never wrote: its database was
             # replaced. Resuming would silently skip; the client must start over.
@@ -386,10 +389,20 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                 f"since_revision {seen} is ahead of this registry (revision {current}); "
                 "its history was reset: watch again from 0"
             )
+        if seen and request.HasField("since_time"):
+            check.timestamp("since_time", request.since_time)
+            recorded = await self._store.feed.event_time(seen)
+            if recorded != request.since_time.ToMicroseconds():
+                # Same revision, another change: the database was restored or replaced
+                # and has moved on since; resuming would silently mix two histories.
+                raise FailedPrecondition(
+                    f"this registry's change at revision {seen} is not the one you saw: "
+                    "its history was replaced or restored since; watch again from 0"
+                )
         while True:
-            events = await self._store.events_after(seen)
+            events = await self._store.feed.events_after(seen)
             for event in events:
                 yield event
                 seen = event.revision
             if not events:
-                await self._store.wait_for_change(seen, timeout=_WATCH_RECHECK_S)
+                await self._store.feed.wait_for_change(seen, timeout=_WATCH_RECHECK_S)

@@ -3,12 +3,12 @@
 Every mutation is one transaction that locks the revision row, writes its rows and
 appends its feed event under the next revision (records.Change), so the feed holds
 every change exactly once and in commit order. Calls raise the contract's errors
-(services.runtime.errors). Aliases and deployments live in their own modules.
+(services.runtime.errors). Aliases and deployments live in their own modules, and
+reading the feed in feed.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -18,12 +18,13 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import delete, exists, insert, select, update
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2 as pb
 
 from services.registry import aliases as alias_ops
 from services.registry import deployments as deployment_ops
+from services.registry.feed import ChangeFeed
 from services.registry.records import (
     Change,
     check_labels,
@@ -37,7 +38,7 @@ from services.registry.records import (
     require_version,
     version_message,
 )
-from services.registry.schema import events, model_labels, models, registry_state, versions
+from services.registry.schema import model_labels, models, versions
 from services.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -76,10 +77,7 @@ class RegistryStore:
 
     def __init__(self, database: Database) -> None:
         self._database = database
-        # The newest revision this process committed, and the event its watchers wait on
-        # (replaced at each commit, so a waiter only ever sees one wake-up).
-        self._committed = 0
-        self._changed = asyncio.Event()
+        self.feed = ChangeFeed(database)
 
     @classmethod
     async def open(cls, url: str) -> RegistryStore:
@@ -97,9 +95,7 @@ class RegistryStore:
             yield change
             change.check_recorded()
         if change.revision:
-            self._committed = max(self._committed, change.revision)
-            self._changed.set()
-            self._changed = asyncio.Event()
+            self.feed.committed(change.revision)
 
     # --- models -------------------------------------------------------------------------
 
@@ -381,52 +377,3 @@ class RegistryStore:
     async def list_deployments(self) -> list[pb.Deployment]:
         async with self._database.read() as connection:
             return await deployment_ops.list_deployments(connection)
-
-    # --- the change feed ----------------------------------------------------------------
-
-    async def current_revision(self) -> int:
-        query = select(registry_state.c.revision).where(registry_state.c.id == 1)
-        async with self._database.read() as connection:
-            return int((await connection.execute(query)).scalar_one())
-
-    async def events_after(
-        self, revision: int, limit: int = 500, max_bytes: int = 4 << 20
-    ) -> list[pb.RegistryEvent]:
-        """Up to `limit` events after `revision`, in revision order, and no more than
-        `max_bytes` of them (but at least one): an event may carry a megabyte of config,
-        and a watcher catching up must not hold hundreds of them at once."""
-        sizes = (
-            select(events.c.revision, func.length(events.c.payload))
-            .where(events.c.revision > revision)
-            .order_by(events.c.revision)
-            .limit(limit)
-        )
-        async with self._database.read() as connection:
-            last, total = revision, 0
-            for number, size in (await connection.execute(sizes)).all():
-                total += int(size)
-                if total > max_bytes and last > revision:
-                    break
-                last = int(number)
-            if last == revision:
-                return []
-            query = (
-                select(events.c.payload)
-                .where(events.c.revision > revision, events.c.revision <= last)
-                .order_by(events.c.revision)
-            )
-            payloads = (await connection.execute(query)).scalars()
-            return [pb.RegistryEvent.FromString(payload) for payload in payloads]
-
-    async def wait_for_change(self, after_revision: int, timeout: float) -> None:
-        """Returns once this process committed past `after_revision`, or after `timeout`.
-
-        Only commits made here wake it; a watcher re-reads the database after each
-        wait, which is how it sees writes made by other replicas.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                while self._committed <= after_revision:
-                    await self._changed.wait()
-        except TimeoutError:
-            pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from tensorgate.registry.v1 import registry_pb2
 
 VersionKey = tuple[str, int]
@@ -57,6 +58,9 @@ class DesiredState:
 
     def __init__(self) -> None:
         self.revision = 0
+        # The time of the change at `revision`: a resumed Watch sends it, so a registry
+        # whose history is not this one says so (see WatchRequest.since_time).
+        self.revision_time = Timestamp()
         self._versions: dict[VersionKey, registry_pb2.ModelVersion] = {}
         self._aliases: dict[tuple[str, str], _Pointer] = {}
         self._deployments: dict[str, registry_pb2.Deployment] = {}
@@ -72,6 +76,7 @@ class DesiredState:
         if event.revision <= self.revision:
             return False
         self.revision = event.revision
+        self.revision_time.CopyFrom(event.time)
         change = event.WhichOneof("change")
         if change == "version_created":
             created = event.version_created

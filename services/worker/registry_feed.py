@@ -3,8 +3,9 @@
 The registry pushes every change with a revision number; nobody polls. A lost
 stream (registry restarting, network) is reopened with exponential backoff,
 capped at a few seconds, asking for the events after the last revision folded
-in, so none is missed or folded twice. A registry whose history was reset
-(FAILED_PRECONDITION: our revision is ahead of it) is followed again from 0.
+in (and that event's time), so none is missed or folded twice. A registry whose
+history was reset, replaced or restored (FAILED_PRECONDITION: our revision is ahead
+of it, or its change there is another) is followed again from 0.
 
 `caught_up` is set once the fold has reached the revision the registry was at
 when this follower first connected (or, after a reset, reconnected): from then on
@@ -101,7 +102,10 @@ class RegistryFeed:
                 current_revision=listing.revision,
             )
         self._check_caught_up()
-        call = self._stub.Watch(registry_pb2.WatchRequest(since_revision=self.state.revision))
+        since = registry_pb2.WatchRequest(since_revision=self.state.revision)
+        if self.state.revision:
+            since.since_time.CopyFrom(self.state.revision_time)
+        call = self._stub.Watch(since)
         try:
             async for event in call:
                 if self.state.apply(event):

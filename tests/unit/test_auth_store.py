@@ -403,7 +403,7 @@ async def test_auth_and_registry_share_one_database(store: AuthStore, database_u
 
     registry = await RegistryStore.open(database_url)
     try:
-        assert await registry.current_revision() == 0
+        assert await registry.feed.current_revision() == 0
     finally:
         await registry.close()
     await add_tenant(store)

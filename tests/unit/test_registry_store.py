@@ -163,9 +163,9 @@ async def test_set_alias_compare_and_set(store: RegistryStore) -> None:
     with pytest.raises(NotFound, match="has no version 9"):
         await set_alias(store, 9)
     assert (await set_alias(store, 2, expected=1)).version == 2
-    revision = await store.current_revision()
+    revision = await store.feed.current_revision()
     assert await set_alias(store, 2) == await set_alias(store, 2, expected=2)  # no-ops
-    assert await store.current_revision() == revision
+    assert await store.feed.current_revision() == revision
     assert [move.to_version for move in await store.alias_history("digits", "production")] == [
         1,
         2,
@@ -322,7 +322,7 @@ async def test_events_after_replays_every_change_once_in_order(store: RegistrySt
     await store.delete_alias("digits", "production", reason="", actor="bob")
     await store.delete_version("digits", 2, actor="alice")
     await store.update_model("digits", description="d", labels=None, actor="alice")
-    feed = await store.events_after(0)
+    feed = await store.feed.events_after(0)
     assert [event.WhichOneof("change") for event in feed] == [
         "model_changed",
         "version_created",
@@ -341,15 +341,15 @@ async def test_events_after_replays_every_change_once_in_order(store: RegistrySt
     assert [event.actor for event in feed] == (
         ["alice"] * 3 + ["bob"] * 3 + ["dave"] * 2 + ["bob", "alice", "alice"]
     )
-    assert await store.current_revision() == 11
+    assert await store.feed.current_revision() == 11
     assert feed[5].alias_moved.revision == 6 and feed[6].deployment_set.resolved_version == 1
-    assert await store.events_after(8) == feed[8:]
-    assert await store.events_after(3, limit=2) == feed[3:5]
+    assert await store.feed.events_after(8) == feed[8:]
+    assert await store.feed.events_after(3, limit=2) == feed[3:5]
     # A batch stops at its byte budget, but always holds at least one event.
     size = feed[3].ByteSize()
-    assert await store.events_after(3, max_bytes=size + feed[4].ByteSize()) == feed[3:5]
-    assert await store.events_after(3, max_bytes=1) == feed[3:4]
-    assert await store.events_after(11) == []
+    assert await store.feed.events_after(3, max_bytes=size + feed[4].ByteSize()) == feed[3:5]
+    assert await store.feed.events_after(3, max_bytes=1) == feed[3:4]
+    assert await store.feed.events_after(11) == []
     times = [event.time.ToMicroseconds() for event in feed]
     assert times == sorted(times)
 
@@ -364,14 +364,14 @@ async def test_concurrent_writers_get_gap_free_revisions(
         )
     finally:
         await other.close()
-    feed = await store.events_after(0)
+    feed = await store.feed.events_after(0)
     assert [event.revision for event in feed] == list(range(1, 21))
     assert sorted(event.model_changed.name for event in feed) == sorted(f"m{i}" for i in range(20))
 
 
 async def test_wait_for_change_wakes_on_commit(store: RegistryStore) -> None:
-    await store.wait_for_change(0, timeout=0.01)  # nothing happens: returns after timeout
-    waiter = asyncio.create_task(store.wait_for_change(0, timeout=30))
+    await store.feed.wait_for_change(0, timeout=0.01)  # nothing happens: returns after timeout
+    waiter = asyncio.create_task(store.feed.wait_for_change(0, timeout=30))
     await asyncio.sleep(0.01)
     assert not waiter.done()
     await add_model(store)

@@ -98,7 +98,7 @@ async def test_migrations_run_twice_are_a_no_op_and_match_the_schema(database_ur
     await store.close()
     store = await RegistryStore.open(database_url)  # migrates again: nothing to do
     assert (await store.get_model("digits")).name == "digits"
-    assert await store.current_revision() == 1
+    assert await store.feed.current_revision() == 1
     await store.close()
     database = await open_registry_database(database_url)
     try:

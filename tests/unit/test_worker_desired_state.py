@@ -19,6 +19,7 @@ class Feed:
 
     def _add(self, **change: object) -> registry_pb2.RegistryEvent:
         event = registry_pb2.RegistryEvent(revision=len(self.events) + 1, **change)  # type: ignore[arg-type]
+        event.time.FromSeconds(1_700_000_000 + event.revision)  # each change its own time
         self.events.append(event)
         return event
 

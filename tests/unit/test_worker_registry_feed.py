@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.runtime.channels import open_channel
@@ -25,6 +26,7 @@ class FakeRegistry(registry_pb2_grpc.ModelRegistryServicer):
     def __init__(self, events: list[registry_pb2.RegistryEvent]) -> None:
         self.events = events
         self.watches: list[int] = []
+        self.since_times: list[Timestamp | None] = []
         self.break_after: list[int] = []  # one entry per stream to break
         self.live = asyncio.Event()
 
@@ -37,6 +39,7 @@ class FakeRegistry(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[registry_pb2.RegistryEvent]:
         self.watches.append(request.since_revision)
+        self.since_times.append(request.since_time if request.HasField("since_time") else None)
         if request.since_revision > len(self.events):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "history was reset")
         budget = self.break_after.pop(0) if self.break_after else None
@@ -86,8 +89,10 @@ async def test_a_broken_stream_is_resumed_after_the_last_revision(
         await asyncio.wait_for(feed.caught_up.wait(), 5)
         assert served(feed.state) == {"m:2": 1}
         assert feed.state.revision == 5
-        # Each reconnect asked for exactly what it had not folded yet.
+        # Each reconnect asked for exactly what it had not folded yet, naming the time
+        # of the last change it folded (so another history would be refused).
         assert fake.watches == [0, 2, 2, 3]
+        assert fake.since_times == [None] + [fake.events[n - 1].time for n in (2, 2, 3)]
 
 
 async def test_live_events_arrive_and_wake_the_waiter(

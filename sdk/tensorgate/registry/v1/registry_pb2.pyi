@@ -974,21 +974,29 @@ class ListAliasesResponse(_message.Message):
 
     ALIASES_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    REVISION_TIME_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The change-feed revision this list includes everything up to: Watch from here
     to follow the aliases without replaying the whole feed.
     """
     @_builtins.property
     def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alias]: ...
+    @_builtins.property
+    def revision_time(self) -> _timestamp_pb2.Timestamp:
+        """The time of the change at `revision` (unset at revision 0): pass it to Watch as
+        `since_time`.
+        """
+
     def __init__(
         self,
         *,
         aliases: _abc.Iterable[Global___Alias] | None = ...,
         revision: _builtins.int = ...,
+        revision_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision_time", b"revision_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "revision", b"revision", "revision_time", b"revision_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1183,16 +1191,26 @@ class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SINCE_REVISION_FIELD_NUMBER: _builtins.int
+    SINCE_TIME_FIELD_NUMBER: _builtins.int
     since_revision: _builtins.int
     """Events after this revision; 0 means from the beginning."""
+    @_builtins.property
+    def since_time(self) -> _timestamp_pb2.Timestamp:
+        """The time of the event at `since_revision`, as the feed sent it. When set, a
+        registry whose event there has another time refuses with FAILED_PRECONDITION:
+        its history was replaced or restored since, so the client must start over from 0
+        (a revision alone cannot tell a restored history that moved past it).
+        """
+
     def __init__(
         self,
         *,
         since_revision: _builtins.int = ...,
+        since_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since_time", b"since_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_revision", b"since_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_revision", b"since_revision", "since_time", b"since_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

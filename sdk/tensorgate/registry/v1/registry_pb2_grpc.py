@@ -278,7 +278,9 @@ class ModelRegistryServicer:
     def Watch(self, request, context):
         """The change feed: every event after `since_revision` in revision order, then
         live events as they happen. A client that reconnects with the last revision
-        it saw gets exactly the events after it, none missed, none twice.
+        it saw (and that event's time) gets exactly the events after it, none missed,
+        none twice, or FAILED_PRECONDITION if the registry's history is not the one it
+        followed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,7 +85,9 @@ class ModelRegistryStub:
     Watch: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.RegistryEvent]
     """The change feed: every event after `since_revision` in revision order, then
     live events as they happen. A client that reconnects with the last revision
-    it saw gets exactly the events after it, none missed, none twice.
+    it saw (and that event's time) gets exactly the events after it, none missed,
+    none twice, or FAILED_PRECONDITION if the registry's history is not the one it
+    followed.
     """
 
 @_typing.type_check_only
@@ -141,7 +143,9 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     Watch: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.RegistryEvent]  # type: ignore[assignment]
     """The change feed: every event after `since_revision` in revision order, then
     live events as they happen. A client that reconnects with the last revision
-    it saw gets exactly the events after it, none missed, none twice.
+    it saw (and that event's time) gets exactly the events after it, none missed,
+    none twice, or FAILED_PRECONDITION if the registry's history is not the one it
+    followed.
     """
 
 class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
@@ -314,7 +318,9 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.RegistryEvent], _abc.AsyncIterator[_registry_pb2.RegistryEvent]]:
         """The change feed: every event after `since_revision` in revision order, then
         live events as they happen. A client that reconnects with the last revision
-        it saw gets exactly the events after it, none missed, none twice.
+        it saw (and that event's time) gets exactly the events after it, none missed,
+        none twice, or FAILED_PRECONDITION if the registry's history is not the one it
+        followed.
         """
 
 def add_ModelRegistryServicer_to_server(servicer: ModelRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
