@@ -191,10 +191,16 @@ class AsyncRegistryClient(AsyncChannelClient):
         return await self._unary(self._stub.GetVersion, request)
 
     async def list_versions(self, model: str) -> list[registry_pb2.ModelVersion]:
-        """A model's versions, newest first."""
-        request = registry_pb2.ListVersionsRequest(model=model)
-        response = await self._unary(self._stub.ListVersions, request)
-        return list(response.versions)
+        """A model's versions (all pages), newest first."""
+        found: list[registry_pb2.ModelVersion] = []
+        token = ""
+        while True:
+            request = registry_pb2.ListVersionsRequest(model=model, page_token=token)
+            page = await self._unary(self._stub.ListVersions, request)
+            found.extend(page.versions)
+            token = page.next_page_token
+            if not token:
+                return found
 
     async def download(
         self, model: str, version: int, dest: Path, *, progress: Progress | None = None

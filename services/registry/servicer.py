@@ -210,9 +210,10 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.ListVersionsRequest, context: Context
     ) -> registry_pb2.ListVersionsResponse:
         check.name("model", request.model)
-        return registry_pb2.ListVersionsResponse(
-            versions=await self._store.list_versions(request.model)
+        found, token = await self._store.list_versions(
+            request.model, page_size=request.page_size, page_token=request.page_token
         )
+        return registry_pb2.ListVersionsResponse(versions=found, next_page_token=token)
 
     async def DownloadVersion(
         self, request: registry_pb2.DownloadVersionRequest, context: Context

@@ -53,6 +53,16 @@ VERSION_TABLE = "alembic_version_registry"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PAGE_SIZE, _MAX_PAGE_SIZE = 100, 1000
 _MAX_TOKEN_CHARS = 1024
+# Under the 4 MiB a gRPC client takes by default (grpcurl's too).
+_MAX_PAGE_BYTES = 3 << 20
+
+
+def _page_size(asked: int) -> int:
+    if not 0 <= asked <= _MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            "page_size", f"must be 0..{_MAX_PAGE_SIZE} (0 means {_PAGE_SIZE}), got {asked}"
+        )
+    return asked or _PAGE_SIZE
 
 
 def _page_token(after: str) -> str:
@@ -134,11 +144,7 @@ class RegistryStore:
     async def list_models(
         self, *, page_size: int, page_token: str, task: str, labels: Mapping[str, str]
     ) -> tuple[list[pb.Model], str]:
-        if not 0 <= page_size <= _MAX_PAGE_SIZE:
-            raise InvalidArgument(
-                "page_size", f"must be 0..{_MAX_PAGE_SIZE} (0 means {_PAGE_SIZE}), got {page_size}"
-            )
-        size = page_size or _PAGE_SIZE
+        size = _page_size(page_size)
         # Byte order on both databases (PostgreSQL would otherwise use its locale's).
         name = models.c.name if self._database.is_sqlite else models.c.name.collate("C")
         query = select(models, latest_version().label("latest")).order_by(name).limit(size + 1)
@@ -249,12 +255,31 @@ class RegistryStore:
         async with self._database.read() as connection:
             return version_message(await require_version(connection, model, version))
 
-    async def list_versions(self, model: str) -> list[pb.ModelVersion]:
+    async def list_versions(
+        self, model: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[pb.ModelVersion], str]:
+        """A page of `model`'s versions, newest first, and the token of the next page."""
+        size = _page_size(page_size)
         query = select(versions).where(versions.c.model == model)
+        if page_token:
+            before = _after(page_token)
+            if not before.isdigit():
+                raise InvalidArgument("page_token", "is not a token this call returned")
+            query = query.where(versions.c.version < int(before))
+        query = query.order_by(versions.c.version.desc()).limit(size + 1)
         async with self._database.read() as connection:
             await require_model(connection, model)
-            rows = await connection.execute(query.order_by(versions.c.version.desc()))
-            return [version_message(row) for row in rows]
+            rows = (await connection.execute(query)).all()
+        page: list[pb.ModelVersion] = []
+        total = 0
+        for row in rows[:size]:
+            version = version_message(row)
+            total += version.ByteSize()
+            if page and total > _MAX_PAGE_BYTES:
+                break
+            page.append(version)
+        more = len(rows) > len(page)
+        return page, _page_token(str(page[-1].version)) if more and page else ""
 
     async def delete_version(self, model: str, version: int, *, actor: str) -> None:
         async with self._change(actor) as change:

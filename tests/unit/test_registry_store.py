@@ -112,13 +112,47 @@ async def test_list_models_pages_and_filters(store: RegistryStore) -> None:
 # --- versions -----------------------------------------------------------------------------
 
 
+async def test_versions_come_in_pages_bounded_in_count_and_bytes(store: RegistryStore) -> None:
+    await add_model(store)
+    for _ in range(5):
+        await add_version(store)
+    pages, token = [], ""
+    while True:
+        page, token = await store.list_versions("digits", page_size=2, page_token=token)
+        pages.append([v.version for v in page])
+        if not token:
+            break
+    assert pages == [[5, 4], [3, 2], [1]]
+    # Configs of about a megabyte each: a page stops before 3 MiB, whatever its size.
+    for _ in range(4):
+        await store.create_version(
+            "digits",
+            artifact=pb.Artifact(sha256="f" * 64, size_bytes=10, format="onnx"),
+            config=pb.TritonConfig(backend="onnxruntime", pbtxt="#" * 1_000_000),
+            lineage=pb.Lineage(),
+            facts={},
+            description="",
+            actor="alice",
+        )
+    page, token = await store.list_versions("digits", page_size=1000)
+    assert [v.version for v in page] == [9, 8, 7] and token
+    page, token = await store.list_versions("digits", page_size=1000, page_token=token)
+    assert [v.version for v in page] == [6, 5, 4, 3, 2, 1] and not token
+    await add_model(store, "digits2")
+    _, of_models = await store.list_models(page_size=1, page_token="", task="", labels={})
+    with pytest.raises(InvalidArgument, match="page_token"):  # a ListModels token
+        await store.list_versions("digits", page_token=of_models)
+    with pytest.raises(InvalidArgument, match="page_size"):
+        await store.list_versions("digits", page_size=-1)
+
+
 async def test_version_numbers_are_never_reused(store: RegistryStore) -> None:
     await add_model(store)
     assert [await add_version(store) for _ in range(3)] == [1, 2, 3]
     await store.delete_version("digits", 3, actor="alice")
     assert (await store.get_model("digits")).latest_version == 2
     assert await add_version(store, parent=2) == 4
-    assert [v.version for v in await store.list_versions("digits")] == [4, 2, 1]
+    assert [v.version for v in (await store.list_versions("digits"))[0]] == [4, 2, 1]
     derived = await store.get_version("digits", 4)
     assert (derived.lineage.parent_version, derived.config.max_batch_size) == (2, 8)
     assert dict(derived.facts) == {"artifact_bytes": 10.0}
@@ -269,7 +303,7 @@ async def test_in_use_versions_and_aliases_cannot_be_deleted(store: RegistryStor
     await store.delete_deployment("digits", version=1, alias=None, actor="dave")
     await store.delete_alias("digits", "production", reason="", actor="bob")
     await store.delete_version("digits", 1, actor="alice")
-    assert [v.version for v in await store.list_versions("digits")] == [2]
+    assert [v.version for v in (await store.list_versions("digits"))[0]] == [2]
 
 
 # --- deployments --------------------------------------------------------------------------
