@@ -6,11 +6,31 @@ from __future__ import annotations
 
 import asyncio
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from tensorgate.registry.v1 import registry_pb2 as pb
 
 from services.registry.schema import events, registry_state
 from services.store import Database
+
+
+def subject_of(event: pb.RegistryEvent) -> str:
+    """What an event is about: a later event with the same subject supersedes it."""
+    change = event.WhichOneof("change")
+    if change == "model_changed":
+        return f"model/{event.model_changed.name}"
+    if change in ("version_created", "version_deleted"):
+        version = getattr(event, change)
+        return f"version/{version.model}/{version.version}"
+    if change == "alias_moved":
+        return f"alias/{event.alias_moved.model}/{event.alias_moved.name}"
+    if change == "alias_deleted":
+        return f"alias/{event.alias_deleted.model}/{event.alias_deleted.alias}"
+    if change in ("deployment_set", "deployment_deleted"):
+        target = getattr(event, change)
+        if target.WhichOneof("target") == "alias":
+            return f"deployment/{target.model}@{target.alias}"
+        return f"deployment/{target.model}:{target.version}"
+    return f"revision/{event.revision}"  # nothing supersedes what no later event names
 
 
 class ChangeFeed:
@@ -49,14 +69,28 @@ class ChangeFeed:
             return None if at_us is None else int(at_us)
 
     async def events_after(
-        self, revision: int, limit: int = 500, max_bytes: int = 4 << 20
+        self,
+        revision: int,
+        limit: int = 500,
+        max_bytes: int = 4 << 20,
+        *,
+        compacted: bool = False,
     ) -> list[pb.RegistryEvent]:
         """Up to `limit` events after `revision`, in revision order, and no more than
         `max_bytes` of them (but at least one): an event may carry a megabyte of config,
-        and a watcher catching up must not hold hundreds of them at once."""
+        and a watcher catching up must not hold hundreds of them at once. `compacted`
+        leaves out each event a later one with its subject supersedes (a deletion is
+        kept: it may be the newest event of all)."""
+        after = events.c.revision > revision
+        if compacted:
+            later = events.alias("later")
+            superseded = exists().where(
+                later.c.subject == events.c.subject, later.c.revision > events.c.revision
+            )
+            after = after & ~superseded
         sizes = (
             select(events.c.revision, func.length(events.c.payload))
-            .where(events.c.revision > revision)
+            .where(after)
             .order_by(events.c.revision)
             .limit(limit)
         )
@@ -71,7 +105,7 @@ class ChangeFeed:
                 return []
             query = (
                 select(events.c.payload)
-                .where(events.c.revision > revision, events.c.revision <= last)
+                .where(after, events.c.revision <= last)
                 .order_by(events.c.revision)
             )
             payloads = (await connection.execute(query)).scalars()

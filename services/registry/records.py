@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 from tensorgate.registry.v1 import registry_pb2 as pb
 
+from services.registry.feed import subject_of
 from services.registry.schema import (
     aliases,
     events,
@@ -235,7 +236,12 @@ class Change:
             raise InvalidArgument(
                 kind, f"the change is {len(payload)} bytes; at most {MAX_EVENT_BYTES} are allowed"
             )
-        row = {"revision": self.revision, "at_us": self.at_us, "payload": payload}
+        row = {
+            "revision": self.revision,
+            "at_us": self.at_us,
+            "payload": payload,
+            "subject": subject_of(event),
+        }
         await self.connection.execute(insert(events).values(row))
         self._recorded = True
 

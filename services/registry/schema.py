@@ -136,11 +136,14 @@ deployments = Table(
     ForeignKeyConstraint(["model", "alias"], ["aliases.model", "aliases.name"]),
 )
 
-# The change feed: one registry_pb2.RegistryEvent per revision.
+# The change feed: one registry_pb2.RegistryEvent per revision, with what it is about
+# (feed.subject_of), so that a compacted Watch can leave out superseded events.
 events = Table(
     "events",
     metadata,
     Column("revision", BigInteger, primary_key=True, autoincrement=False),
     Column("at_us", BigInteger, nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    Column("subject", String(400), nullable=True),
+    Index("ix_events_subject", "subject", "revision"),
 )

@@ -102,7 +102,9 @@ class RegistryFeed:
                 current_revision=listing.revision,
             )
         self._check_caught_up()
-        since = registry_pb2.WatchRequest(since_revision=self.state.revision)
+        # Compacted: only the state matters here, so a start costs what the registry
+        # holds now, not every change it ever made.
+        since = registry_pb2.WatchRequest(since_revision=self.state.revision, compacted=True)
         if self.state.revision:
             since.since_time.CopyFrom(self.state.revision_time)
         call = self._stub.Watch(since)

@@ -8,11 +8,17 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2 as pb
 
-from services.registry.store import RegistryStore
+from services.registry.feed import subject_of
+from services.registry.store import MIGRATIONS, VERSION_TABLE, RegistryStore
 from services.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.worker.desired_state import DesiredState
 
 pytest_plugins = ("tests.databases",)
 
@@ -410,3 +416,99 @@ async def test_wait_for_change_wakes_on_commit(store: RegistryStore) -> None:
     assert not waiter.done()
     await add_model(store)
     await asyncio.wait_for(waiter, timeout=5)
+
+
+# --- the compacted feed -------------------------------------------------------------------
+
+
+async def _a_busy_history(store: RegistryStore) -> None:
+    """Versions made and deleted, aliases moved back and forth and deleted, deployments
+    set, changed and deleted: what a registry that has run for a while holds."""
+    await add_model(store)
+    await add_model(store, "tiny")
+    for _ in range(4):
+        await add_version(store)
+    await add_version(store, "tiny")
+    for target in (1, 2, 3, 2, 4):
+        await store.set_alias(
+            "digits", "production", target, expected_version=None, reason="", actor="a"
+        )
+    await store.set_alias("digits", "staging", 3, expected_version=None, reason="", actor="a")
+    await store.set_deployment(pb.Deployment(model="digits", alias="production"), actor="a")
+    await store.set_deployment(pb.Deployment(model="digits", version=1, instances=2), actor="a")
+    await store.set_deployment(pb.Deployment(model="tiny", version=1), actor="a")
+    await store.delete_deployment("digits", version=1, alias=None, actor="a")
+    await store.set_deployment(pb.Deployment(model="digits", version=3, instances=2), actor="a")
+    await store.rollback_alias("digits", "production", reason="", actor="a")
+    await store.delete_alias("digits", "staging", reason="", actor="a")
+    await store.delete_version("digits", 1, actor="a")
+    await store.update_model("tiny", description="smaller", labels=None, actor="a")
+
+
+async def test_a_compacted_feed_keeps_the_newest_event_of_each_subject(
+    store: RegistryStore,
+) -> None:
+    await _a_busy_history(store)
+    full = await store.feed.events_after(0, limit=1000)
+    compacted = await store.feed.events_after(0, limit=1000, compacted=True)
+    assert len(compacted) < len(full)
+    # The newest event of all is kept, so a follower reaches the registry's revision.
+    assert compacted[-1] == full[-1]
+    newest: dict[str, pb.RegistryEvent] = {}
+    for event in full:
+        newest[subject_of(event)] = event
+    assert compacted == sorted(newest.values(), key=lambda event: event.revision)
+    # A follower folding either ends in the same state.
+    replayed, caught_up = DesiredState(), DesiredState()
+    for event in full:
+        replayed.apply(event)
+    for event in compacted:
+        caught_up.apply(event)
+    assert caught_up.wanted() == replayed.wanted() and replayed.wanted()
+    assert caught_up.deployments() == replayed.deployments()
+    # From a revision on, too, and in pages.
+    later = [e for e in full[10:] if newest[subject_of(e)] is e]
+    assert await store.feed.events_after(10, limit=1000, compacted=True) == later
+    assert await store.feed.events_after(10, limit=2, compacted=True) == later[:2]
+
+
+def _old_events() -> list[pb.RegistryEvent]:
+    return [
+        pb.RegistryEvent(revision=1, alias_moved=pb.Alias(model="m", name="production", version=1)),
+        pb.RegistryEvent(revision=2, alias_moved=pb.Alias(model="m", name="production", version=2)),
+        pb.RegistryEvent(revision=3, model_changed=pb.Model(name="m", task="infer")),
+    ]
+
+
+def _to_first_schema(connection: Connection) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes.update(connection=connection, version_table=VERSION_TABLE)
+    command.upgrade(config, "0001")
+
+
+async def test_the_subject_migration_fills_in_existing_events(database_url: str) -> None:
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_to_first_schema)
+    finally:
+        await engine.dispose()
+    # Events as a registry of schema 0001 wrote them: no subject.
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for revision, event in enumerate(_old_events(), start=1):
+                await connection.execute(
+                    text("INSERT INTO events (revision, at_us, payload) VALUES (:r, :t, :p)"),
+                    {"r": revision, "t": revision, "p": event.SerializeToString()},
+                )
+            await connection.execute(text("UPDATE registry_state SET revision = 3"))
+    finally:
+        await engine.dispose()
+    store = await RegistryStore.open(database_url)  # migrates to head
+    try:
+        compacted = await store.feed.events_after(0, compacted=True)
+        assert [e.revision for e in compacted] == [2, 3]  # the first move was superseded
+    finally:
+        await store.close()

@@ -1208,8 +1208,15 @@ class WatchRequest(_message.Message):
 
     SINCE_REVISION_FIELD_NUMBER: _builtins.int
     SINCE_TIME_FIELD_NUMBER: _builtins.int
+    COMPACTED_FIELD_NUMBER: _builtins.int
     since_revision: _builtins.int
     """Events after this revision; 0 means from the beginning."""
+    compacted: _builtins.bool
+    """Leave out every event that a later one about the same version, alias, deployment
+    or model supersedes (a deletion is sent: it may be the newest). For a follower
+    that needs only the state, not its history: catching up then costs what the
+    state holds, not every change ever made. Revisions have gaps then.
+    """
     @_builtins.property
     def since_time(self) -> _timestamp_pb2.Timestamp:
         """The time of the event at `since_revision`, as the feed sent it. When set, a
@@ -1223,10 +1230,11 @@ class WatchRequest(_message.Message):
         *,
         since_revision: _builtins.int = ...,
         since_time: _timestamp_pb2.Timestamp | None = ...,
+        compacted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since_time", b"since_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_revision", b"since_revision", "since_time", b"since_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "since_revision", b"since_revision", "since_time", b"since_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
