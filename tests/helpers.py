@@ -10,7 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from alembic import command
+from alembic.config import Config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.client_streams import is_accepted
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
@@ -93,3 +96,21 @@ async def refused_upload(
     except grpc.aio.AioRpcError as exc:
         return exc, accepted
     raise AssertionError("the upload was expected to be refused")
+
+
+async def migrate_to(url: str, migrations: Path, version_table: str, revision: str) -> None:
+    """Brings the database at `url` to a service's schema `revision` (an older one, to
+    write rows as that schema had them before a later migration runs)."""
+
+    def upgrade(connection: object) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations))
+        config.attributes.update(connection=connection, version_table=version_table)
+        command.upgrade(config, revision)
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade)
+    finally:
+        await engine.dispose()

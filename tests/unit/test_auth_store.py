@@ -12,9 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.auth.v1 import auth_pb2 as pb
 
@@ -33,6 +31,7 @@ from services.runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from tests.helpers import migrate_to
 
 pytest_plugins = ("tests.databases",)
 
@@ -297,18 +296,11 @@ async def test_a_rotation_chain_shares_the_first_keys_lineage_and_its_day_tokens
     assert (seen.lineage_day_tokens, seen.tenant_day_tokens) == (5, 125)
 
 
-def _to_first_schema(connection: Connection) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes.update(connection=connection, version_table=VERSION_TABLE)
-    command.upgrade(config, "0001")
-
-
 async def test_the_lineage_migration_follows_existing_rotation_chains(database_url: str) -> None:
+    await migrate_to(database_url, MIGRATIONS, VERSION_TABLE, "0001")
     engine = create_async_engine(database_url)
     try:
         async with engine.begin() as connection:
-            await connection.run_sync(_to_first_schema)
             await connection.execute(
                 text("INSERT INTO auth_tenants VALUES ('acme', '', 0, 0, 0, 0, 0, 0)")
             )

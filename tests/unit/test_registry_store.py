@@ -8,9 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2 as pb
@@ -19,6 +17,7 @@ from services.registry.feed import subject_of
 from services.registry.store import MIGRATIONS, VERSION_TABLE, RegistryStore
 from services.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.worker.desired_state import DesiredState
+from tests.helpers import migrate_to
 
 pytest_plugins = ("tests.databases",)
 
@@ -480,20 +479,8 @@ def _old_events() -> list[pb.RegistryEvent]:
     ]
 
 
-def _to_first_schema(connection: Connection) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes.update(connection=connection, version_table=VERSION_TABLE)
-    command.upgrade(config, "0001")
-
-
 async def test_the_subject_migration_fills_in_existing_events(database_url: str) -> None:
-    engine = create_async_engine(database_url)
-    try:
-        async with engine.begin() as connection:
-            await connection.run_sync(_to_first_schema)
-    finally:
-        await engine.dispose()
+    await migrate_to(database_url, MIGRATIONS, VERSION_TABLE, "0001")
     # Events as a registry of schema 0001 wrote them: no subject.
     engine = create_async_engine(database_url)
     try:
