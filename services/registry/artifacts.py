@@ -6,6 +6,7 @@ stand beside `LocalArtifactStore`, which keeps blobs as files under a root folde
     root/tmp/upload-*.part        uploads in progress (removed on abort and at start)
     root/sha256/ab/ab12...ef      committed blobs, named by the sha256 of their bytes
     root/registry.lock            held (flock, shared) by every registry using the store
+    root/sweep.lock               held (flock) while a registry starts or removes a blob
 
 A blob appears under sha256/ only by an atomic rename after its size, hash and the
 caller's check were passed and its bytes fsynced, so a reader never sees a partial or
@@ -17,13 +18,14 @@ worker must never load bytes that are not the ones registered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol, Self
@@ -94,13 +96,16 @@ class ArtifactStore(Protocol):
 
     async def verify(self, sha256: str) -> bool: ...
 
-    async def collect_garbage(self, referenced: set[str]) -> int:
-        """Removes unfinished uploads and blobs not in `referenced`; returns how many."""
+    async def collect_garbage(self, referenced: Callable[[], Awaitable[set[str]]]) -> int:
+        """Removes unfinished uploads and blobs `referenced()` does not name; returns how
+        many."""
         ...
 
-    def remove(self, sha256: str) -> None:
-        """Deletes a blob no version references (an upload refused after its bytes landed),
-        at once: no other call runs between the caller's checks and the removal."""
+    async def remove_unused(self, sha256: str, still_unused: Callable[[], bool]) -> bool:
+        """Deletes a blob no version references (an upload refused after its bytes
+        landed) if no other registry uses the store and `still_unused()`, asked just
+        before, says so; True if it went. (Beside another registry it stays for the
+        start-up sweep: that registry may be uploading the same bytes.)"""
         ...
 
     def close(self) -> None:
@@ -159,17 +164,27 @@ class LocalArtifactStore:
         path = self.blob_path(sha256)
         return await asyncio.to_thread(_blob_is_intact, path)
 
-    def remove(self, sha256: str) -> None:
-        # On the event loop, not in a thread: the caller's check that nothing uses the
-        # blob must still hold when it goes (a cheap metadata call).
-        self.blob_path(sha256).unlink(missing_ok=True)
+    async def remove_unused(self, sha256: str, still_unused: Callable[[], bool]) -> bool:
+        if not self._blobs.is_dir():
+            return False
+        async with self._sole_holder() as alone:
+            # Checked here, on the event loop, with nothing awaited before the unlink: an
+            # upload that began meanwhile may be about to use the blob.
+            if not (alone and still_unused()):
+                return False
+            self.blob_path(sha256).unlink(missing_ok=True)
+            return True
 
-    async def collect_garbage(self, referenced: set[str]) -> int:
+    async def collect_garbage(self, referenced: Callable[[], Awaitable[set[str]]]) -> int:
         """Call once at start, before serving; it also takes this registry's hold on the
         store, kept until `close`. Alone on the store, every temp file and unreferenced
         blob goes; beside another registry, only those untouched for an hour."""
-        keep = {name.lower() for name in referenced}
-        return await asyncio.to_thread(self._collect_garbage, keep)
+        async with self._sole_holder() as alone:
+            if not alone:
+                log.info("another registry uses this artifact store; sweeping only old leftovers")
+            # Read under the lock: no other registry can commit a version meanwhile.
+            keep = {name.lower() for name in await referenced()}
+            return await asyncio.to_thread(self._sweep, keep, alone)
 
     def close(self) -> None:
         """Lets go of this registry's hold on the store."""
@@ -177,10 +192,34 @@ class LocalArtifactStore:
             self._hold.close()
             self._hold = None
 
-    def _collect_garbage(self, keep: set[str]) -> int:
-        alone = self._take_hold()
-        if not alone:
-            log.info("another registry uses this artifact store; sweeping only old leftovers")
+    @contextlib.asynccontextmanager
+    async def _sole_holder(self) -> AsyncIterator[bool]:
+        """Says whether this registry is the only one holding the store; while it is, no
+        other can start, and the hold is exclusive until the block ends.
+
+        Every registry holds registry.lock shared while it runs. Asking whether it is
+        alone means trying to make that hold exclusive, which flock does not do
+        atomically (it lets go first), so every such try, and every start, happens
+        under sweep.lock: no other registry can take the store in between.
+        """
+        sweep = await asyncio.to_thread(_locked, self.root / "sweep.lock")
+        try:
+            if self._hold is None:
+                self._hold = (self.root / "registry.lock").open("a+b")
+            try:
+                fcntl.flock(self._hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+            try:
+                yield alone
+            finally:
+                # Shared again (waiting for nobody: only shared holders can be there).
+                await asyncio.to_thread(fcntl.flock, self._hold, fcntl.LOCK_SH)
+        finally:
+            sweep.close()
+
+    def _sweep(self, keep: set[str], alone: bool) -> int:
         cutoff = time.time() - _ORPHAN_AGE_S if not alone else None
         removed = 0
         for leftover in self._tmp.iterdir():
@@ -196,20 +235,6 @@ class LocalArtifactStore:
             if alone and not any(shard.iterdir()):
                 shard.rmdir()
         return removed
-
-    def _take_hold(self) -> bool:
-        """Holds the store's lock shared; True if no other registry held it (blocking)."""
-        if self._hold is None:
-            self._hold = (self.root / "registry.lock").open("a+b")
-        hold = self._hold
-        try:
-            fcntl.flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alone = True
-        except BlockingIOError:
-            alone = False
-        # Shared from here on: exclusive only told us whether anyone else was there.
-        fcntl.flock(hold, fcntl.LOCK_SH)
-        return alone
 
     def _install(self, temp: Path, sha256: str) -> None:
         """Moves a checked, fsynced temp file to its blob path (blocking)."""
@@ -365,6 +390,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _locked(path: Path) -> IO[bytes]:
+    """`path` opened and locked exclusively, waiting for it (blocking); close to unlock."""
+    handle = path.open("a+b")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def _remove_if_older(path: Path, cutoff: float | None) -> int:

@@ -46,7 +46,7 @@ async def start_registry(settings: RegistrySettings) -> Registry:
         # and the database row) left a blob no version names: nothing can see it, and
         # it goes here, before any upload of ours could be racing with the sweep (one
         # of another registry on the same store is left alone: see collect_garbage).
-        swept = await artifacts.collect_garbage(await store.referenced_artifacts())
+        swept = await artifacts.collect_garbage(store.referenced_artifacts)
         if swept:
             log.info("removed unreferenced artifacts", count=swept)
         servicer = ModelRegistryServicer(

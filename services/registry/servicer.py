@@ -75,7 +75,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         self._upload_idle = upload_idle_seconds
         # Uploads in flight, by the sha256 they declared: a refused upload removes its
         # stored bytes only when no other upload of the same bytes is on its way.
-        self._uploading: dict[str, int] = {}
+        self._uploading: dict[str, int] = {}  # sha256 -> uploads of those bytes under way
+        self._begun: dict[str, int] = {}  # sha256 -> uploads of them begun while any was
 
     # --- models ---------------------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         check_header(header, max_bytes=self._max_bytes)
         sha256 = header.sha256.lower()
         self._uploading[sha256] = self._uploading.get(sha256, 0) + 1
+        self._begun[sha256] = self._begun.get(sha256, 0) + 1
         try:
             # Everything the header alone can fail on is checked: the caller may stream.
             await context.send_initial_metadata(ACCEPTED)
@@ -155,7 +157,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         finally:
             self._uploading[sha256] -= 1
             if not self._uploading[sha256]:
-                del self._uploading[sha256]
+                del self._uploading[sha256], self._begun[sha256]
 
     async def _register(
         self,
@@ -188,17 +190,23 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
     async def _drop_unregistered(self, sha256: str) -> None:
         """Removes a blob whose upload failed after it landed, unless a version has it
-        or another upload of the same bytes is under way. The count is read after the
-        database answered, with nothing awaited between it and the removal: an upload
-        that began meanwhile may already be using the blob."""
+        or another upload of the same bytes was under way at any moment since: one
+        that was under way when this began (it may commit and end during the database
+        read, which could not see its version), or one that began since (it may be
+        using the blob). Whatever is kept, the start-up sweep removes if no version
+        names it."""
+        if self._uploading.get(sha256) != 1:
+            return
+        begun = self._begun[sha256]
         try:
             in_use = await self._store.artifact_in_use(sha256)
         except Exception as exc:
-            # Kept, then: the next start's sweep removes it if no version names it.
             log.warning("could not check an unregistered artifact", sha256=sha256, reason=repr(exc))
             return
-        if not in_use and self._uploading.get(sha256) == 1:
-            self._artifacts.remove(sha256)
+        if not in_use:
+            await self._artifacts.remove_unused(
+                sha256, lambda: self._begun.get(sha256) == begun and self._uploading[sha256] == 1
+            )
 
     async def GetVersion(
         self, request: registry_pb2.GetVersionRequest, context: Context

@@ -21,7 +21,7 @@ from tensorgate.registry_client import AsyncRegistryClient
 
 from gateway.server import start_gateway
 from gateway.settings import GatewaySettings
-from services.registry.server import start_registry
+from services.registry.server import Registry, start_registry
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 from tests.conftest import RegistryStack
@@ -282,15 +282,61 @@ async def test_a_stalled_upload_is_abandoned_and_frees_its_slot(tmp_path: Path) 
         await registry.stop()
 
 
-async def test_an_upload_that_fails_after_its_bytes_landed_spares_another_upload_of_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Upload A lands its bytes, then fails (its lineage parent was deleted meanwhile) and
-    # cleans up; upload C of the same bytes starts during that clean-up and installs the
-    # blob before A decides. A must leave the blob to C, whose version is then whole.
+async def _same_bytes_twice(tmp_path: Path) -> tuple[Registry, bytes, Any]:
+    """A registry with model "same" at versions 1 and 2, the bytes two uploads will
+    share, and their header."""
     registry = await start_registry(
         RegistrySettings(data_dir=tmp_path, metrics_port=0, drain_seconds=0.0)
     )
+    async with AsyncRegistryClient(registry.address) as client:
+        folder = REPO / "models" / "repository" / "digits"
+        await client.create_model("same", task="infer")
+        await client.upload("same", folder)
+        await client.upload("same", folder, description="the parent, deleted below")
+    payload = _tar({"model.py": os.urandom(2048)})
+    header = registry_pb2.UploadVersionRequest.Header(
+        model="same",
+        sha256=hashlib.sha256(payload).hexdigest(),
+        size_bytes=len(payload),
+        format="triton-python",
+        config_pbtxt=CONFIG,
+    )
+    return registry, payload, header
+
+
+async def _doomed_upload(stub: Any, header: Any) -> Any:
+    """Upload A, accepted, whose lineage parent (version 2) is deleted before its bytes
+    come: it lands them, then fails (NOT_FOUND) and cleans up."""
+    a = stub.UploadVersion(timeout=30)
+    doomed = registry_pb2.UploadVersionRequest.Header()
+    doomed.CopyFrom(header)
+    doomed.lineage.parent_version = 2
+    await a.write(registry_pb2.UploadVersionRequest(header=doomed))
+    await a.initial_metadata()
+    await stub.DeleteVersion(registry_pb2.DeleteVersionRequest(model="same", version=2))
+    return a
+
+
+async def _send(call: Any, *parts: registry_pb2.UploadVersionRequest) -> None:
+    for part in parts:
+        await call.write(part)
+    await call.done_writing()
+
+
+async def _c_is_whole(
+    registry: Registry, version: registry_pb2.ModelVersion, payload: bytes, tmp_path: Path
+) -> None:
+    async with AsyncRegistryClient(registry.address) as client:
+        await client.download("same", version.version, tmp_path / "c.tar")
+    assert (tmp_path / "c.tar").read_bytes() == payload
+
+
+async def test_an_upload_that_fails_after_its_bytes_landed_spares_one_begun_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upload C of the same bytes begins while A's clean-up reads the database, and
+    # installs the blob before A decides: A must leave it to C.
+    registry, payload, header = await _same_bytes_twice(tmp_path)
     a_checking, c_installed, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
     in_use, create = RegistryStore.artifact_in_use, RegistryStore.create_version
 
@@ -306,51 +352,68 @@ async def test_an_upload_that_fails_after_its_bytes_landed_spares_another_upload
             await a_done.wait()
         return await create(self, model, **fields)
 
+    monkeypatch.setattr(RegistryStore, "artifact_in_use", in_use_while_c_lands)
+    monkeypatch.setattr(RegistryStore, "create_version", create_after_a)
     try:
-        async with AsyncRegistryClient(registry.address) as client:
-            folder = REPO / "models" / "repository" / "digits"
-            await client.create_model("same", task="infer")
-            await client.upload("same", folder)
-            await client.upload("same", folder, description="the parent, deleted below")
-        monkeypatch.setattr(RegistryStore, "artifact_in_use", in_use_while_c_lands)
-        monkeypatch.setattr(RegistryStore, "create_version", create_after_a)
-        payload = _tar({"model.py": os.urandom(2048)})
-        header = registry_pb2.UploadVersionRequest.Header(
-            model="same",
-            sha256=hashlib.sha256(payload).hexdigest(),
-            size_bytes=len(payload),
-            format="triton-python",
-            config_pbtxt=CONFIG,
-        )
         async with grpc.aio.insecure_channel(registry.address) as channel:
             stub = registry_pb2_grpc.ModelRegistryStub(channel)
-            a = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
-            a_header = registry_pb2.UploadVersionRequest.Header()
-            a_header.CopyFrom(header)
-            a_header.lineage.parent_version = 2
-            await a.write(registry_pb2.UploadVersionRequest(header=a_header))
-            await a.initial_metadata()
-            await stub.DeleteVersion(registry_pb2.DeleteVersionRequest(model="same", version=2))
-            await a.write(registry_pb2.UploadVersionRequest(chunk=payload))
-            await a.done_writing()
+            a = await _doomed_upload(stub, header)
+            await _send(a, registry_pb2.UploadVersionRequest(chunk=payload))
             await a_checking.wait()
-
-            async def upload_c() -> registry_pb2.ModelVersion:
-                c = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
-                await c.write(registry_pb2.UploadVersionRequest(header=header))
-                await c.initial_metadata()
-                await c.write(registry_pb2.UploadVersionRequest(chunk=payload))
-                await c.done_writing()
-                return await c
-
-            c_task = asyncio.create_task(upload_c())
+            c = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
+            await c.write(registry_pb2.UploadVersionRequest(header=header))
+            await c.initial_metadata()
+            await _send(c, registry_pb2.UploadVersionRequest(chunk=payload))
             code, _ = await _status(a)
             assert code == grpc.StatusCode.NOT_FOUND
             a_done.set()
-            c_version = await c_task
+            c_version = await c
         monkeypatch.undo()
-        async with AsyncRegistryClient(registry.address) as client:
-            await client.download("same", c_version.version, tmp_path / "c.tar")
-        assert (tmp_path / "c.tar").read_bytes() == payload
+        await _c_is_whole(registry, c_version, payload, tmp_path)
+    finally:
+        await registry.stop()
+
+
+async def test_an_upload_that_fails_after_its_bytes_landed_spares_one_that_ended_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upload C of the same bytes is under way when A fails, and commits and ends while
+    # A's clean-up reads the database (which cannot see C's version yet).
+    registry, payload, header = await _same_bytes_twice(tmp_path)
+    a_failed, c_ended = asyncio.Event(), asyncio.Event()
+    in_use, create = RegistryStore.artifact_in_use, RegistryStore.create_version
+
+    async def in_use_until_c_ended(self: RegistryStore, sha256: str) -> bool:
+        answer = await in_use(self, sha256)  # a read that cannot see C's version
+        await c_ended.wait()
+        return answer
+
+    async def create_in_turn(self: RegistryStore, model: str, **fields: Any) -> Any:
+        if fields["lineage"].parent_version:  # upload A: fails, then cleans up
+            try:
+                return await create(self, model, **fields)
+            finally:
+                a_failed.set()
+        await a_failed.wait()  # upload C commits once A is cleaning up
+        return await create(self, model, **fields)
+
+    monkeypatch.setattr(RegistryStore, "artifact_in_use", in_use_until_c_ended)
+    monkeypatch.setattr(RegistryStore, "create_version", create_in_turn)
+    try:
+        async with grpc.aio.insecure_channel(registry.address) as channel:
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+            a = await _doomed_upload(stub, header)
+            c = stub.UploadVersion(timeout=30)  # type: ignore[call-arg]
+            await c.write(registry_pb2.UploadVersionRequest(header=header))
+            await c.initial_metadata()
+            await _send(c, registry_pb2.UploadVersionRequest(chunk=payload))
+            c_version = asyncio.ensure_future(c)
+            await _send(a, registry_pb2.UploadVersionRequest(chunk=payload))
+            await c_version
+            c_ended.set()
+            code, _ = await _status(a)
+            assert code == grpc.StatusCode.NOT_FOUND
+        monkeypatch.undo()
+        await _c_is_whole(registry, c_version.result(), payload, tmp_path)
     finally:
         await registry.stop()

@@ -6,9 +6,11 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 
 from services.registry.artifacts import LocalArtifactStore
 from services.runtime.errors import DataLoss, InvalidArgument, NotFound
@@ -20,6 +22,15 @@ LARGE = os.urandom(3 * 1024 * 1024 + 17)
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def naming(*names: str) -> Callable[[], Awaitable[set[str]]]:
+    """What the database would answer: the blobs versions name."""
+
+    async def referenced() -> set[str]:
+        return set(names)
+
+    return referenced
 
 
 def files(root: Path) -> list[str]:
@@ -179,11 +190,15 @@ async def test_garbage_collection_keeps_only_referenced_blobs(tmp_path: Path) ->
     await abandoned.write(SMALL)  # a crash mid-upload leaves this behind
     (tmp_path / "sha256" / "stray").write_bytes(b"?")
 
-    removed = await store.collect_garbage({sha(SMALL).upper()})
+    removed = await store.collect_garbage(naming(sha(SMALL).upper()))
     assert removed == 4  # the temp file, two blobs, the stray file
-    assert files(tmp_path) == ["registry.lock", f"sha256/{sha(SMALL)[:2]}/{sha(SMALL)}"]
+    assert files(tmp_path) == [
+        "registry.lock",
+        f"sha256/{sha(SMALL)[:2]}/{sha(SMALL)}",
+        "sweep.lock",
+    ]
     assert sorted(p.name for p in (tmp_path / "sha256").iterdir()) == [sha(SMALL)[:2]]
-    assert await store.collect_garbage({sha(SMALL)}) == 0
+    assert await store.collect_garbage(naming(sha(SMALL))) == 0
     await abandoned.abort()
     store.close()
 
@@ -193,7 +208,7 @@ async def test_beside_another_registry_only_old_leftovers_are_swept(tmp_path: Pa
     # the first's upload in progress (a temp file, or a blob not yet committed) for a
     # crash's leftovers, only what nobody touched for an hour.
     first = LocalArtifactStore(tmp_path)
-    assert await first.collect_garbage(set()) == 0
+    assert await first.collect_garbage(naming()) == 0
     uploading = first.writer(max_bytes=1 << 30)
     await uploading.write(SMALL)
     await store_bytes(first, LARGE)  # renamed into place, its version not committed yet
@@ -203,7 +218,7 @@ async def test_beside_another_registry_only_old_leftovers_are_swept(tmp_path: Pa
     os.utime(first.blob_path(old), (long_ago, long_ago))
 
     second = LocalArtifactStore(tmp_path)
-    assert await second.collect_garbage(set()) == 1
+    assert await second.collect_garbage(naming()) == 1
     assert not first.blob_path(old).exists()
     assert first.blob_path(sha(LARGE)).exists()
     assert len(list((tmp_path / "tmp").iterdir())) == 1
@@ -213,6 +228,60 @@ async def test_beside_another_registry_only_old_leftovers_are_swept(tmp_path: Pa
     first.close()
     second.close()
     third = LocalArtifactStore(tmp_path)
-    assert await third.collect_garbage(set()) == 1
-    assert files(tmp_path) == ["registry.lock"]
+    assert await third.collect_garbage(naming()) == 1
+    assert files(tmp_path) == ["registry.lock", "sweep.lock"]
     third.close()
+
+
+async def test_a_refused_upload_s_blob_goes_only_while_no_other_registry_holds_the_store(
+    tmp_path: Path,
+) -> None:
+    first = LocalArtifactStore(tmp_path)
+    await first.collect_garbage(naming())
+    await store_bytes(first, SMALL)
+    await store_bytes(first, LARGE)
+    assert not await first.remove_unused(sha(SMALL), lambda: False)  # in use after all
+    assert first.blob_path(sha(SMALL)).exists()
+    # Another registry on the store may be uploading the same bytes: the blob stays.
+    second = LocalArtifactStore(tmp_path)
+    await second.collect_garbage(naming(sha(SMALL), sha(LARGE)))
+    assert not await first.remove_unused(sha(SMALL), lambda: True)
+    assert first.blob_path(sha(SMALL)).exists()
+    second.close()
+    assert await first.remove_unused(sha(SMALL), lambda: True)
+    assert not first.blob_path(sha(SMALL)).exists() and first.blob_path(sha(LARGE)).exists()
+    # Still held (shared) after: a registry starting now is not alone.
+    third = LocalArtifactStore(tmp_path)
+    old = time.time() - 2 * 3600
+    os.utime(first.blob_path(sha(LARGE)), (old, old))
+    assert await third.collect_garbage(naming()) == 1  # only the old blob
+    first.close()
+    third.close()
+
+
+async def test_registries_starting_together_sweep_one_after_the_other(tmp_path: Path) -> None:
+    # While one sweeps all it finds, the other waits: it cannot start uploading (and
+    # have its upload swept) before the first is done, nor also think itself alone.
+    first, second = LocalArtifactStore(tmp_path), LocalArtifactStore(tmp_path)
+    reading, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_database() -> set[str]:
+        reading.set()
+        await go_on.wait()
+        return set()
+
+    with structlog.testing.capture_logs() as logs:
+        sweeping = asyncio.create_task(first.collect_garbage(slow_database))
+        await reading.wait()
+        starting = asyncio.create_task(second.collect_garbage(naming()))
+        await asyncio.sleep(0.2)
+        assert not starting.done()  # waits for the first's sweep
+        go_on.set()
+        await sweeping
+        await starting
+    # The first was alone; the second, coming after, was not.
+    assert [line["event"] for line in logs] == [
+        "another registry uses this artifact store; sweeping only old leftovers"
+    ]
+    first.close()
+    second.close()
