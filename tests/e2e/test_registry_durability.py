@@ -141,7 +141,10 @@ async def test_acknowledged_writes_survive_kill_9(tmp_path: Path, database_url: 
             assert alias.version == targets[-1] and alias.version in versions
         # No upload left a temporary file or an unreferenced blob behind.
         stored = {p.name for p in (data_dir / "artifacts").rglob("*") if p.is_file()}
-        assert stored == {v.artifact.sha256 for v in versions.values()} | {"registry.lock"}
+        assert stored == {v.artifact.sha256 for v in versions.values()} | {
+            "registry.lock",
+            "sweep.lock",
+        }
     finally:
         process.send_signal(signal.SIGTERM)
         await process.wait()
