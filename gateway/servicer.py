@@ -88,12 +88,14 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                         )
                     chunks += 1
                     chunk = _parse_chunk(raw)
+                    # Counted before the yield: a caller that cancels while this
+                    # generator waits at it has already read the chunk. A chunk in
+                    # flight when the call is cut may be billed unread, never the reverse.
+                    completion += len(chunk.token_ids)
                     if chunk.finish_reason:
                         finished = True
                         self._finished(info.name, chunk)
                     yield raw
-                    # Counted once sent: a chunk the call was cut off before is not billed.
-                    completion += len(chunk.token_ids)
                 return
             except grpc.aio.AioRpcError as exc:
                 error = self._failed(worker, exc, resolved)
