@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tensorgate.key_shape import redact_keys
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _VERSION = re.compile(r"[0-9]{1,18}")
 
@@ -18,7 +20,12 @@ class InvalidModelRef(ValueError):
 
 
 def _shown(text: str, limit: int = 64) -> str:
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+    """The text as an error quotes it: cut, repr'd, and never with a key's secret in it
+    (a key pasted into the model field). Redacted before the cut, so that a cut inside
+    a key cannot leave a piece of its secret too short to be recognised."""
+    size = len(text)
+    text = redact_keys(text[: limit + 80])
+    return repr(text) if size <= limit else repr(text[:limit]) + f"... ({size} chars)"
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,8 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from tensorgate.errors import REQUEST_ID_KEY, STATUS_DETAILS_KEY, metadata_value
+from tensorgate.key_shape import redact_keys
 from tensorgate.model_ref import InvalidModelRef
-
-from services.runtime.api_keys import redact_keys
 
 _DETAILS_KEY = STATUS_DETAILS_KEY
 

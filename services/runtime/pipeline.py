@@ -24,10 +24,10 @@ from typing import Any
 import grpc
 import structlog
 from tensorgate.errors import REQUEST_ID_KEY
+from tensorgate.key_shape import redact_keys
 
 from services.runtime import calls
 from services.runtime.access import Authenticator, QuotaGate, QuotaReservation
-from services.runtime.api_keys import redact_keys
 from services.runtime.calls import Call
 from services.runtime.errors import InvalidArgument, TensorgateError, as_domain_error
 from services.runtime.logging import rpc_line

@@ -125,9 +125,12 @@ async def _exercise(
     # A price under a key-shaped name would be listed to anyone (ListPrices needs no key).
     listed = await stub.ListPrices(pb.ListPricesRequest(), metadata=admin.metadata)
     assert all(good.secret not in price.model for price in listed.prices)
-    # A key pasted as the model of an inference call: refused, never echoed or logged.
+    # A key pasted as the model of an inference call: refused, never echoed or logged,
+    # whether the model grammar takes it (not found) or refuses it (malformed).
+    key = good.secret
+    pasted = (key, f"x@{key}", f"{key}:1", f"!{key}", f"tinylm:{key}", f"tinylm {key}")
     async with AsyncGatewayClient(address, api_key=good.secret) as client:
-        for model in (good.secret, f"x@{good.secret}", f"{good.secret}:1"):
+        for model in (*pasted, f"tinylm\x00{key}"):
             try:
                 await client.infer(model, {"image": digits_image()})
             except TensorgateClientError as refused:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 
+from services.runtime.api_keys import new_key
+
 
 @pytest.mark.parametrize(
     ("text", "expected"),
@@ -38,3 +40,17 @@ def test_refuses_malformed(text: str) -> None:
     with pytest.raises(InvalidModelRef) as error:
         ModelRef.parse(text)
     assert str(error.value)
+
+
+# A key pasted into the model field, in each way the grammar refuses it.
+@pytest.mark.parametrize(
+    "template",
+    ["!{key}", "tinylm:{key}", "tinylm {key}", "tinylm\x00{key}", "tinylm@{key}!", "{key}@x:1"],
+)
+def test_a_refused_ref_never_quotes_a_key(template: str) -> None:
+    _, key = new_key()
+    secret = key.split("_")[2]
+    with pytest.raises(InvalidModelRef) as error:
+        ModelRef.parse(template.format(key=key))
+    assert "<redacted>" in str(error.value)
+    assert secret[:8] not in str(error.value)
