@@ -20,6 +20,7 @@ from sqlalchemy import Row, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
+from tensorgate.key_shape import KEY_LIKE_REFUSED, looks_like_key
 
 from services.runtime.api_keys import KEY_REFUSED
 from services.runtime.errors import InvalidArgument, Unauthenticated, shown
@@ -34,7 +35,6 @@ _NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit
 _PATTERN = re.compile(r"[A-Za-z0-9*][A-Za-z0-9_.*-]{0,127}")
 _KEY_ID = re.compile(r"[a-z2-7]{12}")
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-_LOOKS_LIKE_KEY = re.compile(r"tg_[a-z2-7]{12}_[0-9A-Za-z]{8}")
 _MAX_TEXT = 1024
 
 
@@ -50,8 +50,8 @@ class KeyRefused(Unauthenticated):
 
 def quoted(value: str) -> str:
     """A caller's value as an error quotes it, unless it holds something like a key."""
-    if _LOOKS_LIKE_KEY.search(value):
-        return "(a value that looks like an API key, not shown)"
+    if looks_like_key(value):
+        return f"(a value that {KEY_LIKE_REFUSED}, not shown)"
     return shown(value)
 
 
@@ -68,9 +68,15 @@ def check_name(field: str, value: str) -> str:
 def check_new_name(field: str, value: str) -> str:
     """A tenant id being chosen: never the shape of a key (ids are logged, and a key
     pasted into one must not be stored or logged)."""
-    if _LOOKS_LIKE_KEY.search(value):
-        raise InvalidArgument(field, "looks like an API key: choose another name")
+    refuse_key_shaped(field, value, "choose another name")
     return check_name(field, value)
+
+
+def refuse_key_shaped(field: str, value: str, instead: str) -> None:
+    """Refuses a value that holds a key (an admin's paste into the wrong field): what the
+    store keeps is shown in every listing and log line, in plain text."""
+    if looks_like_key(value):
+        raise InvalidArgument(field, f"{KEY_LIKE_REFUSED}: {instead}")
 
 
 def check_key_id(field: str, value: str) -> str:
@@ -88,6 +94,7 @@ def check_patterns(field: str, patterns: Iterable[str]) -> list[str]:
     if len(checked) > MAX_PATTERNS:
         raise InvalidArgument(field, f"{len(checked)} patterns; at most {MAX_PATTERNS} are allowed")
     for pattern in checked:
+        refuse_key_shaped(field, pattern, "a pattern names models, e.g. 'tiny*'")
         if not _PATTERN.fullmatch(pattern):
             raise InvalidArgument(
                 field,
@@ -98,8 +105,10 @@ def check_patterns(field: str, patterns: Iterable[str]) -> list[str]:
 
 
 def check_text(field: str, value: str) -> str:
+    """Free text kept and shown as it is (a key's name, a tenant's description)."""
     if len(value) > _MAX_TEXT:
         raise InvalidArgument(field, f"must be at most {_MAX_TEXT} characters, got {len(value)}")
+    refuse_key_shaped(field, value, "leave keys out of it")
     return value
 
 

@@ -6,7 +6,7 @@ grace periods. The ledger and prices are in test_auth_ledger.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -182,6 +182,28 @@ async def test_key_refusals(store: AuthStore) -> None:
     with pytest.raises(NotFound) as as_tenant:
         await store.get_tenant(key[:40])
     assert key[:40] not in as_tenant.value.message
+
+
+async def test_a_key_pasted_into_a_stored_field_is_refused_not_kept(store: AuthStore) -> None:
+    """Names, patterns and descriptions are shown in every listing, in plain text."""
+    await add_tenant(store)
+    key = (await add_key(store)).secret
+    secret = key.split("_")[2]
+    attempts: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("name", lambda: add_key(store, name=key)),
+        ("name", lambda: add_key(store, name=f"ci key {key}")),
+        ("models", lambda: add_key(store, models=["tiny*", key])),
+        ("models", lambda: add_key(store, models=[f"{key}*"])),
+        ("tenant.description", lambda: store.create_tenant(pb.Tenant(id="b", description=key))),
+        ("description", lambda: store.update_tenant("acme", description=f"see {key}")),
+    ]
+    for field, attempt in attempts:
+        with pytest.raises(InvalidArgument, match="looks like an API key") as caught:
+            await attempt()
+        assert caught.value.violations[0].field == field
+        assert secret[:8] not in caught.value.message
+    stored = repr(await store.list_keys("acme")) + repr(await store.list_tenants())
+    assert secret[:8] not in stored
 
 
 async def test_every_unusable_key_gets_the_same_refusal(store: AuthStore, clock: Clock) -> None:
