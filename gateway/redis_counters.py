@@ -27,7 +27,9 @@ admitted and counted in this process instead. Either way the switch is logged on
 is the way back, and Redis is asked again at most every `recheck_s` meanwhile rather
 than each call waiting out a timeout. A full connection pool is not Redis failing but
 this gateway overloaded: that call alone is refused (RESOURCE_EXHAUSTED, retry shortly)
-and Redis is not taken for down.
+and Redis is not taken for down; except while Redis is marked down or a script timed
+out within the last `recheck_s`, when the connections are full because they all wait on
+a Redis that does not answer: that is the outage, and the call takes its path.
 
 Redis 7.0 or newer is required (the scripts use `EXPIRE ... NX`); `check_server` says so
 at start, before any call is served.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -78,6 +81,8 @@ _MARKER_GRACE_MS = 60_000
 _GIVE_BACK_TRIES = 3
 # At most this many wait in the background; past it they are counted as lost.
 _MAX_PENDING_GIVE_BACKS = 10_000
+# How much longer than one round trip a call waits for a free connection (see __init__).
+_POOL_WAIT_MARGIN_S = 0.1
 MIN_REDIS_VERSION = (7, 0)
 # Refused when the gateway's own connection pool stays full: local overload, not an outage.
 OVERLOADED = "quota_store_connections"
@@ -324,14 +329,16 @@ class RedisCounters:
         recheck_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`timeout_s` bounds one round trip; `pool_timeout_s` (default `timeout_s`) how
-        long a call waits for one of the `max_connections` connections."""
+        """`timeout_s` bounds one round trip; `pool_timeout_s` how long a call waits for
+        one of the `max_connections` connections (default: a little longer than a round
+        trip, so that with Redis hung the scripts holding the connections time out, and
+        mark it down, before the calls waiting for one give up)."""
         # No retries inside the client: a script retried after a timeout may already
         # have run, and would then count the call twice.
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=timeout_s if pool_timeout_s is None else pool_timeout_s,
+            timeout=timeout_s + _POOL_WAIT_MARGIN_S if pool_timeout_s is None else pool_timeout_s,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
@@ -347,6 +354,7 @@ class RedisCounters:
         self._recheck_s = recheck_s
         self._down_until = 0.0  # monotonic; Redis is not asked again before
         self._down = False
+        self._timed_out_at = -math.inf  # monotonic; the last script that timed out
         # Give-backs running in the background (cancelled callers, timeouts), kept
         # until they finish.
         self._settling: set[asyncio.Future[None]] = set()
@@ -447,7 +455,9 @@ class RedisCounters:
             raise
         except (RedisError, OSError) as exc:
             if pool_exhausted(exc):
-                raise self._overloaded() from None
+                if not self._redis_hung():
+                    raise self._overloaded() from None
+                return await self._unreachable(demand)
             if _may_have_run(exc):
                 self._give_back_later(hold)
             self._went_down(exc)
@@ -561,8 +571,16 @@ class RedisCounters:
             raise Unavailable("quota store unreachable; retry shortly")
         return self._local.reserve_now(demand)
 
+    def _redis_hung(self) -> bool:
+        """Whether a full pool is Redis not answering rather than this gateway overloaded:
+        Redis is marked down, or a script timed out within the last recheck window."""
+        return self._down or time.monotonic() - self._timed_out_at < self._recheck_s
+
     def _went_down(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + self._recheck_s
+        now = time.monotonic()
+        self._down_until = now + self._recheck_s
+        if _may_have_run(exc):
+            self._timed_out_at = now
         if not self._down:
             self._down = True
             log.warning(

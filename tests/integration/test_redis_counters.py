@@ -491,6 +491,47 @@ async def test_a_full_connection_pool_is_overload_not_an_outage(
         await gate.close()
 
 
+@pytest.mark.parametrize("fail_open", [False, True])
+async def test_a_full_pool_while_redis_hangs_is_the_outage_not_overload(
+    private_redis: PrivateRedis, fail_open: bool
+) -> None:
+    counters = RedisCounters(
+        private_redis.url,
+        fail_open=fail_open,
+        timeout_s=0.3,
+        max_connections=1,
+        pool_timeout_s=0.05,
+        recheck_s=0.2,
+    )
+    gate, who = QuotaGate(counters), principal(key=Limits(requests_per_minute=100))
+    try:
+        assert await gate.reserve(call(who), infer()) is not None  # warm
+        os.kill(private_redis.process_id, signal.SIGSTOP)  # hung: accepts, never answers
+        try:
+            with capture_logs():
+                if fail_open:
+                    assert await gate.reserve(call(who), infer()) is not None
+                else:
+                    with pytest.raises(Unavailable):
+                        await gate.reserve(call(who), infer())  # timed out: marked down
+                await asyncio.sleep(0.25)  # past recheck_s: Redis is asked again
+                # The first takes the one connection and waits on Redis; the second
+                # finds the pool full, because Redis hangs: the outage's answer.
+                results = await asyncio.gather(
+                    gate.reserve(call(who), infer()),
+                    gate.reserve(call(who), infer()),
+                    return_exceptions=True,
+                )
+        finally:
+            os.kill(private_redis.process_id, signal.SIGCONT)
+        if fail_open:
+            assert all(isinstance(r, QuotaReservation) for r in results), results
+        else:
+            assert all(isinstance(r, Unavailable) for r in results), results
+    finally:
+        await gate.close()
+
+
 async def test_redis_7_or_newer_is_required_at_start(redis_url: str) -> None:
     counters = RedisCounters(redis_url)
     try:
