@@ -210,7 +210,9 @@ return {1}
 # it holds a window entry, day tokens, a stream (5..10), whether spend was reserved (11),
 # whether the reservation is known to have been made (12), marker ttl ms (13).
 # Only a held marker is settled, once. A counter that has expired meanwhile is left
-# alone, never recreated. Returns 1 if it settled, 0 if there was nothing to settle.
+# alone, never recreated. A reservation not known to have been made leaves the minute
+# window altogether: its caller heard UNAVAILABLE, so its request does not count.
+# Returns 1 if it settled, 0 if there was nothing to settle.
 _SETTLE = """
 local mark = redis.call('GET', KEYS[10])
 if mark ~= '1' then
@@ -230,9 +232,13 @@ for s = 1, 2 do
   local k, a = (s - 1) * 4, 4 + (s - 1) * 3
   if ARGV[a + 1] == '1' then
     local old = redis.call('HGET', KEYS[k + 2], rid)
-    if old then
+    if old and ARGV[12] == '1' then
       redis.call('HSET', KEYS[k + 2], rid, int(tokens))
       redis.call('HINCRBY', KEYS[k + 2], '_sum', int(tokens - tonumber(old)))
+    elseif old then
+      redis.call('ZREM', KEYS[k + 1], rid)
+      redis.call('HDEL', KEYS[k + 2], rid)
+      redis.call('HINCRBY', KEYS[k + 2], '_sum', int(-tonumber(old)))
     end
   end
   if ARGV[a + 2] == '1' and redis.call('EXISTS', KEYS[k + 3]) == 1 then
@@ -474,7 +480,8 @@ class RedisCounters:
     def _after_cancel(self, hold: _RedisHold, script: asyncio.Future[Any]) -> None:
         """Gives back, with nothing used, a reservation whose caller was cancelled while
         the script ran: the request stays counted, the rest (stream slot, tokens, spend)
-        is given back. A script that failed may have run all the same."""
+        is given back. A script that failed may have run all the same; if it did, its
+        request leaves the window too (nobody was admitted)."""
         if script.cancelled() or script.exception() is not None:
             error = None if script.cancelled() else script.exception()
             if error is not None and pool_exhausted(error):

@@ -434,6 +434,25 @@ async def test_a_give_back_that_runs_before_its_reservation_leaves_nothing_held(
         await counters.close()
 
 
+async def test_a_reservation_that_landed_after_its_caller_gave_up_leaves_the_window(
+    redis_url: str, prefix: str
+) -> None:
+    counters = RedisCounters(redis_url, prefix=prefix)
+    demand = Demand("k1", "acme", Limits(requests_per_minute=1), NO_LIMITS, tokens=10)
+    try:
+        # A reserve whose answer never came (a timeout) but whose script ran: the gateway
+        # refused its caller and gives it back not knowing it landed. That request was
+        # never admitted, so the key's one request a minute is still free.
+        late = await counters.reserve(demand)
+        late.landed = False  # type: ignore[attr-defined]  # as after a timed-out answer
+        await late.settle(0, 0)
+        assert await counters.reserve(demand) is not None
+        with pytest.raises(ResourceExhausted):
+            await counters.reserve(demand)
+    finally:
+        await counters.close()
+
+
 async def test_a_settle_sent_again_counts_once(redis_url: str, prefix: str) -> None:
     counters = RedisCounters(redis_url, prefix=prefix)
     demand = Demand("k1", "acme", Limits(tokens_per_day=1000), NO_LIMITS, tokens=110)
