@@ -17,6 +17,7 @@ from gateway.aliases import AliasFeed
 from gateway.authentication import KeyAuthenticator, check_model_scope
 from gateway.counters import InProcessCounters
 from gateway.ledger import UsageLedger
+from gateway.metrics import GatewayMetrics
 from gateway.prices import PriceBook
 from gateway.quota import QuotaGate, QuotaReservation
 from gateway.redis_counters import RedisCounters
@@ -64,7 +65,10 @@ class ControlPlane:
 
     @classmethod
     async def open(
-        cls, settings: GatewaySettings, credentials: grpc.ChannelCredentials | None
+        cls,
+        settings: GatewaySettings,
+        credentials: grpc.ChannelCredentials | None,
+        metrics: GatewayMetrics,
     ) -> ControlPlane:
         plane = cls()
         try:
@@ -84,7 +88,7 @@ class ControlPlane:
                     ).binding()
                 )
             if settings.auth:
-                await plane._open_auth(settings, credentials)
+                await plane._open_auth(settings, credentials, metrics)
         except BaseException:
             await plane.close()
             raise
@@ -98,7 +102,10 @@ class ControlPlane:
         return channel
 
     async def _open_auth(
-        self, settings: GatewaySettings, credentials: grpc.ChannelCredentials | None
+        self,
+        settings: GatewaySettings,
+        credentials: grpc.ChannelCredentials | None,
+        metrics: GatewayMetrics,
     ) -> None:
         channel = self._channel(settings.auth, credentials)
         self.authenticator = KeyAuthenticator(
@@ -114,7 +121,11 @@ class ControlPlane:
         redis_url = settings.redis_url.get_secret_value()
         counters: InProcessCounters | RedisCounters = InProcessCounters()
         if redis_url:
-            counters = RedisCounters(redis_url, fail_open=settings.quota_fail_open)
+            counters = RedisCounters(
+                redis_url,
+                fail_open=settings.quota_fail_open,
+                on_lost=metrics.quota_give_backs_lost.inc,
+            )
             try:
                 await counters.check_server()  # Redis 7+, or the gateway does not start
             except BaseException:

@@ -25,6 +25,12 @@ class GatewayMetrics(ServiceMetrics):
             ["model"],
             registry=self.registry,
         )
+        self.quota_give_backs_lost = Counter(
+            "tensorgate_quota_give_backs_lost_total",
+            "Quota settles and releases given up (the quota store failed every try, or "
+            "too many waited): what they held stays reserved until its counters expire",
+            registry=self.registry,
+        )
         self.retries = Counter(
             "tensorgate_upstream_retries_total",
             "Calls retried on another worker after UNAVAILABLE",

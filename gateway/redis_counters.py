@@ -81,6 +81,7 @@ _MARKER_GRACE_MS = 60_000
 _GIVE_BACK_TRIES = 3
 # At most this many wait in the background; past it they are counted as lost.
 _MAX_PENDING_GIVE_BACKS = 10_000
+_LOST_LOG_EVERY_S = 10.0
 # How much longer than one round trip a call waits for a free connection (see __init__).
 _POOL_WAIT_MARGIN_S = 0.1
 MIN_REDIS_VERSION = (7, 0)
@@ -334,11 +335,13 @@ class RedisCounters:
         pool_timeout_s: float | None = None,
         recheck_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         """`timeout_s` bounds one round trip; `pool_timeout_s` how long a call waits for
         one of the `max_connections` connections (default: a little longer than a round
         trip, so that with Redis hung the scripts holding the connections time out, and
-        mark it down, before the calls waiting for one give up)."""
+        mark it down, before the calls waiting for one give up). `on_lost` is called for
+        each give-back given up (a metric's counter)."""
         # No retries inside the client: a script retried after a timeout may already
         # have run, and would then count the call twice.
         pool = BlockingConnectionPool.from_url(
@@ -369,6 +372,8 @@ class RedisCounters:
         self._rid_prefix = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self.lost_settlements = 0
+        self._on_lost = on_lost
+        self._lost_logged_until = -math.inf
 
     @property
     def fail_open(self) -> bool:
@@ -498,7 +503,7 @@ class RedisCounters:
 
     def _settle_later(self, keys: list[str], args: list[Any]) -> None:
         if len(self._settling) >= _MAX_PENDING_GIVE_BACKS:
-            self.lost_settlements += 1
+            self._lost("too many give-backs waiting")
             return
         task = asyncio.ensure_future(self._settle_with_retries(keys, args))
         self._settling.add(task)
@@ -514,7 +519,23 @@ class RedisCounters:
             except (RedisError, OSError):
                 continue
             return
+        self._lost(f"the quota store failed {_GIVE_BACK_TRIES} tries")
+
+    def _lost(self, why: str) -> None:
+        """A give-back given up: what it held stays reserved until its counters expire
+        (the minute window in 60 s, a stream slot at its deadline; the day's tokens and
+        the month's spend keep the reserved bound). Counted, and logged at most every
+        _LOST_LOG_EVERY_S with the running total, so an outage does not flood the log."""
         self.lost_settlements += 1
+        self._on_lost()
+        now = time.monotonic()
+        if now >= self._lost_logged_until:
+            self._lost_logged_until = now + _LOST_LOG_EVERY_S
+            log.warning(
+                "quota give-backs lost; what they held stays reserved until it expires",
+                why=why,
+                lost_total=self.lost_settlements,
+            )
 
     @staticmethod
     def _refusal(

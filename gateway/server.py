@@ -51,7 +51,8 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
     credentials = channel_credentials(
         settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
     )
-    control = await ControlPlane.open(settings, credentials)
+    metrics = GatewayMetrics()
+    control = await ControlPlane.open(settings, credentials, metrics)
     aliases = control.aliases
     pool = WorkerPool(
         StaticDiscovery(list(settings.workers)),
@@ -67,7 +68,6 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
             # down shows as UNAVAILABLE on alias calls and the feed keeps trying.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(aliases.synced.wait(), 5.0)
-        metrics = GatewayMetrics()
         servicer = InferenceGatewayServicer(
             pool, metrics, upstream_timeout=settings.upstream_timeout
         )

@@ -29,6 +29,7 @@ from structlog.testing import capture_logs
 from tensorgate.inference.v1 import inference_pb2
 
 from gateway.counters import MICROS, Demand
+from gateway.metrics import GatewayMetrics
 from gateway.quota import Price, QuotaGate, QuotaReservation
 from gateway.redis_counters import OVERLOADED, RedisCounters, parse_version
 from services.runtime.calls import Call, Limits, Principal, Usage
@@ -322,7 +323,13 @@ def private_redis() -> Iterator[PrivateRedis]:
 async def test_redis_going_away_and_coming_back(
     private_redis: PrivateRedis, fail_open: bool
 ) -> None:
-    counters = RedisCounters(private_redis.url, fail_open=fail_open, recheck_s=0.2)
+    metrics = GatewayMetrics()
+    counters = RedisCounters(
+        private_redis.url,
+        fail_open=fail_open,
+        recheck_s=0.2,
+        on_lost=metrics.quota_give_backs_lost.inc,
+    )
     gate, who = QuotaGate(counters), principal(key=Limits(concurrent_streams=1))
     try:
         held = await gate.reserve(call(who), generate())
@@ -341,6 +348,8 @@ async def test_redis_going_away_and_coming_back(
             await held.settle(Usage(1, 1))  # not raised; tried again in the background
             await counters.given_back()
             assert counters.lost_settlements == 1
+            lost = metrics.registry.get_sample_value("tensorgate_quota_give_backs_lost_total")
+            assert lost == 1
             private_redis.start()  # empty, and without the scripts: NOSCRIPT, loaded again
             await asyncio.sleep(0.25)
             assert await gate.reserve(call(who), generate()) is not None
@@ -348,8 +357,10 @@ async def test_redis_going_away_and_coming_back(
                 await gate.reserve(call(who), generate())  # in Redis again
         assert [log["event"] for log in logs] == [
             "quota store unreachable",
+            "quota give-backs lost; what they held stays reserved until it expires",
             "quota store reachable again; counting in redis",
         ]
+        assert logs[1]["lost_total"] == 1
     finally:
         await gate.close()
 
