@@ -21,6 +21,7 @@ from typing import Annotated
 
 import typer
 from tensorgate.auth.v1 import auth_pb2
+from tensorgate.auth_limits import MAX_GRACE_SECONDS
 
 from launcher import output
 from launcher.options import (
@@ -246,6 +247,8 @@ def rotate_key(
         grace_seconds = parse_duration(grace)
     except SettingsError as exc:
         raise UsageError(f"--grace: {exc}") from None
+    if grace_seconds > MAX_GRACE_SECONDS:
+        raise UsageError(f"--grace {grace}: at most 366 days ({MAX_GRACE_SECONDS // 3600}h)")
     key, secret = with_auth(
         address,
         api_key,

@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from tensorgate.auth.v1 import auth_pb2
 from tensorgate.auth_client import AsyncAuthClient
+from tensorgate.auth_limits import MAX_AMOUNT, MAX_COUNT
 
 from launcher import output
 from launcher.options import DEFAULT_ADDRESS, Address, ApiKey, UsageError, with_auth
@@ -40,17 +41,22 @@ TenantOption = Annotated[str | None, typer.Option("--tenant", metavar="ID", help
 KeyOption = Annotated[
     str | None, typer.Option("--key", metavar="KEY_ID", help="a key, by its key id")
 ]
+# Bounded here as the auth service bounds them: a number too big for the wire is a usage
+# error (exit 2) that names the flag and the range, not a failure to encode it.
 RequestsPerMinute = Annotated[
-    int | None, typer.Option(min=0, help="requests per minute (0: no limit)")
+    int | None, typer.Option(min=0, max=MAX_COUNT, help="requests per minute (0: no limit)")
 ]
 TokensPerMinute = Annotated[
-    int | None, typer.Option(min=0, help="prompt + completion tokens per minute (0: no limit)")
+    int | None,
+    typer.Option(min=0, max=MAX_COUNT, help="prompt + completion tokens per minute (0: no limit)"),
 ]
 TokensPerDay = Annotated[
-    int | None, typer.Option(min=0, help="prompt + completion tokens per UTC day (0: no limit)")
+    int | None,
+    typer.Option(min=0, max=MAX_COUNT, help="prompt + completion tokens per UTC day (0: no limit)"),
 ]
 ConcurrentStreams = Annotated[
-    int | None, typer.Option(min=0, help="generations streaming at once (0: no limit)")
+    int | None,
+    typer.Option(min=0, max=MAX_COUNT, help="generations streaming at once (0: no limit)"),
 ]
 
 QUOTA_COLUMNS = ("REQUESTS/MIN", "TOKENS/MIN", "TOKENS/DAY", "STREAMS")
@@ -129,7 +135,9 @@ def set_quotas(
     concurrent_streams: ConcurrentStreams = None,
     monthly_spend_cap: Annotated[
         float | None,
-        typer.Option(min=0.0, help="a tenant's spend per calendar month (UTC); 0: none"),
+        typer.Option(
+            min=0.0, max=MAX_AMOUNT, help="a tenant's spend per calendar month (UTC); 0: none"
+        ),
     ] = None,
     address: Address = DEFAULT_ADDRESS,
     api_key: ApiKey = None,
@@ -195,13 +203,18 @@ def show_quotas(
 def set_price(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="the model's name")],
     prompt_per_1k: Annotated[
-        float, typer.Option("--prompt-per-1k", min=0.0, help="per 1,000 prompt tokens")
+        float,
+        typer.Option("--prompt-per-1k", min=0.0, max=MAX_AMOUNT, help="per 1,000 prompt tokens"),
     ],
     completion_per_1k: Annotated[
-        float, typer.Option("--completion-per-1k", min=0.0, help="per 1,000 completion tokens")
+        float,
+        typer.Option(
+            "--completion-per-1k", min=0.0, max=MAX_AMOUNT, help="per 1,000 completion tokens"
+        ),
     ],
     compute_per_second: Annotated[
-        float, typer.Option("--compute-per-second", min=0.0, help="per second of compute")
+        float,
+        typer.Option("--compute-per-second", min=0.0, max=MAX_AMOUNT, help="per second of compute"),
     ],
     address: Address = DEFAULT_ADDRESS,
     api_key: ApiKey = None,

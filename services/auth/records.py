@@ -20,6 +20,7 @@ from sqlalchemy import Row, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
+from tensorgate.auth_limits import MAX_AMOUNT, MAX_COUNT
 from tensorgate.key_shape import KEY_LIKE_REFUSED, looks_like_key
 
 from services.runtime.api_keys import KEY_REFUSED
@@ -112,10 +113,6 @@ def check_text(field: str, value: str) -> str:
     return value
 
 
-# Far above any real limit or price, and far below where a gateway's arithmetic on them
-# (micro-units in 64-bit counters) could overflow.
-MAX_COUNT = 10**15
-MAX_AMOUNT = 1e9
 MAX_PATTERNS = 100
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.auth.v1 import auth_pb2 as pb
+from tensorgate.auth_limits import MAX_GRACE_SECONDS
 
 from services.auth import keys as key_ops
 from services.auth import ledger
@@ -48,7 +49,6 @@ from services.store import Database
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version_auth"
-MAX_GRACE_SECONDS = 366 * 24 * 3600
 _PAGE_SIZE, _MAX_PAGE_SIZE = 100, 1000  # GetUsage, as the registry's list calls
 # Applied batch ids are pruned at most this often: a DELETE per batch would be waste.
 _PRUNE_EVERY_US = 3600 * 1_000_000
