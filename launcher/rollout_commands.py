@@ -125,9 +125,10 @@ def rollback(
     async def roll_back(registry: AsyncRegistryClient) -> registry_pb2.Alias:
         expected = expect
         if expected is None:
-            # Pinned to what the alias points at now, a rollback run twice (a retry, or
-            # two people at once) moves it once: the second is refused, naming where it
-            # points, instead of rolling the first one back.
+            # Pinned to what the alias points at now, two rollbacks at once (two people,
+            # two scripts) move it once: the second is refused, naming where it points,
+            # instead of rolling the first one back. (One run after another is two
+            # rollbacks: the second undoes the first, as documented.)
             current = [a for a in await registry.list_aliases(name) if a.name == alias_name]
             expected = current[0].version if current else None
         return await registry.rollback_alias(

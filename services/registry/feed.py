@@ -74,20 +74,25 @@ class ChangeFeed:
         limit: int = 500,
         max_bytes: int = 4 << 20,
         *,
-        compacted: bool = False,
+        compact_until: int = 0,
     ) -> list[pb.RegistryEvent]:
         """Up to `limit` events after `revision`, in revision order, and no more than
         `max_bytes` of them (but at least one): an event may carry a megabyte of config,
-        and a watcher catching up must not hold hundreds of them at once. `compacted`
-        leaves out each event a later one with its subject supersedes (a deletion is
-        kept: it may be the newest event of all)."""
+        and a watcher catching up must not hold hundreds of them at once.
+
+        With `compact_until` above `revision`, only events up to it, leaving out each
+        that a later one up to it with its subject supersedes (a deletion is kept: it
+        may be the newest); so every batch up to it is cut from one fixed history.
+        """
         after = events.c.revision > revision
-        if compacted:
+        if compact_until > revision:
             later = events.alias("later")
             superseded = exists().where(
-                later.c.subject == events.c.subject, later.c.revision > events.c.revision
+                later.c.subject == events.c.subject,
+                later.c.revision > events.c.revision,
+                later.c.revision <= compact_until,
             )
-            after = after & ~superseded
+            after = after & (events.c.revision <= compact_until) & ~superseded
         sizes = (
             select(events.c.revision, func.length(events.c.payload))
             .where(after)

@@ -28,15 +28,15 @@ MAX_TRANSFORMATION = 128
 MAX_LINEAGE_PARAMETERS = 64
 MAX_LINEAGE_VALUE = 256
 MAX_TENANT = 128
-# C0 and C1 controls but tab and newline, and the bidirectional overrides and isolates
+# C0 and C1 controls but tab, CR and LF, and the bidirectional overrides and isolates
 # that make text show other than it reads.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 # Timestamps protobuf can turn into a datetime: years 1..9999.
 _MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
 
 
 def text(field: str, value: str, limit: int) -> None:
-    """Free text: at most `limit` bytes, and no control character but tab and newline
+    """Free text: at most `limit` bytes, and no control character but tab, CR and LF
     (PostgreSQL cannot store NUL, and escape sequences would reach operators' terminals
     through the CLI)."""
     size = len(value.encode())
@@ -47,7 +47,7 @@ def text(field: str, value: str, limit: int) -> None:
         raise InvalidArgument(
             field,
             f"holds the control character U+{ord(bad.group()):04X} at position {bad.start()}; "
-            "only printable text, tabs and newlines are kept",
+            "only printable text, tabs and line ends are kept",
         )
 
 

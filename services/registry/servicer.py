@@ -409,7 +409,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                     "its history was replaced or restored since; watch again from 0"
                 )
         while True:
-            events = await self._store.feed.events_after(seen, compacted=request.compacted)
+            events = await self._store.feed.events_after(seen, compact_until=request.compact_until)
             for event in events:
                 yield event
                 seen = event.revision

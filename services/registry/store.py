@@ -9,8 +9,6 @@ reading the feed in feed.py.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -18,12 +16,13 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from tensorgate.model_ref import ModelRef
 from tensorgate.registry.v1 import registry_pb2 as pb
 
 from services.registry import aliases as alias_ops
 from services.registry import deployments as deployment_ops
+from services.registry import paging
 from services.registry.feed import ChangeFeed
 from services.registry.records import (
     Change,
@@ -51,35 +50,6 @@ from services.store import Database
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version_registry"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_PAGE_SIZE, _MAX_PAGE_SIZE = 100, 1000
-_MAX_TOKEN_CHARS = 1024
-# Under the 4 MiB a gRPC client takes by default (grpcurl's too).
-_MAX_PAGE_BYTES = 3 << 20
-
-
-def _page_size(asked: int) -> int:
-    if not 0 <= asked <= _MAX_PAGE_SIZE:
-        raise InvalidArgument(
-            "page_size", f"must be 0..{_MAX_PAGE_SIZE} (0 means {_PAGE_SIZE}), got {asked}"
-        )
-    return asked or _PAGE_SIZE
-
-
-def _page_token(after: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
-
-
-def _after(token: str) -> str:
-    after = None
-    # A token this call made is short; anything long is not one, and is not decoded.
-    if len(token) <= _MAX_TOKEN_CHARS:
-        try:
-            after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
-        except (binascii.Error, ValueError, KeyError, TypeError, RecursionError):
-            after = None
-    if not isinstance(after, str):
-        raise InvalidArgument("page_token", f"{shown(token)} is not a token this call returned")
-    return after
 
 
 class RegistryStore:
@@ -144,12 +114,12 @@ class RegistryStore:
     async def list_models(
         self, *, page_size: int, page_token: str, task: str, labels: Mapping[str, str]
     ) -> tuple[list[pb.Model], str]:
-        size = _page_size(page_size)
+        size = paging.page_size(page_size)
         # Byte order on both databases (PostgreSQL would otherwise use its locale's).
         name = models.c.name if self._database.is_sqlite else models.c.name.collate("C")
         query = select(models, latest_version().label("latest")).order_by(name).limit(size + 1)
         if page_token:
-            query = query.where(name > _after(page_token))
+            query = query.where(name > paging.token_after(page_token))
         if task:
             query = query.where(models.c.task == task)
         for key, value in labels.items():
@@ -164,7 +134,7 @@ class RegistryStore:
             rows = (await connection.execute(query)).all()
             page = rows[:size]
             found = await labels_of(connection, [row.name for row in page])
-        token = _page_token(page[-1].name) if len(rows) > size else ""
+        token = paging.page_token(page[-1].name) if len(rows) > size else ""
         return [model_message(row, found[row.name]) for row in page], token
 
     async def update_model(
@@ -259,27 +229,36 @@ class RegistryStore:
         self, model: str, *, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[pb.ModelVersion], str]:
         """A page of `model`'s versions, newest first, and the token of the next page."""
-        size = _page_size(page_size)
-        query = select(versions).where(versions.c.model == model)
+        size = paging.page_size(page_size)
+        of_model = versions.c.model == model
         if page_token:
-            before = _after(page_token)
-            if not before.isdigit():
+            before = paging.token_after(page_token)
+            if not paging.VERSION_TOKEN.fullmatch(before):
                 raise InvalidArgument("page_token", "is not a token this call returned")
-            query = query.where(versions.c.version < int(before))
-        query = query.order_by(versions.c.version.desc()).limit(size + 1)
+            of_model = of_model & (versions.c.version < int(before))
+        # Sizes first: a page of a thousand versions with megabyte configs is not read
+        # to send three of them.
+        sizes = (
+            select(versions.c.version, func.length(versions.c.config))
+            .where(of_model)
+            .order_by(versions.c.version.desc())
+            .limit(size + 1)
+        )
         async with self._database.read() as connection:
             await require_model(connection, model)
-            rows = (await connection.execute(query)).all()
-        page: list[pb.ModelVersion] = []
-        total = 0
-        for row in rows[:size]:
-            version = version_message(row)
-            total += version.ByteSize()
-            if page and total > _MAX_PAGE_BYTES:
-                break
-            page.append(version)
-        more = len(rows) > len(page)
-        return page, _page_token(str(page[-1].version)) if more and page else ""
+            found = (await connection.execute(sizes)).all()
+            numbers: list[int] = []
+            total = 0
+            for number, config_bytes in found:
+                total += int(config_bytes) + paging.VERSION_OVERHEAD
+                if len(numbers) == size or (numbers and total > paging.MAX_PAGE_BYTES):
+                    break
+                numbers.append(int(number))
+            more = len(numbers) < len(found)
+            query = select(versions).where(of_model, versions.c.version.in_(numbers))
+            rows = await connection.execute(query.order_by(versions.c.version.desc()))
+            page = [version_message(row) for row in rows]
+        return page, paging.page_token(str(numbers[-1])) if more and numbers else ""
 
     async def delete_version(self, model: str, version: int, *, actor: str) -> None:
         async with self._change(actor) as change:

@@ -38,9 +38,15 @@ class DeploymentSync:
     """Keeps one worker's Triton and catalog in step with the registry."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, loader: ModelLoader, *, max_backoff: float = 3.0
+        self,
+        channel: grpc.aio.Channel,
+        loader: ModelLoader,
+        *,
+        max_backoff: float = 3.0,
+        sync_wait: float = 300.0,
     ) -> None:
         self._channel = channel
+        self._sync_wait = sync_wait
         self.feed = RegistryFeed(channel, max_backoff=max_backoff)
         self.loader = loader
         # A model's loads ending is a reason for another pass (retire what they replace).
@@ -76,7 +82,7 @@ class DeploymentSync:
             retire_max_seconds=settings.retire_max_seconds,
             rejected_retry_seconds=settings.rejected_retry_seconds,
         )
-        return cls(channel, loader)
+        return cls(channel, loader, sync_wait=settings.sync_wait_seconds)
 
     def start(self, on_synced: Callable[[], Awaitable[None]]) -> None:
         """Starts following the registry; `on_synced` runs once, after the first pass."""
@@ -101,8 +107,10 @@ class DeploymentSync:
         first = True
         while True:
             try:
-                # The first pass waits for every load: the worker is in sync after it.
-                retry_in = await self.loader.reconcile(self._wanted, wait=first)
+                # The first pass waits for the loads (at most --sync-wait-seconds): the
+                # worker is in sync after it, serving what could be loaded.
+                wait = self._sync_wait if first else None
+                retry_in = await self.loader.reconcile(self._wanted, wait=wait)
             except Exception:
                 log.exception("deployment pass failed; trying again")
                 retry_in = _PASS_RETRY_S
@@ -123,6 +131,7 @@ class DeploymentSync:
             revision=self.feed.state.revision,
             serving=sorted(f"{m}:{v}" for m, v in loaded),
             not_loaded=sorted(w.label for k, w in wanted.items() if k not in loaded),
+            still_loading=self.loader.loading(),
         )
         unresolved = self.feed.state.unresolved()
         if unresolved:

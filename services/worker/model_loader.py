@@ -116,6 +116,10 @@ class ModelLoader:
     def loaded(self) -> set[VersionKey]:
         return set(self._loaded)
 
+    def loading(self) -> list[str]:
+        """The models whose loads are running now."""
+        return sorted(self._working)
+
     async def adopt(self, wanted: Wanted) -> None:
         """At start: keeps what Triton already serves and is wanted, lets go of the rest.
 
@@ -148,14 +152,16 @@ class ModelLoader:
         self._discard_artifacts(wanted, downloads=True)
 
     async def reconcile(
-        self, wanted_now: Callable[[], Wanted], *, wait: bool = True
+        self, wanted_now: Callable[[], Wanted], *, wait: float | None = None
     ) -> float | None:
         """One pass: starts each model's missing loads, schedules retirements.
 
         Each model's loads run on their own, one at a time; a model whose loads are
-        still running from an earlier pass is left to them. With `wait`, returns
-        once every model's loads have ended (the first pass: the worker is then in
-        sync); else at once, and `on_change` is called as each model's loads end.
+        still running from an earlier pass is left to them. With `wait` (seconds),
+        returns once every model's loads have ended or that long has passed (the
+        first pass: a worker is in sync then, and one load that hangs must not keep
+        it from serving the rest); else at once. `on_change` is called as each
+        model's loads end.
         `wanted_now` is asked again before each load, since a load takes seconds
         and the registry may have moved on. Returns the seconds until a failed
         load is due again, or None when none is.
@@ -167,8 +173,8 @@ class ModelLoader:
         for model in sorted(models - set(self._working)):
             work = asyncio.create_task(self._work_on(model, wanted_now), name=f"load-{model}")
             self._working[model] = work
-        if wait and self._working:
-            await asyncio.wait(list(self._working.values()))
+        if wait is not None and self._working:
+            await asyncio.wait(list(self._working.values()), timeout=wait)
         self._schedule_retirements(wanted_now)
         return self._next_retry()
 
@@ -185,7 +191,7 @@ class ModelLoader:
         """Clears what failed versions of `model` left, then loads its due versions."""
         try:
             async with self._lock_of(model):
-                await self._clear_failed(model, wanted_now())
+                await self._clear_failed(model, wanted_now)
             for key in sorted(key for key in wanted_now() if key[0] == model):
                 want = wanted_now().get(key)
                 if want is not None and self._due(want):
@@ -210,10 +216,12 @@ class ModelLoader:
             self._retiring.pop(key).cancel()
             log.info("retirement called off; the version is wanted again", version=_label(key))
 
-    async def _clear_failed(self, model: str, wanted: Wanted) -> None:
+    async def _clear_failed(self, model: str, wanted_now: Callable[[], Wanted]) -> None:
         """Removes what failed loads of `model`'s versions no longer wanted left behind:
-        their folders (a load that failed has ended, so Triton reads none of them) and
-        their cached artifacts."""
+        their Triton models and folders (a load can fail after Triton loaded the model,
+        or Triton can go on loading after the call failed, so each is unloaded first)
+        and their cached artifacts."""
+        wanted = wanted_now()
         given_up = {key for key in self._leftovers if key[0] == model and key not in wanted}
         self._leftovers.difference_update(given_up)
         if not given_up:
@@ -222,9 +230,9 @@ class ModelLoader:
         for name in self._repository.names():
             ours = parse_triton_name(name)
             if ours is not None and (ours[0], ours[1]) in given_up and name not in serving:
-                await asyncio.to_thread(self._repository.remove, name)
-                log.info("removed the folder of a version that failed", triton_model=name)
-        self._discard_artifacts(wanted)
+                await self._let_go((ours[0], ours[1]), name)
+        # Asked again: a version may have become wanted (and be downloading) meanwhile.
+        self._discard_artifacts(wanted_now())
 
     def _due(self, want: WantedVersion) -> bool:
         loaded = self._loaded.get(want.key)

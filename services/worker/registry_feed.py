@@ -8,8 +8,10 @@ history was reset, replaced or restored (FAILED_PRECONDITION: our revision is ah
 of it, or its change there is another) is followed again from 0.
 
 `caught_up` is set once the fold has reached the revision the registry was at
-when this follower first connected (or, after a reset, reconnected): from then on
-`wanted()` says what the registry said then or later, not some half-replayed past.
+when this follower last connected: from then on `wanted()` says what the registry
+said then or later, not some half-replayed past. The feed up to that revision comes
+compacted, so a half-folded one may even hold a state the registry never had; a
+reconnect that has catching up to do clears `caught_up` until it is done.
 """
 
 from __future__ import annotations
@@ -92,19 +94,19 @@ class RegistryFeed:
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
-        if self._start_revision is None:
-            # Everything up to this revision is what the registry says now.
-            listing = await self._stub.ListAliases(registry_pb2.ListAliasesRequest(), timeout=30)
-            self._start_revision = listing.revision
-            log.info(
-                "following the registry",
-                from_revision=self.state.revision,
-                current_revision=listing.revision,
-            )
+        # Where the registry is now: the feed up to there comes compacted (only the
+        # state matters here, so catching up costs what the registry holds, not every
+        # change it ever made), and the fold is whole only once it reached it.
+        listing = await self._stub.ListAliases(registry_pb2.ListAliasesRequest(), timeout=30)
+        head = listing.revision
+        if self.state.revision < head and self.caught_up.is_set():
+            # A resume: until the fold is at head, it may hold a state the registry
+            # never had (a compacted feed skips what was superseded), so nobody acts on it.
+            self.caught_up.clear()
+        self._start_revision = head
+        log.info("following the registry", from_revision=self.state.revision, current_revision=head)
         self._check_caught_up()
-        # Compacted: only the state matters here, so a start costs what the registry
-        # holds now, not every change it ever made.
-        since = registry_pb2.WatchRequest(since_revision=self.state.revision, compacted=True)
+        since = registry_pb2.WatchRequest(since_revision=self.state.revision, compact_until=head)
         if self.state.revision:
             since.since_time.CopyFrom(self.state.revision_time)
         call = self._stub.Watch(since)

@@ -82,6 +82,11 @@ class WorkerSettings(ServiceSettings):
         description="with --registry, a replaced version is let go once its replacement is "
         "ready and it has had no call for this long, so every gateway has switched first",
     )
+    sync_wait_seconds: PositiveDuration = Field(
+        300.0,
+        description="with --registry, how long a starting worker waits for its deployments "
+        "to load before it serves what did (the rest go on loading)",
+    )
     rejected_retry_seconds: PositiveDuration = Field(
         300.0,
         description="with --registry, a version whose artifact failed its sha256 check is "

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -149,6 +151,10 @@ async def test_versions_come_in_pages_bounded_in_count_and_bytes(store: Registry
         await store.list_versions("digits", page_token=of_models)
     with pytest.raises(InvalidArgument, match="page_size"):
         await store.list_versions("digits", page_size=-1)
+    for after in ("²", "9" * 40):  # a digit that int() refuses; more than a bigint holds
+        forged = base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
+        with pytest.raises(InvalidArgument, match="page_token"):
+            await store.list_versions("digits", page_token=forged)
 
 
 async def test_version_numbers_are_never_reused(store: RegistryStore) -> None:
@@ -449,7 +455,8 @@ async def test_a_compacted_feed_keeps_the_newest_event_of_each_subject(
 ) -> None:
     await _a_busy_history(store)
     full = await store.feed.events_after(0, limit=1000)
-    compacted = await store.feed.events_after(0, limit=1000, compacted=True)
+    head = full[-1].revision
+    compacted = await store.feed.events_after(0, limit=1000, compact_until=head)
     assert len(compacted) < len(full)
     # The newest event of all is kept, so a follower reaches the registry's revision.
     assert compacted[-1] == full[-1]
@@ -467,8 +474,17 @@ async def test_a_compacted_feed_keeps_the_newest_event_of_each_subject(
     assert caught_up.deployments() == replayed.deployments()
     # From a revision on, too, and in pages.
     later = [e for e in full[10:] if newest[subject_of(e)] is e]
-    assert await store.feed.events_after(10, limit=1000, compacted=True) == later
-    assert await store.feed.events_after(10, limit=2, compacted=True) == later[:2]
+    assert await store.feed.events_after(10, limit=1000, compact_until=head) == later
+    assert await store.feed.events_after(10, limit=2, compact_until=head) == later[:2]
+    # Compacted up to an earlier revision: cut from the history as it was then, then
+    # whole after it.
+    until = 15
+    then: dict[str, pb.RegistryEvent] = {}
+    for event in full[:until]:
+        then[subject_of(event)] = event
+    expected = sorted(then.values(), key=lambda event: event.revision)
+    assert await store.feed.events_after(0, limit=1000, compact_until=until) == expected
+    assert await store.feed.events_after(until, limit=1000, compact_until=until) == full[until:]
 
 
 def _old_events() -> list[pb.RegistryEvent]:
@@ -495,7 +511,7 @@ async def test_the_subject_migration_fills_in_existing_events(database_url: str)
         await engine.dispose()
     store = await RegistryStore.open(database_url)  # migrates to head
     try:
-        compacted = await store.feed.events_after(0, compacted=True)
+        compacted = await store.feed.events_after(0, compact_until=3)
         assert [e.revision for e in compacted] == [2, 3]  # the first move was superseded
     finally:
         await store.close()

@@ -26,6 +26,10 @@ class FakeRegistry(registry_pb2_grpc.ModelRegistryServicer):
     def __init__(self, events: list[registry_pb2.RegistryEvent]) -> None:
         self.events = events
         self.watches: list[int] = []
+        self.compact_untils: list[int] = []
+        self.hold_after: int | None = None  # a revision after which a stream waits
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
         self.since_times: list[Timestamp | None] = []
         self.break_after: list[int] = []  # one entry per stream to break
         self.live = asyncio.Event()
@@ -39,6 +43,7 @@ class FakeRegistry(registry_pb2_grpc.ModelRegistryServicer):
         self, request: registry_pb2.WatchRequest, context: Context
     ) -> AsyncIterator[registry_pb2.RegistryEvent]:
         self.watches.append(request.since_revision)
+        self.compact_untils.append(request.compact_until)
         self.since_times.append(request.since_time if request.HasField("since_time") else None)
         if request.since_revision > len(self.events):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "history was reset")
@@ -47,6 +52,9 @@ class FakeRegistry(registry_pb2_grpc.ModelRegistryServicer):
             if budget is not None and sent == budget:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "registry restarting")
             yield event
+            if event.revision == self.hold_after:
+                self.held.set()
+                await self.release.wait()
         await self.live.wait()
 
 
@@ -114,6 +122,34 @@ async def test_live_events_arrive_and_wake_the_waiter(
         await asyncio.sleep(0)
         assert served(feed.state) == {}
         assert fake.watches[:2] == [0, 5]
+
+
+async def test_a_resume_acts_on_nothing_until_it_reached_where_the_registry_was(
+    served_registry: tuple[FakeRegistry, grpc.aio.Channel],
+) -> None:
+    # The feed up to the registry's revision comes compacted: half folded, it may be a
+    # state the registry never had, so the follower is not caught up until it is done.
+    fake, channel = served_registry
+    feed = RegistryFeed(channel, max_backoff=0.1)
+    async for _ in following(feed):
+        await asyncio.wait_for(feed.caught_up.wait(), 5)
+        more = Feed()
+        more.events = list(fake.events)
+        more.alias("m", "production", 1)
+        more.undeploy("m", alias="production")
+        fake.events = more.events
+        fake.hold_after = 6
+        fake.live.set()  # the stream ends: the follower reconnects at revision 5
+        await asyncio.wait_for(fake.held.wait(), 5)
+        for _ in range(250):  # until the follower folded what was sent
+            if feed.state.revision == 6:
+                break
+            await asyncio.sleep(0.02)
+        assert feed.state.revision == 6 and not feed.caught_up.is_set()
+        assert fake.compact_untils[-1] == 7  # where the registry was when it reconnected
+        fake.release.set()
+        await asyncio.wait_for(feed.caught_up.wait(), 5)
+        assert feed.state.revision == 7 and served(feed.state) == {}
 
 
 async def test_a_reset_registry_is_followed_again_from_the_start(

@@ -1208,14 +1208,17 @@ class WatchRequest(_message.Message):
 
     SINCE_REVISION_FIELD_NUMBER: _builtins.int
     SINCE_TIME_FIELD_NUMBER: _builtins.int
-    COMPACTED_FIELD_NUMBER: _builtins.int
+    COMPACT_UNTIL_FIELD_NUMBER: _builtins.int
     since_revision: _builtins.int
     """Events after this revision; 0 means from the beginning."""
-    compacted: _builtins.bool
-    """Leave out every event that a later one about the same version, alias, deployment
-    or model supersedes (a deletion is sent: it may be the newest). For a follower
-    that needs only the state, not its history: catching up then costs what the
-    state holds, not every change ever made. Revisions have gaps then.
+    compact_until: _builtins.int
+    """When above since_revision: of the events up to this revision, leave out each that
+    a later one (up to it) about the same version, alias, deployment or model
+    supersedes; the events after it come whole. For a follower that needs the state,
+    not its history: catching up costs what the registry holds, not every change it
+    ever made. Its state is whole only once it has folded the event at this revision
+    (always sent); before that it may be one the registry never had. Take it from
+    ListAliasesResponse.revision.
     """
     @_builtins.property
     def since_time(self) -> _timestamp_pb2.Timestamp:
@@ -1230,11 +1233,11 @@ class WatchRequest(_message.Message):
         *,
         since_revision: _builtins.int = ...,
         since_time: _timestamp_pb2.Timestamp | None = ...,
-        compacted: _builtins.bool = ...,
+        compact_until: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since_time", b"since_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compacted", b"compacted", "since_revision", b"since_revision", "since_time", b"since_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact_until", b"compact_until", "since_revision", b"since_revision", "since_time", b"since_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,8 +10,6 @@ import sqlalchemy as sa
 from alembic import op
 from tensorgate.registry.v1 import registry_pb2
 
-from services.registry.feed import subject_of
-
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -40,11 +38,17 @@ def upgrade() -> None:
         ).all()
         if not rows:
             break
-        for number, payload in rows:
-            subject = subject_of(registry_pb2.RegistryEvent.FromString(payload))
-            connection.execute(
-                sa.update(events).where(events.c.revision == number).values(subject=subject)
-            )
+        subjects = [
+            {"number": number, "subject": _subject(registry_pb2.RegistryEvent.FromString(payload))}
+            for number, payload in rows
+        ]
+        # One statement for the batch (executemany), not a round trip per event.
+        connection.execute(
+            sa.update(events)
+            .where(events.c.revision == sa.bindparam("number"))
+            .values(subject=sa.bindparam("subject")),
+            subjects,
+        )
         after = rows[-1][0]
     op.create_index("ix_events_subject", "events", ["subject", "revision"])
 
@@ -53,3 +57,24 @@ def downgrade() -> None:
     op.drop_index("ix_events_subject", "events")
     with op.batch_alter_table("events") as batch:
         batch.drop_column("subject")
+
+
+def _subject(event: registry_pb2.RegistryEvent) -> str:
+    """feed.subject_of as it was when this migration was written: a migration stays
+    what it was, whatever later code does."""
+    change = event.WhichOneof("change")
+    if change == "model_changed":
+        return f"model/{event.model_changed.name}"
+    if change in ("version_created", "version_deleted"):
+        version = getattr(event, change)
+        return f"version/{version.model}/{version.version}"
+    if change == "alias_moved":
+        return f"alias/{event.alias_moved.model}/{event.alias_moved.name}"
+    if change == "alias_deleted":
+        return f"alias/{event.alias_deleted.model}/{event.alias_deleted.alias}"
+    if change in ("deployment_set", "deployment_deleted"):
+        target = getattr(event, change)
+        if target.WhichOneof("target") == "alias":
+            return f"deployment/{target.model}@{target.alias}"
+        return f"deployment/{target.model}:{target.version}"
+    return f"revision/{event.revision}"
