@@ -116,7 +116,7 @@ class ControlPlane:
         self.authenticator.start()
         self._prices = PriceBook(channel, refresh_seconds=settings.price_refresh_seconds)
         await self._prices.start()
-        self._ledger = UsageLedger(channel)
+        self._ledger = UsageLedger(channel, spool_dir=settings.data_dir / "usage-spool")
         self._ledger.start()
         redis_url = settings.redis_url.get_secret_value()
         counters: InProcessCounters | RedisCounters = InProcessCounters()

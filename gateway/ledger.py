@@ -7,6 +7,12 @@ batch with an id of its own; a batch that fails is sent again with the same id (
 auth service counts a batch id once), and later calls start a new batch beside it.
 A batch the auth service refuses as invalid is sent again record by record, so that
 one bad record loses only itself. Stopping the gateway sends what is left.
+
+With a spool directory, batches the auth service cannot take (it is away) are also kept
+on disk, fsynced, once per failed send, and so are those still unsent when the gateway
+stops: the next gateway to start over that directory sends them first, under the ids
+they had (see usage_spool.py), so a call served during an outage is counted once even
+if its gateway stops or dies before the auth service is back.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
 from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 
 from gateway.quota import UsageRecord
+from gateway.usage_spool import UsageSpool
 
 log = structlog.get_logger("tensorgate.gateway.ledger")
 
@@ -30,12 +37,6 @@ _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITIO
 _Key = tuple[str, str, str, str]  # tenant, key id, model, day
 # The auth service's bound on one record's cost: a sum past it would be refused whole.
 _MAX_COST = 1e9
-
-
-@dataclass
-class _Batch:
-    batch_id: str
-    records: list[auth_pb2.UsageRecord]
 
 
 def _summed(records: dict[_Key, auth_pb2.UsageRecord], record: UsageRecord) -> None:
@@ -56,11 +57,21 @@ def _summed(records: dict[_Key, auth_pb2.UsageRecord], record: UsageRecord) -> N
 class UsageLedger:
     """The gateway's `UsageSink`: batches usage to the auth service's RecordUsage."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, flush_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        spool_dir: Path | None = None,
+        flush_seconds: float = 1.0,
+    ) -> None:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._flush_seconds = flush_seconds
         self._open: dict[_Key, auth_pb2.UsageRecord] = {}
-        self._unsent: list[_Batch] = []
+        self._unsent: list[auth_pb2.RecordUsageRequest] = []
+        self._spool: UsageSpool | None = None
+        if spool_dir is not None:
+            # Before any call is served: what stopped gateways left goes first.
+            self._spool, self._unsent = UsageSpool.open(spool_dir)
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -82,12 +93,13 @@ class UsageLedger:
         """Sends everything recorded so far; True once nothing is left unsent."""
         if self._open:
             records, self._open = list(self._open.values()), {}
-            self._unsent.append(_Batch(uuid.uuid4().hex, records))
+            self._unsent.append(
+                auth_pb2.RecordUsageRequest(batch_id=uuid.uuid4().hex, records=records)
+            )
         while self._unsent:
             batch = self._unsent[0]
-            request = auth_pb2.RecordUsageRequest(batch_id=batch.batch_id, records=batch.records)
             try:
-                await self._stub.RecordUsage(request, timeout=_SEND_TIMEOUT_S)
+                await self._stub.RecordUsage(batch, timeout=_SEND_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _REFUSED:
                     # The auth service will never take this batch: holding it would block
@@ -97,7 +109,9 @@ class UsageLedger:
                     self._unsent.pop(0)
                     if len(batch.records) > 1:
                         self._unsent[:0] = [
-                            _Batch(f"{batch.batch_id}.{n}", [record])
+                            auth_pb2.RecordUsageRequest(
+                                batch_id=f"{batch.batch_id}.{n}", records=[record]
+                            )
                             for n, record in enumerate(batch.records)
                         ]
                         continue
@@ -118,8 +132,12 @@ class UsageLedger:
                         batches=len(self._unsent),
                     )
                     self._failing = True
+                if self._spool is not None:
+                    await asyncio.to_thread(self._spool.keep, list(self._unsent))
                 return False
             self._unsent.pop(0)
+        if self._spool is not None and self._spool.holds_batches:
+            await asyncio.to_thread(self._spool.clear)
         if self._failing:
             log.info("usage recorded again")
             self._failing = False
@@ -130,6 +148,16 @@ class UsageLedger:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if not await self.flush():
-            lost = sum(len(b.records) for b in self._unsent)
-            log.error("usage records could not be sent before stopping", records=lost)
+        try:
+            sent = await self.flush()
+        finally:
+            if self._spool is not None:
+                # Whatever ended the send: the batches it did not land stay on disk.
+                self._spool.keep(self._unsent)
+                self._spool.close()
+        if not sent:
+            unsent = sum(len(b.records) for b in self._unsent)
+            if self._spool is not None:
+                log.warning("usage records kept to send on the next start", records=unsent)
+            else:
+                log.error("usage records could not be sent before stopping", records=unsent)

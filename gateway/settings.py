@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -57,6 +58,12 @@ class GatewaySettings(ServiceSettings):
         description="with the auth service unreachable, a key it vouched for this recently "
         "keeps working (a revocation it could not push meanwhile waits that long); 0 refuses "
         "every call whose key is not fresh in the cache (UNAVAILABLE)",
+    )
+    data_dir: Path = Field(
+        Path(".data/gateway"),
+        description="where usage the auth service has not taken yet is kept (usage-spool/), "
+        "so a gateway stopped during an auth outage loses none; the next gateway to start "
+        "over the same directory sends it. Several gateways may share one",
     )
     redis_url: SecretStr = Field(
         SecretStr(""),

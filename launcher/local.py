@@ -171,6 +171,8 @@ class LocalPlatform:
                 self.registry_address,
                 "--auth",
                 self.auth_address,
+                "--data-dir",
+                str(self.data_dir / "gateway"),
             )
             return await self._wait_ready(timeout)
         except BaseException:

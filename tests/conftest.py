@@ -5,6 +5,7 @@ tests that need it, the registry-driven stack (`registry_stack`) with a Triton o
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,11 @@ class AuthStack:
 
 
 async def start_auth_gateway(auth_address: str, worker: Worker, **overrides: object) -> Gateway:
-    """Another gateway in front of the session worker, checking keys with `auth_address`."""
+    """Another gateway in front of the session worker, checking keys with `auth_address`;
+    its usage spool in a directory of its own, so that what one test's gateway kept for
+    its auth service is not sent to another test's."""
     values: dict[str, object] = {
+        "data_dir": Path(tempfile.mkdtemp(prefix="tg-gateway-")),
         "workers": (worker.address,),
         "auth": auth_address,
         "metrics_port": 0,

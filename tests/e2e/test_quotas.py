@@ -279,6 +279,7 @@ async def two_gateway_processes(
                         *(sys.executable, "-m", "gateway", "--port", str(port)),
                         *("--workers", worker.address, "--auth", auth_stack.auth.address),
                         *("--redis-url", redis_url, "--metrics-port", "-1"),
+                        *("--data-dir", str(tmp_path / f"gateway-{n}")),
                         *("--log-format", "json", "--drain-seconds", "0"),
                     ],
                     env=dict(os.environ, PYTHONUNBUFFERED="1"),

@@ -1,8 +1,9 @@
 """The usage ledger, end to end: what the auth service's ledger holds (read with GetUsage
 through the gateway) equals what callers really got, token for token: whole streams,
 streams the caller cancels, streams cut by their deadline, unary calls and failed ones;
-costs are the model's price times those tokens; a tenant sees only its own usage; and 200
-concurrent calls cannot take a tenant past its monthly spend cap.
+costs are the model's price times those tokens; a tenant sees only its own usage; 200
+concurrent calls cannot take a tenant past its monthly spend cap; and calls a gateway
+served while the auth service was down are booked once, after that gateway stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,17 +27,22 @@ from tensorgate.errors import (
     TensorgateClientError,
 )
 
+from services.auth.server import start_auth
+from services.auth.settings import AuthSettings
+from services.runtime.process import free_port
+from services.worker.server import Worker
 from tests.auth_helpers import (
     Admin,
     admin_at,
     bearer,
     digits_image,
+    eventually,
     failure,
     prices_seen,
     rpc_failure,
     settled_usage,
 )
-from tests.conftest import AuthStack
+from tests.conftest import AuthStack, start_auth_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -288,3 +295,60 @@ async def test_calls_naming_no_model_are_booked_as_unresolved_and_block_nothing(
         await client.infer("digits", {"image": digits_image()})
     booked = await settled_usage(admin, tenant, {"(unresolved)": 6, "digits": 1})
     assert booked["(unresolved)"].errors == 6 and booked["digits"].errors == 0
+
+
+async def test_calls_served_while_the_auth_service_is_down_are_booked_once_after_a_restart(
+    worker: Worker, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "admin.key"
+    auth_settings = AuthSettings(
+        data_dir=tmp_path / "auth",
+        port=free_port(),
+        metrics_port=-1,
+        drain_seconds=0.0,
+        bootstrap_admin_key_file=key_file,
+    )
+    spool = tmp_path / "gateway"
+    auth = await start_auth(auth_settings)
+    try:
+        first = await start_auth_gateway(
+            auth.address, worker, data_dir=spool, auth_cache_seconds=0.2
+        )
+        key = key_file.read_text().strip()
+        try:
+            async with AsyncGatewayClient(first.address, api_key=key) as client:
+                await client.infer("digits", {"image": digits_image()})  # the key is vouched for
+                await auth.stop()
+                for _ in range(5):  # served through the outage: nobody can book them now
+                    await client.infer("digits", {"image": digits_image()})
+        finally:
+            await first.stop()
+        (kept,) = (spool / "usage-spool").glob("*.spool")
+        kept_bytes = kept.read_bytes()
+
+        auth = await start_auth(auth_settings)
+        second = await start_auth_gateway(auth.address, worker, data_dir=spool)
+        try:
+            async with admin_at(second.address, key) as admin:
+                assert (await settled_usage(admin, "admin", {"digits": 6}))["digits"].errors == 0
+        finally:
+            await second.stop()
+        assert not list((spool / "usage-spool").iterdir()), "a sent spool is not left behind"
+
+        # A gateway that died after sending the kept batches but before crossing them
+        # off leaves them on disk: the next one sends them again, and they count once.
+        (spool / "usage-spool" / "died.spool").write_bytes(kept_bytes)
+        third = await start_auth_gateway(auth.address, worker, data_dir=spool)
+        try:
+
+            async def sent_again() -> bool | None:
+                files = list((spool / "usage-spool").iterdir())
+                return True if [f.stat().st_size for f in files] == [0] else None
+
+            await eventually(sent_again, timeout=30, what="the kept batches sent again")
+            async with admin_at(third.address, key) as admin:
+                assert (await settled_usage(admin, "admin", {"digits": 6}))["digits"].errors == 0
+        finally:
+            await third.stop()
+    finally:
+        await auth.stop()
