@@ -118,15 +118,16 @@ class AsyncAuthClient(AsyncChannelClient):
         tenant: str,
         *,
         name: str = "",
-        models: Iterable[str] = (),
+        models: Iterable[str] = ("*",),
         admin: bool = False,
         quota: auth_pb2.Quota | None = None,
         expires_at: datetime | None = None,
     ) -> tuple[auth_pb2.ApiKey, str]:
         """A new key of `tenant` and its secret, the only time the secret is shown.
 
-        `models` are the model patterns it may call ("tinylm", "tiny*", "*"); none:
-        no model. `expires_at` (an aware datetime) None: it never expires.
+        `models` are the model patterns it may call ("tinylm", "tiny*", "*"; the default
+        is every model, as the CLI's); an empty list is refused (InvalidArgumentError).
+        `expires_at` (an aware datetime) None: it never expires.
         """
         expire_time = None
         if expires_at is not None:

@@ -145,7 +145,7 @@ class AuthStore:
         tenant_id: str,
         *,
         name: str = "",
-        models: Sequence[str] = (),
+        models: Sequence[str] = ("*",),
         admin: bool = False,
         quota: pb.Quota | None = None,
         expire_us: int | None = None,
@@ -155,6 +155,10 @@ class AuthStore:
         check_name("tenant_id", tenant_id)
         check_text("name", name)
         patterns = check_patterns("models", models)
+        if not patterns:
+            # On the wire an empty list is also a forgotten field: neither a key that
+            # silently calls nothing nor one that silently calls everything.
+            raise InvalidArgument("models", "give at least one model pattern ('*': every model)")
         limits = check_quota("quota", quota if quota is not None else pb.Quota())
         now_us = self.now_us()
         if expire_us is not None and expire_us <= now_us:

@@ -160,6 +160,7 @@ async def test_key_refusals(store: AuthStore) -> None:
         ({"models": ["ok", "bad pattern"]}, "models"),
         ({"models": ["tiny?"]}, "models"),
         ({"models": ["[ab]"]}, "models"),
+        ({"models": []}, "models"),  # a key that could call nothing
         ({"quota": pb.Quota(concurrent_streams=-1)}, "quota.concurrent_streams"),
         ({"expire_us": int(START * 1e6)}, "expire_time"),
         ({"name": "n" * 2000}, "name"),

@@ -118,7 +118,9 @@ class ApiKey(_message.Message):
     """The key this one replaced by rotation, if any."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Model patterns this key may call ("digits", "tiny*", "*"); empty means none."""
+        """Model patterns this key may call ("digits", "tiny*", "*"). Never empty for a key
+        made now (CreateApiKey refuses that); a key made empty before may call none.
+        """
 
     @_builtins.property
     def quota(self) -> Global___Quota: ...
@@ -410,7 +412,12 @@ class CreateApiKeyRequest(_message.Message):
     name: _builtins.str
     admin: _builtins.bool
     @_builtins.property
-    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Model patterns the key may call, at least one: '*' matches any run of characters,
+        so ["*"] is every model. Empty is INVALID_ARGUMENT (the CLI and the SDK send ["*"]
+        when given none).
+        """
+
     @_builtins.property
     def quota(self) -> Global___Quota: ...
     @_builtins.property
