@@ -45,8 +45,10 @@ class WorkerSettings(ServiceSettings):
     )
     triton_url: OptionalHostPort = Field(
         "",
-        description="host:port of a running Triton's gRPC endpoint; empty launches the "
-        "bundled CPU Triton",
+        description="host:port of a running Triton's gRPC endpoint (started with "
+        "--grpc-keepalive-permit-without-calls=1 --grpc-http2-min-recv-ping-interval-without-"
+        "data=15000, or it answers the worker's 30 s keepalive pings with GOAWAY); empty "
+        "launches the bundled CPU Triton",
     )
     registry: OptionalHostPort = Field(
         "",

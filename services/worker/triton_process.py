@@ -20,11 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from tensorgate.channel_options import CHANNEL_OPTIONS
 
 from services.runtime.process import ChildProcess, free_port
 from services.runtime.readiness import poll_until
 
 log = structlog.get_logger("tensorgate.triton")
+
+# How often the worker's channel to Triton (channels.py) pings it, idle or not.
+WORKER_PING_MS = int(dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"])
+
+
+def keepalive_flags(ping_interval_ms: int = WORKER_PING_MS) -> list[str]:
+    """Triton flags that accept the worker's keepalive pings.
+
+    The pings are how the worker notices a dead Triton connection, busy or idle. Triton's
+    defaults take a ping on a connection without calls once per 2 hours (and one with
+    calls but no data once per 5 minutes), and answer the third early one with GOAWAY
+    too_many_pings. Pings up to twice as often as the worker sends them are allowed, so
+    timer jitter never counts as abuse. A Triton the worker does not launch needs the same.
+    """
+    return [
+        "--grpc-keepalive-permit-without-calls=1",
+        f"--grpc-http2-min-recv-ping-interval-without-data={ping_interval_ms // 2}",
+    ]
 
 
 @dataclass(frozen=True)
@@ -59,10 +78,18 @@ class TritonPaths:
 class BundledTriton:
     """One tritonserver process serving `model_repository` with explicit model control."""
 
-    def __init__(self, model_repository: Path, data_dir: Path, *, threads: int = 0) -> None:
+    def __init__(
+        self,
+        model_repository: Path,
+        data_dir: Path,
+        *,
+        threads: int = 0,
+        ping_interval_ms: int = WORKER_PING_MS,
+    ) -> None:
         self.model_repository = model_repository.resolve()
         self.data_dir = data_dir.resolve()
         self.threads = threads
+        self.ping_interval_ms = ping_interval_ms
         self.grpc_port = 0
         self.metrics_port = 0
         self.log_path = self.data_dir / "triton.log"
@@ -125,6 +152,7 @@ class BundledTriton:
             "--metrics-address=127.0.0.1",
             "--exit-timeout-secs=10",
             "--log-verbose=0",
+            *keepalive_flags(self.ping_interval_ms),
         ]
         with self.log_path.open("ab") as log_file:
             # Dies with the worker even if the worker is killed without cleaning up.
