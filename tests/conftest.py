@@ -5,8 +5,9 @@ tests that need it, the registry-driven stack (`registry_stack`) with a Triton o
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,12 +147,24 @@ class AuthStack:
     admin_key: str
 
 
+_GATEWAY_DIRS: list[Path] = []  # removed when the session ends
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_gateway_dirs() -> Iterator[None]:
+    yield
+    for directory in _GATEWAY_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 async def start_auth_gateway(auth_address: str, worker: Worker, **overrides: object) -> Gateway:
     """Another gateway in front of the session worker, checking keys with `auth_address`;
     its usage spool in a directory of its own, so that what one test's gateway kept for
     its auth service is not sent to another test's."""
+    spool = Path(tempfile.mkdtemp(prefix="tg-gateway-"))
+    _GATEWAY_DIRS.append(spool)
     values: dict[str, object] = {
-        "data_dir": Path(tempfile.mkdtemp(prefix="tg-gateway-")),
+        "data_dir": spool,
         "workers": (worker.address,),
         "auth": auth_address,
         "metrics_port": 0,
