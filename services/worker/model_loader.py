@@ -162,6 +162,7 @@ class ModelLoader:
         first pass: a worker is in sync then, and one load that hangs must not keep
         it from serving the rest); else at once. `on_change` is called as each
         model's loads end.
+
         `wanted_now` is asked again before each load, since a load takes seconds
         and the registry may have moved on. Returns the seconds until a failed
         load is due again, or None when none is.
