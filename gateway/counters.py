@@ -177,6 +177,19 @@ def over_quota(
     return ResourceExhausted(text, subject=f"{scope}:{quota}", retry_after_s=retry_after_s)
 
 
+def over_spend_cap(demand: Demand, spent: int, retry_after_s: float) -> ResourceExhausted:
+    """The refusal of a call whose worst-case cost would take its tenant, which has
+    `spent` micro-units this month, past its monthly spend cap (every counter store)."""
+    return over_quota(
+        f"tenant:{demand.tenant}",
+        MONTHLY_SPEND_CAP,
+        limit=demand.spend_cap,
+        used=spent,
+        asked=demand.cost,
+        retry_after_s=retry_after_s,
+    )
+
+
 def _never_fits(scope: str, quota: str, limit: int, asked: int) -> ResourceExhausted:
     if quota == MONTHLY_SPEND_CAP:
         ask, have = f"may cost {asked / MICROS:.4f}", f"{limit / MICROS:.2f}"
@@ -330,14 +343,7 @@ class InProcessCounters:
             spend_key = f"{demand.tenant}:{period.month_name}"
             spent = self._spend.get(spend_key, demand.spend_seed)
             if spent + demand.cost > demand.spend_cap:
-                raise over_quota(
-                    f"tenant:{demand.tenant}",
-                    MONTHLY_SPEND_CAP,
-                    limit=demand.spend_cap,
-                    used=spent,
-                    asked=demand.cost,
-                    retry_after_s=period.month_end - now,
-                )
+                raise over_spend_cap(demand, spent, period.month_end - now)
         # Every check passed: from here on nothing can refuse.
         hold = _LocalHold(self, period.day, tokens, demand.cost)
         for scope, limits in checked:

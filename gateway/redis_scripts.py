@@ -29,13 +29,13 @@ from __future__ import annotations
 
 from gateway.counters import (
     CONCURRENT_STREAMS,
-    MONTHLY_SPEND_CAP,
     REQUESTS_PER_MINUTE,
     STREAM_RETRY_S,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
     Demand,
     over_quota,
+    over_spend_cap,
 )
 
 _QUOTAS = (REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE, TOKENS_PER_DAY, CONCURRENT_STREAMS)
@@ -212,14 +212,7 @@ def refusal(
     """What a reserve that was refused (RESERVE's reply {0, ...}) tells the caller."""
     _, scope_no, quota_no, used, retry_ms = (int(value) for value in reply)
     if quota_no == 5:
-        return over_quota(
-            f"tenant:{demand.tenant}",
-            MONTHLY_SPEND_CAP,
-            limit=demand.spend_cap,
-            used=used,
-            asked=demand.cost,
-            retry_after_s=month_end - now,
-        )
+        return over_spend_cap(demand, used, month_end - now)
     scope, limits = (
         (f"key:{demand.key_id}", demand.key_limits)
         if scope_no == 1

@@ -6,6 +6,7 @@ import asyncio
 import importlib.util
 import os
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.client_streams import is_accepted
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.runtime.calls import Call, Principal
 
 
 async def health_status(address: str, service: str = "") -> str:
@@ -114,3 +117,16 @@ async def migrate_to(url: str, migrations: Path, version_table: str, revision: s
             await connection.run_sync(upgrade)
     finally:
         await engine.dispose()
+
+
+def generate_call(principal: Principal) -> Call:
+    """A gateway Generate call just admitted for `principal`, as the pipeline makes it."""
+    return Call(
+        method="/tensorgate.gateway.v1.InferenceGateway/Generate",
+        request_id="r1",
+        started=time.perf_counter(),
+        deadline=None,
+        peer="test",
+        metadata=(),
+        principal=principal,
+    )

@@ -9,7 +9,6 @@ reservation is released with what the handler noted.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -20,7 +19,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.quota import QuotaGate, UsageRecord
 from gateway.servicer import InferenceGatewayServicer
 from services.runtime import calls
-from services.runtime.calls import Call, Principal
+from services.runtime.calls import Principal
+from tests.helpers import generate_call
 
 
 class _UpstreamCall:
@@ -95,15 +95,7 @@ async def _read_then_cancel(read: int) -> tuple[list[UsageRecord], bool]:
         GatewayMetrics(),
         upstream_timeout=10.0,
     )
-    call = Call(
-        method="/tensorgate.gateway.v1.InferenceGateway/Generate",
-        request_id="r1",
-        started=time.perf_counter(),
-        deadline=None,
-        peer="test",
-        metadata=(),
-        principal=Principal(key_id="k1", tenant="acme"),
-    )
+    call = generate_call(Principal(key_id="k1", tenant="acme"))
     calls.enter(call)
     ledger = _Ledger()
     gate = QuotaGate(InProcessCounters(), usage=ledger)

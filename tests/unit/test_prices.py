@@ -8,7 +8,6 @@ Against a real in-process gRPC server that fails ListPrices until told to answer
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from gateway.quota import Price, QuotaGate
 from services.runtime.calls import Call, Principal
 from services.runtime.channels import open_channel
 from services.runtime.errors import ResourceExhausted, Unavailable
+from tests.helpers import generate_call
 
 
 class FlakyAuth(auth_pb2_grpc.AuthServiceServicer):
@@ -57,15 +57,7 @@ async def auth() -> AsyncIterator[tuple[FlakyAuth, grpc.aio.Channel]]:
 
 def capped_call() -> Call:
     """A Generate call of a tenant already at its monthly spend cap."""
-    return Call(
-        method="/tensorgate.gateway.v1.InferenceGateway/Generate",
-        request_id="r1",
-        started=time.perf_counter(),
-        deadline=None,
-        peer="test",
-        metadata=(),
-        principal=Principal(key_id="k1", tenant="acme", monthly_spend_cap=1.0),
-    )
+    return generate_call(Principal(key_id="k1", tenant="acme", monthly_spend_cap=1.0))
 
 
 async def test_no_model_is_free_before_the_first_price_read(
