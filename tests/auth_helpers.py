@@ -235,7 +235,14 @@ async def settled_usage(
     stays the same over a few of its sends has everything."""
 
     async def counted() -> list[pb.UsageRecord] | None:
-        rows = await admin.usage(tenant_id)
+        try:
+            rows = await admin.usage(tenant_id)
+        except grpc.aio.AioRpcError as exc:
+            # A gateway or auth service just (re)started may not reach the other yet
+            # ("retry shortly"); one that never does still fails the wait below.
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return None
         got = {model: row.requests for model, row in by_model(rows).items()}
         return rows if got == requests else None
 
