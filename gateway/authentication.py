@@ -37,7 +37,8 @@ from tensorgate.model_ref import InvalidModelRef, ModelRef
 from services.runtime.api_keys import (
     KEY_REFUSED,
     allows,
-    bearer_key,
+    authorization,
+    bearer_of,
     parse_key,
     principal_of,
 )
@@ -70,7 +71,8 @@ class KeyAuthenticator:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._cache_seconds = cache_seconds
         self._outage_seconds = outage_seconds
-        # By the key's sha256, never the key: a heap dump shows no usable key.
+        # By the sha256 of the authorization header, never the key: a heap dump shows
+        # no usable key.
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._refused: OrderedDict[bytes, _Cached] = OrderedDict()
         self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
@@ -119,10 +121,12 @@ class KeyAuthenticator:
             del self._cache[digest]
 
     async def authenticate(self, call: Call) -> Principal:
-        key = bearer_key(call.metadata)
-        if key is None:
+        header = authorization(call.metadata)
+        if header is None:
             raise Unauthenticated(KEY_REFUSED)
-        digest = hashlib.sha256(key.encode()).digest()
+        # Cached by the header as sent: a cached key costs a hash and a lookup, and is
+        # parsed out of its header only when it is not cached.
+        digest = hashlib.sha256(header.encode()).digest()
         now = time.monotonic()
         cached = self._cache.get(digest) or self._refused.get(digest)
         fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
@@ -136,10 +140,11 @@ class KeyAuthenticator:
                 # The auth service is away: the call goes on with what it said a moment
                 # ago rather than wait out a lookup timeout; one lookup per key asks
                 # again in the background.
-                self._ask_later(digest, key, cached, now)
+                self._ask_later(digest, header, cached, now)
             else:
                 # Only a key not cached is parsed: one in the cache was well formed.
-                if parse_key(key) is None:
+                key = bearer_of(header)
+                if key is None or parse_key(key) is None:
                     raise Unauthenticated(KEY_REFUSED)
                 cached = await self._lookup(digest, key, cached, now)
         principal = cached.principal
@@ -147,9 +152,11 @@ class KeyAuthenticator:
             raise Unauthenticated(KEY_REFUSED)
         return principal
 
-    def _ask_later(self, digest: bytes, key: str, stale: _Cached, now: float) -> None:
+    def _ask_later(self, digest: bytes, header: str, stale: _Cached, now: float) -> None:
         if digest in self._lookups:
             return
+        # The header was parsed when its key was cached, so it holds a key.
+        key = bearer_of(header) or ""
         task = asyncio.ensure_future(self._lookup(digest, key, stale, now))
         self._background.add(task)
         task.add_done_callback(self._asked)

@@ -19,46 +19,20 @@ from gateway.counters import InProcessCounters
 from gateway.ledger import UsageLedger
 from gateway.metrics import GatewayMetrics
 from gateway.prices import PriceBook
-from gateway.quota import QuotaGate, QuotaReservation
+from gateway.quota import QuotaGate
 from gateway.redis_counters import RedisCounters
 from gateway.service_proxy import AUTH, AUTH_INTERNAL, REGISTRY, ServiceProxy
 from gateway.settings import GatewaySettings
-from services.runtime.calls import Call
 from services.runtime.channels import open_channel
 from services.runtime.server import ServiceBinding
-
-
-class ScopedQuotaGate:
-    """The quota stage, after the check that the key may call the model it names."""
-
-    # Scope answers remembered; cleared when full, so callers cannot grow it unbounded.
-    _MAX_ANSWERS = 10_000
-
-    def __init__(self, quota: QuotaGate) -> None:
-        self._quota = quota
-        # Callers repeat the same few (patterns, model ref) pairs: each is matched once.
-        self._allowed: set[tuple[tuple[str, ...], str]] = set()
-
-    async def reserve(self, call: Call, request: object) -> QuotaReservation | None:
-        principal = call.principal
-        model = getattr(request, "model", None)
-        if principal is not None and type(model) is str:
-            pair = (principal.models, model)
-            if pair not in self._allowed:
-                check_model_scope(principal, model)  # raises when not allowed
-                if len(self._allowed) >= self._MAX_ANSWERS:
-                    self._allowed.clear()
-                self._allowed.add(pair)
-        return await self._quota.reserve(call, request)
 
 
 @dataclass
 class ControlPlane:
     aliases: AliasFeed | None = None
     authenticator: KeyAuthenticator | None = None
-    quota: ScopedQuotaGate | None = None
+    quota: QuotaGate | None = None
     bindings: list[ServiceBinding] = field(default_factory=list)
-    _gate: QuotaGate | None = None
     _ledger: UsageLedger | None = None
     _prices: PriceBook | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -131,13 +105,14 @@ class ControlPlane:
             except BaseException:
                 await counters.close()
                 raise
-        self._gate = QuotaGate(
+        self.quota = QuotaGate(
             counters,
             prices=self._prices.price,
             usage=self._ledger,
             max_call_s=settings.upstream_timeout,
+            # The key may call the model: checked before anything is reserved.
+            admits=check_model_scope,
         )
-        self.quota = ScopedQuotaGate(self._gate)
         self.bindings.append(
             ServiceProxy(AUTH, channel, subject="the auth service", hidden=AUTH_INTERNAL).binding()
         )
@@ -148,8 +123,8 @@ class ControlPlane:
             await self.aliases.close()
         if self._prices is not None:
             await self._prices.close()
-        if self._gate is not None:
-            await self._gate.close()
+        if self.quota is not None:
+            await self.quota.close()
         if self._ledger is not None:
             await self._ledger.close()
         if self.authenticator is not None:

@@ -73,9 +73,9 @@ class Demand:
     def scopes(self) -> tuple[tuple[str, str, Limits, int], tuple[str, str, Limits, int]]:
         """(name a refusal gives, name the counters are kept under, limits, day seed) of
         the key and of the tenant."""
-        key = f"key:{self.key_id}"
-        counted = f"key:{self.lineage_id}" if self.lineage_id else key
-        tenant = f"tenant:{self.tenant}"
+        key = "key:" + self.key_id
+        counted = "key:" + self.lineage_id if self.lineage_id else key
+        tenant = "tenant:" + self.tenant
         return (
             (key, counted, self.key_limits, self.key_day_seed),
             (tenant, tenant, self.tenant_limits, self.tenant_day_seed),
@@ -209,19 +209,29 @@ def _never_fits(scope: str, quota: str, limit: int, asked: int) -> ResourceExhau
 def check_fits(demand: Demand) -> None:
     """Refuses a call that could never fit a limit even with nothing else counted, so
     that it is not told to retry."""
+    tokens, key, tenant = demand.tokens, demand.key_limits, demand.tenant_limits
+    # One test on the hot path; the refusal is worked out only for a call that needs it.
+    if (
+        0 < key.tokens_per_minute < tokens
+        or 0 < key.tokens_per_day < tokens
+        or 0 < tenant.tokens_per_minute < tokens
+        or 0 < tenant.tokens_per_day < tokens
+        or 0 < demand.spend_cap < demand.cost
+    ):
+        raise _never_fits_refusal(demand)
+
+
+def _never_fits_refusal(demand: Demand) -> ResourceExhausted:
     tokens = demand.tokens
     for scope, limits in (
         (f"key:{demand.key_id}", demand.key_limits),
         (f"tenant:{demand.tenant}", demand.tenant_limits),
     ):
         if 0 < limits.tokens_per_minute < tokens:
-            raise _never_fits(scope, TOKENS_PER_MINUTE, limits.tokens_per_minute, tokens)
+            return _never_fits(scope, TOKENS_PER_MINUTE, limits.tokens_per_minute, tokens)
         if 0 < limits.tokens_per_day < tokens:
-            raise _never_fits(scope, TOKENS_PER_DAY, limits.tokens_per_day, tokens)
-    if 0 < demand.spend_cap < demand.cost:
-        raise _never_fits(
-            f"tenant:{demand.tenant}", MONTHLY_SPEND_CAP, demand.spend_cap, demand.cost
-        )
+            return _never_fits(scope, TOKENS_PER_DAY, limits.tokens_per_day, tokens)
+    return _never_fits(f"tenant:{demand.tenant}", MONTHLY_SPEND_CAP, demand.spend_cap, demand.cost)
 
 
 def is_limited(limits: Limits) -> bool:
@@ -236,60 +246,77 @@ def is_limited(limits: Limits) -> bool:
 # -- the embedded store -------------------------------------------------------------
 
 
-class _Entry:
-    """One admitted call in a minute window; `live` until the window drops it."""
-
-    __slots__ = ("at", "live", "tokens")
-
-    def __init__(self, at: float, tokens: int) -> None:
-        self.at = at
-        self.tokens = tokens
-        self.live = True
-
-
 class _Scope:
-    """The counters of one key or tenant."""
+    """The counters of one key or tenant.
 
-    __slots__ = ("day", "day_tokens", "entries", "streams", "window_tokens")
+    The minute window is a log of the calls admitted in the last minute, kept as two
+    deques of plain numbers (when, tokens) rather than an object per call: a busy key
+    holds one entry per call for 60 s, and numbers are nothing to the garbage collector.
+    An entry is found again by its sequence number: `first` is the oldest one's."""
+
+    __slots__ = ("admitted", "day", "day_tokens", "first", "streams", "tokens", "window_tokens")
 
     def __init__(self) -> None:
-        self.entries: deque[_Entry] = deque()
+        self.admitted: deque[float] = deque()
+        self.tokens: deque[int] = deque()
+        self.first = 0
         self.window_tokens = 0
         self.day = -1
         self.day_tokens = 0
         self.streams = 0
 
+    def admit(self, now: float, tokens: int) -> int:
+        """Logs a call in the minute window; returns its sequence number."""
+        self.admitted.append(now)
+        self.tokens.append(tokens)
+        self.window_tokens += tokens
+        return self.first + len(self.admitted) - 1
+
+    def resettle(self, seq: int, tokens: int) -> None:
+        """The call `seq` used `tokens`; one the window has dropped no longer counts."""
+        index = seq - self.first
+        if index >= 0:  # near the right end for most calls: deque indexing is quick there
+            self.window_tokens += tokens - self.tokens[index]
+            self.tokens[index] = tokens
+
     def prune(self, now: float) -> None:
-        # An entry counts for exactly WINDOW_S: from `at` up to, not including, at + 60.
-        entries, cutoff = self.entries, now - WINDOW_S
-        while entries and entries[0].at <= cutoff:
-            entry = entries.popleft()
-            entry.live = False
-            self.window_tokens -= entry.tokens
+        # An entry counts for exactly WINDOW_S: from its time up to, not including, +60 s.
+        admitted, cutoff = self.admitted, now - WINDOW_S
+        while admitted and admitted[0] <= cutoff:
+            admitted.popleft()
+            self.window_tokens -= self.tokens.popleft()
+            self.first += 1
 
     def tokens_free_after(self, need: int, now: float) -> float:
         """Seconds until entries holding `need` tokens have aged out."""
         freed = 0
-        for entry in self.entries:
-            freed += entry.tokens
+        for at, tokens in zip(self.admitted, self.tokens, strict=True):
+            freed += tokens
             if freed >= need:
-                return entry.at + WINDOW_S - now
+                return at + WINDOW_S - now
         return WINDOW_S
 
 
-class _LocalHold:
+class LocalHold:
+    """What the in-process store reserved for one call; settled without waiting."""
+
     __slots__ = ("_counters", "day", "day_scopes", "entries", "reserved", "spend_key", "streams")
 
     def __init__(self, counters: InProcessCounters, day: int, tokens: int, cost: int) -> None:
         self._counters = counters
         self.day = day
         self.reserved = (tokens, cost)
-        self.entries: list[tuple[_Scope, _Entry]] = []
+        # (scope, sequence number) of the call's minute-window entries.
+        self.entries: list[tuple[_Scope, int]] = []
         self.day_scopes: list[_Scope] = []
         self.streams: list[_Scope] = []
         self.spend_key = ""
 
     async def settle(self, tokens: int, cost: int) -> None:
+        self._counters.settle_now(self, tokens, cost)
+
+    def settle_now(self, tokens: int, cost: int) -> None:
+        """`settle`, synchronously (nothing to wait for in process)."""
         self._counters.settle_now(self, tokens, cost)
 
 
@@ -321,7 +348,7 @@ class InProcessCounters:
     async def close(self) -> None:
         """Nothing to close: the counters go with the process."""
 
-    def reserve_now(self, demand: Demand) -> _LocalHold:
+    def reserve_now(self, demand: Demand) -> LocalHold:
         """`reserve`, synchronously: the critical section."""
         now = self._clock()
         if now >= self._next_sweep:
@@ -345,13 +372,10 @@ class InProcessCounters:
             if spent + demand.cost > demand.spend_cap:
                 raise over_spend_cap(demand, spent, period.month_end - now)
         # Every check passed: from here on nothing can refuse.
-        hold = _LocalHold(self, period.day, tokens, demand.cost)
+        hold = LocalHold(self, period.day, tokens, demand.cost)
         for scope, limits in checked:
             if limits.requests_per_minute or limits.tokens_per_minute:
-                entry = _Entry(now, tokens)
-                scope.entries.append(entry)
-                scope.window_tokens += tokens
-                hold.entries.append((scope, entry))
+                hold.entries.append((scope, scope.admit(now, tokens)))
             if limits.tokens_per_day:
                 scope.day_tokens += tokens
                 hold.day_scopes.append(scope)
@@ -376,9 +400,9 @@ class InProcessCounters:
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         if rpm or tpm:
             scope.prune(now)
-            count = len(scope.entries)
+            count = len(scope.admitted)
             if rpm and count >= rpm:
-                oldest = scope.entries[count - rpm].at
+                oldest = scope.admitted[count - rpm]
                 raise over_quota(
                     name,
                     REQUESTS_PER_MINUTE,
@@ -421,14 +445,11 @@ class InProcessCounters:
                 retry_after_s=STREAM_RETRY_S,
             )
 
-    def settle_now(self, hold: _LocalHold, tokens: int, cost: int) -> None:
+    def settle_now(self, hold: LocalHold, tokens: int, cost: int) -> None:
         reserved_tokens, reserved_cost = hold.reserved
         delta = tokens - reserved_tokens
-        for scope, entry in hold.entries:
-            # An entry the window has dropped no longer counts: changing it changes nothing.
-            if entry.live:
-                scope.window_tokens += tokens - entry.tokens
-                entry.tokens = tokens
+        for scope, seq in hold.entries:
+            scope.resettle(seq, tokens)
         for scope in hold.day_scopes:
             if scope.day == hold.day:  # a day that has ended is not counted any more
                 scope.day_tokens += delta
@@ -447,7 +468,7 @@ class InProcessCounters:
         idle = []
         for name, scope in self._scopes.items():
             scope.prune(now)
-            if not scope.entries and not scope.streams and scope.day != period.day:
+            if not scope.admitted and not scope.streams and scope.day != period.day:
                 idle.append(name)
         for name in idle:
             del self._scopes[name]

@@ -39,19 +39,43 @@ _Key = tuple[str, str, str, str]  # tenant, key id, model, day
 _MAX_COST = 1e9
 
 
-def _summed(records: dict[_Key, auth_pb2.UsageRecord], record: UsageRecord) -> None:
+def _summed(records: dict[_Key, list[float]], record: UsageRecord) -> None:
+    # Plain numbers per call, a protobuf message per row only when a batch is sent.
     key = (record.tenant, record.key_id, record.model, record.day)
     total = records.get(key)
     if total is None:
-        total = records[key] = auth_pb2.UsageRecord(
-            tenant_id=record.tenant, key_id=record.key_id, model=record.model, day=record.day
-        )
-    total.requests += record.requests
-    total.errors += record.errors
-    total.prompt_tokens += record.prompt_tokens
-    total.completion_tokens += record.completion_tokens
-    total.compute_micros += round(record.compute_seconds * 1e6)
-    total.cost = min(total.cost + record.cost, _MAX_COST)
+        records[key] = [
+            record.requests,
+            record.errors,
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.compute_seconds,
+            record.cost,
+        ]
+        return
+    total[0] += record.requests
+    total[1] += record.errors
+    total[2] += record.prompt_tokens
+    total[3] += record.completion_tokens
+    total[4] += record.compute_seconds
+    total[5] += record.cost
+
+
+def _row(key: _Key, total: list[float]) -> auth_pb2.UsageRecord:
+    tenant, key_id, model, day = key
+    requests, errors, prompt, completion, compute_s, cost = total
+    return auth_pb2.UsageRecord(
+        tenant_id=tenant,
+        key_id=key_id,
+        model=model,
+        day=day,
+        requests=int(requests),
+        errors=int(errors),
+        prompt_tokens=int(prompt),
+        completion_tokens=int(completion),
+        compute_micros=round(compute_s * 1e6),
+        cost=min(cost, _MAX_COST),
+    )
 
 
 class UsageLedger:
@@ -66,7 +90,7 @@ class UsageLedger:
     ) -> None:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._flush_seconds = flush_seconds
-        self._open: dict[_Key, auth_pb2.UsageRecord] = {}
+        self._open: dict[_Key, list[float]] = {}
         self._unsent: list[auth_pb2.RecordUsageRequest] = []
         self._spool: UsageSpool | None = None
         if spool_dir is not None:
@@ -92,7 +116,8 @@ class UsageLedger:
     async def flush(self) -> bool:
         """Sends everything recorded so far; True once nothing is left unsent."""
         if self._open:
-            records, self._open = list(self._open.values()), {}
+            summed, self._open = self._open, {}
+            records = [_row(key, total) for key, total in summed.items()]
             self._unsent.append(
                 auth_pb2.RecordUsageRequest(batch_id=uuid.uuid4().hex, records=records)
             )

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from tensorgate.inference.v1 import inference_pb2
 
@@ -35,11 +35,13 @@ from gateway.counters import (
     CounterHold,
     CounterStore,
     Demand,
+    InProcessCounters,
+    LocalHold,
     UtcCalendar,
     check_fits,
     is_limited,
 )
-from services.runtime.calls import Call, Usage
+from services.runtime.calls import Call, Principal, Usage
 
 _GENERATE = inference_pb2.GenerateRequest
 _INFER = inference_pb2.InferRequest
@@ -55,9 +57,10 @@ class Price:
     compute_per_second: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One ended call, as the ledger counts it (per tenant, key, model and UTC day)."""
+class UsageRecord(NamedTuple):
+    """One ended call, as the ledger counts it (per tenant, key, model and UTC day).
+
+    A named tuple: one is made per metered call, and a tuple is the cheapest to make."""
 
     tenant: str
     key_id: str
@@ -88,6 +91,8 @@ def model_name(ref: str) -> str:
 
 
 UNRESOLVED = "(unresolved)"
+# Model scope answers remembered by the gate (see QuotaGate.__init__).
+_MAX_ADMITTED = 10_000
 # Spend in micro-units stays far inside a 64-bit counter whatever a price times a count is.
 _MAX_MICROS = 2**62
 
@@ -157,21 +162,24 @@ class QuotaReservation:
             assert principal is not None  # reserved only for calls with a principal
             sink.record(
                 UsageRecord(
-                    tenant=principal.tenant,
-                    key_id=principal.key_id,
-                    model=_ledger_model(call),
-                    day=self._day,
-                    requests=1,
-                    errors=errors,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    compute_seconds=compute_s,
-                    cost=cost / MICROS,
+                    principal.tenant,
+                    principal.key_id,
+                    _ledger_model(call),
+                    self._day,
+                    1,
+                    errors,
+                    prompt,
+                    completion,
+                    compute_s,
+                    cost / MICROS,
                 )
             )
         # After the ledger has it: a counter store that fails to settle loses no usage.
-        if self._hold is not None:
-            await self._hold.settle(prompt + completion, cost)
+        hold = self._hold
+        if type(hold) is LocalHold:
+            hold.settle_now(prompt + completion, cost)  # in process: nothing to await
+        elif hold is not None:
+            await hold.settle(prompt + completion, cost)
 
 
 class QuotaGate:
@@ -186,13 +194,23 @@ class QuotaGate:
         usage: UsageSink | None = None,
         max_call_s: float = 300.0,
         max_stream_s: float = 3600.0,
+        admits: Callable[[Principal, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`prices` gives a model name's price (None: free); `max_call_s` is how long a
         call without a deadline may run (the gateway's upstream timeout), the compute it
         is reserved; `max_stream_s` is how long a stream slot is held at most when never
-        given back (a gateway that died)."""
+        given back (a gateway that died); `admits` raises when a key may not call the
+        model a request names (checked before anything is reserved)."""
         self._counters = counters
+        # The in-process store reserves without waiting: no coroutine on the hot path.
+        self._reserve_now = (
+            counters.reserve_now if isinstance(counters, InProcessCounters) else None
+        )
+        self._admits = admits
+        # (model patterns, model ref) pairs `admits` allowed: callers repeat the same few,
+        # so each is matched once. Cleared when full, so callers cannot grow it unbounded.
+        self._admitted: set[tuple[tuple[str, ...], str]] = set()
         self._prices = prices
         self.usage = usage
         self._max_call_s = max_call_s
@@ -208,6 +226,14 @@ class QuotaGate:
         if principal is None:
             return None
         kind = type(request)
+        admits = self._admits
+        if admits is not None and (kind is _GENERATE or kind is _INFER):
+            pair = (principal.models, request.model)
+            if pair not in self._admitted:
+                admits(principal, request.model)  # raises when not allowed
+                if len(self._admitted) >= _MAX_ADMITTED:
+                    self._admitted.clear()
+                self._admitted.add(pair)
         remaining = call.remaining()
         call_s = self._max_call_s if remaining is None else max(remaining, 0.0)
         # A slot a dead gateway never gave back frees itself a little after the call's
@@ -268,5 +294,8 @@ class QuotaGate:
             demand.key_day_seed = principal.lineage_day_tokens
             demand.tenant_day_seed = principal.tenant_day_tokens
         check_fits(demand)
-        hold = await self._counters.reserve(demand)
+        reserve_now = self._reserve_now
+        hold = (
+            reserve_now(demand) if reserve_now is not None else await self._counters.reserve(demand)
+        )
         return QuotaReservation(self, call, hold, price, day)

@@ -111,15 +111,27 @@ def secret_matches(stored_hash: str, secret: str) -> bool:
     return hmac.compare_digest(stored_hash.encode(), hash_secret(secret).encode())
 
 
-def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
-    """The key in `authorization: Bearer <key>` metadata (the scheme in any case), or None
-    when there is no such header. The key is returned as sent: `parse_key` judges it."""
+def authorization(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The value of the first text `authorization` header, as sent (None: there is none)."""
     for name, value in metadata:
-        if name.lower() != AUTHORIZATION or not isinstance(value, str):
-            continue
-        match = _BEARER.fullmatch(value)
-        return match.group(1) if match is not None else None
+        # gRPC metadata names arrive lowercase; lower() only for one that does not.
+        if (name == AUTHORIZATION or name.lower() == AUTHORIZATION) and isinstance(value, str):
+            return value
     return None
+
+
+def bearer_of(header: str) -> str | None:
+    """The key in an `authorization` header's value `Bearer <key>` (the scheme in any
+    case), or None. The key is returned as sent: `parse_key` judges it."""
+    match = _BEARER.fullmatch(header)
+    return match.group(1) if match is not None else None
+
+
+def bearer_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The key in `authorization: Bearer <key>` metadata, or None when there is no such
+    header or it holds no bearer key."""
+    header = authorization(metadata)
+    return None if header is None else bearer_of(header)
 
 
 def _limits(quota: auth_pb2.Quota) -> Limits:

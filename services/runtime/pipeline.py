@@ -135,18 +135,6 @@ class Pipeline:
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         return call
 
-    async def _authenticate(self, call: Call) -> None:
-        if self._authenticator is not None:
-            call.principal = await self._authenticator.authenticate(call)
-            if call.principal is not None:
-                call.fields["key_id"] = call.principal.key_id
-                call.fields["tenant"] = call.principal.tenant
-
-    async def _reserve(self, call: Call, request: Any) -> QuotaReservation | None:
-        if self._quota is not None:
-            return await self._quota.reserve(call, request)
-        return None
-
     def _cancelled_code(self, call: Call) -> grpc.StatusCode:
         # grpc.aio cancels the handler when the caller cancels, when the deadline
         # passes, and when shutdown's grace runs out (the caller sees UNAVAILABLE).
@@ -232,11 +220,19 @@ class Pipeline:
         Returns the request as the handler gets it and the reservation to settle.
         """
         try:
-            await self._authenticate(call)
+            # The stages inline, not as coroutines of their own: this runs on every call.
+            authenticator, quota = self._authenticator, self._quota
+            if authenticator is not None:
+                principal = call.principal = await authenticator.authenticate(call)
+                if principal is not None:
+                    call.fields["key_id"] = principal.key_id
+                    call.fields["tenant"] = principal.tenant
             if reads_late:
                 request = await _read_one(context, call.method)
             admitted = self._admitted(call, request, client_streams)
-            return admitted, await self._reserve(call, None if client_streams else admitted)
+            if quota is None:
+                return admitted, None
+            return admitted, await quota.reserve(call, None if client_streams else admitted)
         except Exception:
             if client_streams:
                 await _hear_first(request)
