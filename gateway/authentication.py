@@ -14,9 +14,10 @@ With the auth service unreachable, a key it vouched for less than `outage_second
 keeps working (callers keep being served through a short outage of the auth service);
 that is then the bound on a revocation it could not push. 0 turns this off.
 
-Model scopes and admin-only calls are checked here too, once the request is known
-(`check_access`, called by the quota stage). Every refused key, a missing one included,
-hears the same KEY_REFUSED: never why.
+Model scopes and admin-only calls are checked here too, once the request is known:
+`check_model_scope` is the quota stage's `admits` (QuotaGate runs it before it reserves
+anything), `require_admin` the proxied admin services'. Every refused key, a missing one
+included, hears the same KEY_REFUSED: never why.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 from tensorgate.model_ref import InvalidModelRef, ModelRef
 
 from services.runtime.api_keys import (
+    KEY_LENGTH,
     KEY_REFUSED,
     allows,
     authorization,
@@ -54,6 +56,9 @@ _REFUSED_ENTRIES = 1_000
 _REFUSED_SECONDS = 1.0
 _LOOKUP_TIMEOUT_S = 2.0
 _RESUBSCRIBE_S = 1.0
+# `authorization: Bearer <key>` as nearly every client spells it.
+_CANONICAL = "Bearer "
+_CANONICAL_LENGTH = len(_CANONICAL) + KEY_LENGTH
 
 
 @dataclass
@@ -71,8 +76,7 @@ class KeyAuthenticator:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._cache_seconds = cache_seconds
         self._outage_seconds = outage_seconds
-        # By the sha256 of the authorization header, never the key: a heap dump shows
-        # no usable key.
+        # By the key's sha256, never the key: a heap dump shows no usable key.
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
         self._refused: OrderedDict[bytes, _Cached] = OrderedDict()
         self._lookups: dict[bytes, asyncio.Future[Principal | None]] = {}
@@ -124,9 +128,16 @@ class KeyAuthenticator:
         header = authorization(call.metadata)
         if header is None:
             raise Unauthenticated(KEY_REFUSED)
-        # Cached by the header as sent: a cached key costs a hash and a lookup, and is
-        # parsed out of its header only when it is not cached.
-        digest = hashlib.sha256(header.encode()).digest()
+        # The usual spelling is cut, not matched: the hot path runs no regex. Cached by
+        # the key, not the header: spellings of one key (the scheme in any case, spaces)
+        # share one entry, so one key cannot fill the cache and push others' keys out.
+        if header.startswith(_CANONICAL) and len(header) == _CANONICAL_LENGTH:
+            key: str | None = header[len(_CANONICAL) :]
+        else:
+            key = bearer_of(header)
+        if key is None:
+            raise Unauthenticated(KEY_REFUSED)
+        digest = hashlib.sha256(key.encode()).digest()
         now = time.monotonic()
         cached = self._cache.get(digest) or self._refused.get(digest)
         fresh_for = self._cache_seconds if cached and cached.principal else _REFUSED_SECONDS
@@ -140,11 +151,10 @@ class KeyAuthenticator:
                 # The auth service is away: the call goes on with what it said a moment
                 # ago rather than wait out a lookup timeout; one lookup per key asks
                 # again in the background.
-                self._ask_later(digest, header, cached, now)
+                self._ask_later(digest, key, cached, now)
             else:
                 # Only a key not cached is parsed: one in the cache was well formed.
-                key = bearer_of(header)
-                if key is None or parse_key(key) is None:
+                if parse_key(key) is None:
                     raise Unauthenticated(KEY_REFUSED)
                 cached = await self._lookup(digest, key, cached, now)
         principal = cached.principal
@@ -152,11 +162,9 @@ class KeyAuthenticator:
             raise Unauthenticated(KEY_REFUSED)
         return principal
 
-    def _ask_later(self, digest: bytes, header: str, stale: _Cached, now: float) -> None:
+    def _ask_later(self, digest: bytes, key: str, stale: _Cached, now: float) -> None:
         if digest in self._lookups:
             return
-        # The header was parsed when its key was cached, so it holds a key.
-        key = bearer_of(header) or ""
         task = asyncio.ensure_future(self._lookup(digest, key, stale, now))
         self._background.add(task)
         task.add_done_callback(self._asked)

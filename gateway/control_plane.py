@@ -15,8 +15,8 @@ import grpc
 
 from gateway.aliases import AliasFeed
 from gateway.authentication import KeyAuthenticator, check_model_scope
-from gateway.counters import InProcessCounters
 from gateway.ledger import UsageLedger
+from gateway.local_counters import InProcessCounters
 from gateway.metrics import GatewayMetrics
 from gateway.prices import PriceBook
 from gateway.quota import QuotaGate

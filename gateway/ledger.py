@@ -116,8 +116,9 @@ class UsageLedger:
     async def flush(self) -> bool:
         """Sends everything recorded so far; True once nothing is left unsent."""
         if self._open:
-            summed, self._open = self._open, {}
-            records = [_row(key, total) for key, total in summed.items()]
+            # Rows first: the sums are let go only once their batch exists.
+            records = [_row(key, total) for key, total in self._open.items()]
+            self._open = {}
             self._unsent.append(
                 auth_pb2.RecordUsageRequest(batch_id=uuid.uuid4().hex, records=records)
             )

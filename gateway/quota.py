@@ -1,12 +1,14 @@
 """The gateway's quota stage: what a Generate or Infer call may use is reserved before it
 is forwarded, and settled with what it really used when it ends.
 
-A reservation is one request, an upper bound of the call's tokens and, for Generate, one
-stream slot, per key and per tenant (services.runtime.calls.Limits), and its cost against
-the tenant's monthly spend cap. A key's counters are its lineage's (a rotated key counts
-in its predecessor's), and the day's tokens and the month's spend start from what the
-ledger counted when a counter starts empty (a restart), as the Principal carries them.
-All of it is reserved in one atomic step of the counter store (counters.py in process,
+First, the key must be allowed the model the request names (`admits`, the gateway's
+model-scope check: PERMISSION_DENIED before anything is reserved). A reservation is one
+request, an upper bound of the call's tokens and, for Generate, one stream slot, per key
+and per tenant (services.runtime.calls.Limits), and its cost against the tenant's
+monthly spend cap. A key's counters are its lineage's (a rotated key counts in its
+predecessor's), and the day's tokens and the month's spend start from what the ledger
+counted when a counter starts empty (a restart), as the Principal carries them. All of
+it is reserved in one atomic step of the counter store (local_counters.py in process,
 redis_counters.py across replicas), or none of it.
 
 Tokens: the prompt's bound is its length in UTF-8 bytes (byte-level tokenizers use one
@@ -35,12 +37,11 @@ from gateway.counters import (
     CounterHold,
     CounterStore,
     Demand,
-    InProcessCounters,
-    LocalHold,
     UtcCalendar,
     check_fits,
     is_limited,
 )
+from gateway.local_counters import InProcessCounters, LocalHold
 from services.runtime.calls import Call, Principal, Usage
 
 _GENERATE = inference_pb2.GenerateRequest

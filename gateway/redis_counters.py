@@ -41,9 +41,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.counters import (
     CounterHold,
     Demand,
-    InProcessCounters,
     UtcCalendar,
 )
+from gateway.local_counters import InProcessCounters
 from gateway.redis_scripts import RESERVE, SETTLE, refusal
 from services.runtime.errors import ResourceExhausted, Unavailable
 

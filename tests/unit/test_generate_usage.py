@@ -14,7 +14,7 @@ from typing import Any
 
 from tensorgate.inference.v1 import inference_pb2
 
-from gateway.counters import InProcessCounters
+from gateway.local_counters import InProcessCounters
 from gateway.metrics import GatewayMetrics
 from gateway.quota import QuotaGate, UsageRecord
 from gateway.servicer import InferenceGatewayServicer

@@ -16,7 +16,7 @@ import pytest
 from tensorgate.auth.v1 import auth_pb2, auth_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 
-from gateway.counters import InProcessCounters
+from gateway.local_counters import InProcessCounters
 from gateway.prices import PriceBook
 from gateway.quota import Price, QuotaGate
 from services.runtime.calls import Call, Principal

@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from tensorgate.inference.v1 import inference_pb2
 
-from gateway.counters import InProcessCounters
+from gateway.local_counters import InProcessCounters
 from gateway.quota import Price, QuotaGate, QuotaReservation, UsageRecord
 from services.runtime import access
 from services.runtime.calls import Call, Limits, Principal, Usage

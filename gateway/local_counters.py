@@ -1,0 +1,261 @@
+"""The embedded quota counters: every quota of the counters protocol (counters.py),
+kept in this process.
+
+Exact for one gateway: a reservation checks and reserves in one synchronous step, with
+no await in between, so concurrent calls cannot both take the last unit of a limit.
+Several gateways share a limit only through Redis (redis_counters.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from gateway.counters import (
+    CONCURRENT_STREAMS,
+    REQUESTS_PER_MINUTE,
+    STREAM_RETRY_S,
+    TOKENS_PER_DAY,
+    TOKENS_PER_MINUTE,
+    WINDOW_S,
+    CounterHold,
+    Demand,
+    Period,
+    UtcCalendar,
+    is_limited,
+    over_quota,
+    over_spend_cap,
+)
+from services.runtime.calls import Limits
+
+
+class _Scope:
+    """The counters of one key or tenant.
+
+    The minute window is a log of the calls admitted in the last minute, kept as two
+    deques of plain numbers (when, tokens) rather than an object per call: a busy key
+    holds one entry per call for 60 s, and numbers are nothing to the garbage collector.
+    An entry is found again by its sequence number: `first` is the oldest one's."""
+
+    __slots__ = ("admitted", "day", "day_tokens", "first", "streams", "tokens", "window_tokens")
+
+    def __init__(self) -> None:
+        self.admitted: deque[float] = deque()
+        self.tokens: deque[int] = deque()
+        self.first = 0
+        self.window_tokens = 0
+        self.day = -1
+        self.day_tokens = 0
+        self.streams = 0
+
+    def admit(self, now: float, tokens: int) -> int:
+        """Logs a call in the minute window; returns its sequence number."""
+        self.admitted.append(now)
+        self.tokens.append(tokens)
+        self.window_tokens += tokens
+        return self.first + len(self.admitted) - 1
+
+    def resettle(self, seq: int, tokens: int) -> None:
+        """The call `seq` used `tokens`; one the window has dropped no longer counts."""
+        index = seq - self.first
+        if index >= 0:  # near the right end for most calls: deque indexing is quick there
+            self.window_tokens += tokens - self.tokens[index]
+            self.tokens[index] = tokens
+
+    def prune(self, now: float) -> None:
+        # An entry counts for exactly WINDOW_S: from its time up to, not including, +60 s.
+        admitted, cutoff = self.admitted, now - WINDOW_S
+        while admitted and admitted[0] <= cutoff:
+            admitted.popleft()
+            self.window_tokens -= self.tokens.popleft()
+            self.first += 1
+
+    def tokens_free_after(self, need: int, now: float) -> float:
+        """Seconds until entries holding `need` tokens have aged out."""
+        freed = 0
+        for at, tokens in zip(self.admitted, self.tokens, strict=True):
+            freed += tokens
+            if freed >= need:
+                return at + WINDOW_S - now
+        return WINDOW_S
+
+
+class LocalHold:
+    """What the in-process store reserved for one call; settled without waiting."""
+
+    __slots__ = ("_counters", "day", "day_scopes", "entries", "reserved", "spend_key", "streams")
+
+    def __init__(self, counters: InProcessCounters, day: int, tokens: int, cost: int) -> None:
+        self._counters = counters
+        self.day = day
+        self.reserved = (tokens, cost)
+        # (scope, sequence number) of the call's minute-window entries.
+        self.entries: list[tuple[_Scope, int]] = []
+        self.day_scopes: list[_Scope] = []
+        self.streams: list[_Scope] = []
+        self.spend_key = ""
+
+    async def settle(self, tokens: int, cost: int) -> None:
+        self._counters.settle_now(self, tokens, cost)
+
+    def settle_now(self, tokens: int, cost: int) -> None:
+        """`settle`, synchronously (nothing to wait for in process)."""
+        self._counters.settle_now(self, tokens, cost)
+
+
+class InProcessCounters:
+    """The embedded store: plain dicts and deques in this process, pruned lazily.
+
+    Exact for one gateway (everything a reservation does happens in one synchronous
+    step, with no await in between). Memory is bounded by the keys and tenants active
+    in the last minute and today: idle scopes are swept once a minute.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._calendar = UtcCalendar()
+        self._scopes: dict[str, _Scope] = {}
+        # "<tenant>:<UTC month>" -> micro-units spent.
+        self._spend: dict[str, int] = {}
+        self._next_sweep = 0.0
+
+    def _scope(self, name: str) -> _Scope:
+        scope = self._scopes.get(name)
+        if scope is None:
+            scope = self._scopes[name] = _Scope()
+        return scope
+
+    async def reserve(self, demand: Demand) -> CounterHold:
+        return self.reserve_now(demand)
+
+    async def close(self) -> None:
+        """Nothing to close: the counters go with the process."""
+
+    def reserve_now(self, demand: Demand) -> LocalHold:
+        """`reserve`, synchronously: the critical section."""
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        period = self._calendar.at(now)
+        tokens, stream = demand.tokens, demand.stream_s > 0
+        checked: list[tuple[_Scope, Limits]] = []
+        for name, counted, limits, day_seed in demand.scopes():
+            if not is_limited(limits):
+                continue
+            scope = self._scope(counted)
+            if limits.tokens_per_day and scope.day != period.day:
+                # A day counter that starts now (a restart) starts from the ledger.
+                scope.day, scope.day_tokens = period.day, day_seed
+            self._check(scope, name, limits, tokens, stream, now, period)
+            checked.append((scope, limits))
+        spend_key, spent = "", 0
+        if demand.spend_cap:
+            spend_key = f"{demand.tenant}:{period.month_name}"
+            spent = self._spend.get(spend_key, demand.spend_seed)
+            if spent + demand.cost > demand.spend_cap:
+                raise over_spend_cap(demand, spent, period.month_end - now)
+        # Every check passed: from here on nothing can refuse.
+        hold = LocalHold(self, period.day, tokens, demand.cost)
+        for scope, limits in checked:
+            if limits.requests_per_minute or limits.tokens_per_minute:
+                hold.entries.append((scope, scope.admit(now, tokens)))
+            if limits.tokens_per_day:
+                scope.day_tokens += tokens
+                hold.day_scopes.append(scope)
+            if stream and limits.concurrent_streams:
+                scope.streams += 1
+                hold.streams.append(scope)
+        if spend_key:
+            self._spend[spend_key] = spent + demand.cost
+            hold.spend_key = spend_key
+        return hold
+
+    @staticmethod
+    def _check(
+        scope: _Scope,
+        name: str,
+        limits: Limits,
+        tokens: int,
+        stream: bool,
+        now: float,
+        period: Period,
+    ) -> None:
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        if rpm or tpm:
+            scope.prune(now)
+            count = len(scope.admitted)
+            if rpm and count >= rpm:
+                oldest = scope.admitted[count - rpm]
+                raise over_quota(
+                    name,
+                    REQUESTS_PER_MINUTE,
+                    limit=rpm,
+                    used=count,
+                    asked=1,
+                    retry_after_s=oldest + WINDOW_S - now,
+                )
+            used = scope.window_tokens
+            if tpm and used + tokens > tpm:
+                raise over_quota(
+                    name,
+                    TOKENS_PER_MINUTE,
+                    limit=tpm,
+                    used=used,
+                    asked=tokens,
+                    retry_after_s=scope.tokens_free_after(used + tokens - tpm, now),
+                )
+        tpd = limits.tokens_per_day
+        if tpd:
+            if scope.day != period.day:
+                scope.day, scope.day_tokens = period.day, 0
+            if scope.day_tokens + tokens > tpd:
+                raise over_quota(
+                    name,
+                    TOKENS_PER_DAY,
+                    limit=tpd,
+                    used=scope.day_tokens,
+                    asked=tokens,
+                    retry_after_s=period.day_end - now,
+                )
+        streams = limits.concurrent_streams
+        if stream and streams and scope.streams >= streams:
+            raise over_quota(
+                name,
+                CONCURRENT_STREAMS,
+                limit=streams,
+                used=scope.streams,
+                asked=1,
+                retry_after_s=STREAM_RETRY_S,
+            )
+
+    def settle_now(self, hold: LocalHold, tokens: int, cost: int) -> None:
+        reserved_tokens, reserved_cost = hold.reserved
+        delta = tokens - reserved_tokens
+        for scope, seq in hold.entries:
+            scope.resettle(seq, tokens)
+        for scope in hold.day_scopes:
+            if scope.day == hold.day:  # a day that has ended is not counted any more
+                scope.day_tokens += delta
+        for scope in hold.streams:
+            scope.streams -= 1
+        spend_key = hold.spend_key
+        if spend_key and spend_key in self._spend:
+            self._spend[spend_key] += cost - reserved_cost
+        # Settling twice must not give back twice.
+        hold.entries, hold.day_scopes, hold.streams, hold.spend_key = [], [], [], ""
+
+    def _sweep(self, now: float) -> None:
+        """Drops scopes with nothing counted, and spend of past months."""
+        self._next_sweep = now + WINDOW_S
+        period = self._calendar.at(now)
+        idle = []
+        for name, scope in self._scopes.items():
+            scope.prune(now)
+            if not scope.admitted and not scope.streams and scope.day != period.day:
+                idle.append(name)
+        for name in idle:
+            del self._scopes[name]
+        suffix = f":{period.month_name}"
+        for key in [key for key in self._spend if not key.endswith(suffix)]:
+            del self._spend[key]
