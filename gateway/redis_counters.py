@@ -1,6 +1,6 @@
 """Quota counters in Redis, shared by every gateway replica: one Lua script per check.
 
-The state is that of the in-process store (counters.py), in Redis keys under a prefix;
+The state is that of the in-process store (local_counters.py), in Redis keys under a prefix;
 the keys and the two scripts that change them (reserve, settle) are in redis_scripts.py.
 Every give-back is exactly-once (a marker per reservation, there): one whose answer
 never came is tried again in the background a few times, `recheck_s` apart, and one

@@ -2,7 +2,7 @@
 keep, and what a refused reservation's reply tells the caller. Each check is one script,
 so one atomic round trip.
 
-The state is that of the in-process store (counters.py), in Redis keys under a prefix,
+The state is that of the in-process store (local_counters.py), in Redis keys under a prefix,
 all of one tenant's in one hash slot (`{tenant}`), so a script's keys stay together on
 a Redis Cluster as well. Per scope (a key's lineage, or its tenant):
 - `...:w` sorted set, reservation id -> admitted at (ms), and `...:t` hash, reservation
