@@ -1,12 +1,14 @@
-"""The gateway's own metrics beyond the per-RPC ones: what streams look like to callers."""
+"""The gateway's own metrics beyond the per-RPC ones: what streams look like to callers,
+and how its model queues fill (overload)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.runtime.metrics import ServiceMetrics
 
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class GatewayMetrics(ServiceMetrics):
@@ -35,5 +37,28 @@ class GatewayMetrics(ServiceMetrics):
             "tensorgate_upstream_retries_total",
             "Calls retried on another worker after UNAVAILABLE",
             ["method"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "tensorgate_gateway_queue_depth",
+            "Calls waiting for a free worker slot, per model (every worker that has it is at "
+            "--max-outstanding-per-worker)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "tensorgate_gateway_queue_wait_seconds",
+            "How long calls that had to wait for a worker slot waited before one was "
+            "handed over (calls that found a free slot do not wait and are not counted)",
+            ["model"],
+            buckets=_QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.overload_refusals = Counter(
+            "tensorgate_gateway_overload_refusals_total",
+            "Calls refused with RESOURCE_EXHAUSTED because every worker with the model was "
+            "busy: reason queue_full (refused at once) or queue_timeout (waited "
+            "--queue-seconds)",
+            ["model", "reason"],
             registry=self.registry,
         )

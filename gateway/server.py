@@ -14,6 +14,7 @@ from gateway.aliases import AliasRouting
 from gateway.control_plane import ControlPlane
 from gateway.discovery import StaticDiscovery
 from gateway.metrics import GatewayMetrics
+from gateway.routing import RoutingPolicy
 from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
@@ -60,6 +61,14 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
         eject_seconds=settings.eject_seconds,
         credentials=credentials,
         aliases=AliasRouting(aliases) if aliases is not None else None,
+        policy=RoutingPolicy(
+            max_outstanding=settings.max_outstanding_per_worker,
+            queue_size=settings.queue_size,
+            queue_seconds=settings.queue_seconds,
+            eject_max_seconds=max(settings.eject_max_seconds, settings.eject_seconds),
+            eject_after_failures=settings.eject_after_failures,
+        ),
+        metrics=metrics,
     )
     try:
         await pool.start()

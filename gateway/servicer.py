@@ -23,7 +23,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
 from services.runtime import calls
 from services.runtime.api_keys import allows
-from services.runtime.errors import Unavailable, upstream_error
+from services.runtime.errors import Unavailable, UpstreamError, upstream_error
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -52,13 +52,19 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         remaining = calls.remaining()
         return self._upstream_timeout if remaining is None else remaining
 
-    def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str) -> Exception:
-        """What the caller hears of a failed forward; a worker that cannot be reached is ejected."""
+    def _failed(
+        self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str, chunks: int = 0
+    ) -> Exception:
+        """What the caller hears of a failed forward; the pool counts it against the worker."""
         error = upstream_error(exc, f"model {model}")
-        if isinstance(error, Unavailable):
-            # Not the worker's own answer (that would carry its request id): the
-            # transport failed, so the worker gets no calls for a while.
-            worker.eject(self._pool.eject_seconds)
+        # The worker's own answer carries its request id; anything else is the transport.
+        own = isinstance(error, UpstreamError)
+        self._pool.failed(worker, exc.code(), own=own)
+        if chunks and not own and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return Unavailable(
+                f"the worker serving model {model} was lost after {chunks} chunk(s) of this "
+                "stream; retry the call (it goes to another worker)"
+            )
         return error
 
     async def Generate(
@@ -71,15 +77,19 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         # One retry on another worker, and only before the first chunk: after
         # that the caller has seen tokens and a retry would repeat or change them.
         for attempt in (1, 2):
-            worker, info = await self._pool.route(ref, exclude=exclude)
+            # A slot on the worker is taken here and held until the stream ends.
+            worker, info, slots = await self._pool.route(ref, exclude=exclude)
             # The request is ours to change: forward it with the model resolved
             # rather than copying it (the caller's ref is already in the log line).
             request.model = resolved = f"{info.name}:{info.version}"
             calls.note(resolved=resolved, worker=worker.address)
             chunks = completion = 0
             finished = False
-            worker.outstanding += 1
-            call = worker.generate(request, timeout=self._timeout(), metadata=metadata)
+            try:
+                call = worker.generate(request, timeout=self._timeout(), metadata=metadata)
+            except BaseException:
+                slots.release(worker)
+                raise
             try:
                 async for raw in call:
                     if not chunks:
@@ -96,16 +106,19 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                         finished = True
                         self._finished(info.name, chunk)
                     yield raw
+                worker.answered()
                 return
             except grpc.aio.AioRpcError as exc:
-                error = self._failed(worker, exc, resolved)
+                error = self._failed(worker, exc, resolved, chunks)
                 if attempt == 2 or chunks or exc.code() not in _RETRIED:
                     raise error from exc
                 log.warning("retrying on another worker", worker=worker.address)
                 self._metrics.retries.labels("Generate").inc()
                 exclude = worker
             finally:
-                worker.outstanding -= 1
+                slots.release(worker)
+                if worker.on_trial:  # its trial ended with no verdict (a cancel)
+                    worker.end_trial()
                 if not call.done():
                     call.cancel()
                 if chunks and not finished:
@@ -124,21 +137,25 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         metadata = calls.outgoing_metadata()
         exclude: WorkerEndpoint | None = None
         for attempt in (1, 2):
-            worker, info = await self._pool.route(ref, exclude=exclude)
+            worker, info, slots = await self._pool.route(ref, exclude=exclude)
             resolved = f"{info.name}:{info.version}"
             # Forwarded as it came otherwise: no copy of the tensors.
             request.model = resolved
             calls.note(resolved=resolved, worker=worker.address)
-            worker.outstanding += 1
             try:
                 # Bytes in, bytes out: the response's tensors are not decoded here.
-                return await worker.infer(request, timeout=self._timeout(), metadata=metadata)
+                response = await worker.infer(request, timeout=self._timeout(), metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 error = self._failed(worker, exc, resolved)
                 if attempt == 2 or exc.code() not in _RETRIED:
                     raise error from exc
+            else:
+                worker.answered()
+                return response
             finally:
-                worker.outstanding -= 1
+                slots.release(worker)
+                if worker.on_trial:  # its trial ended with no verdict (a cancel)
+                    worker.end_trial()
             log.warning("retrying on another worker", worker=worker.address)
             self._metrics.retries.labels("Infer").inc()
             exclude = worker

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import (
@@ -19,6 +20,15 @@ from services.runtime.settings import (
     SettingsError,
     duration_between,
 )
+
+
+def _count_between(low: int, high: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise SettingsError(f"must be {low}..{high}, got {value}")
+        return value
+
+    return check
 
 
 class GatewaySettings(ServiceSettings):
@@ -81,7 +91,39 @@ class GatewaySettings(ServiceSettings):
     refresh_seconds: Annotated[Duration, duration_between(0.1, 3600)] = Field(
         5.0, description="how often to re-read the worker list from discovery"
     )
-    eject_seconds: Duration = Field(10.0, description="how long a failing worker gets no calls")
+    eject_seconds: Duration = Field(
+        10.0,
+        description="how long a failing worker first gets no calls; each ejection in a row "
+        "doubles it (up to --eject-max-seconds), and when it ends one trial call decides "
+        "whether the worker is back (served: the backoff resets) or out again. Failing: it "
+        "cannot be reached (UNAVAILABLE not from the worker itself), or "
+        "--eject-after-failures answers of its own in a row say it is broken",
+    )
+    eject_max_seconds: Annotated[Duration, duration_between(0, 86400)] = Field(
+        300.0,
+        description="the longest an ejection lasts, however many in a row (never less "
+        "than --eject-seconds)",
+    )
+    eject_after_failures: Annotated[int, AfterValidator(_count_between(1, 1000))] = Field(
+        5,
+        description="a worker that answers this many calls in a row itself with "
+        "UNAVAILABLE, INTERNAL or UNKNOWN (its Triton is gone or failing) is ejected",
+    )
+    max_outstanding_per_worker: Annotated[int, AfterValidator(_count_between(1, 100_000))] = Field(
+        64,
+        description="the most calls of one model version this gateway has in flight on one "
+        "worker (a stream counts until it ends); more wait in that model's queue",
+    )
+    queue_size: Annotated[int, AfterValidator(_count_between(0, 1_000_000))] = Field(
+        256,
+        description="the most calls waiting per model version for a worker slot; beyond it "
+        "a call is refused at once (RESOURCE_EXHAUSTED with a retry-after); 0 queues none",
+    )
+    queue_seconds: Annotated[Duration, duration_between(0, 600)] = Field(
+        2.0,
+        description="the longest a call waits in its model's queue (never past its own "
+        "deadline) before it is refused (RESOURCE_EXHAUSTED, retry after this long)",
+    )
     upstream_timeout: PositiveDuration = Field(
         300.0, description="deadline for a forwarded call when the caller set none"
     )

@@ -3,15 +3,27 @@
 Each worker pushes what it has loaded (WatchModels) and its health (Watch) on
 streams of its own, so routing always sees the current state without polling.
 Routing picks, among the workers that are serving, not ejected and have the
-model version loaded, the one with the fewest outstanding calls; an alias goes to
-the version `AliasRouting` says traffic is on. A worker that fails with
-UNAVAILABLE is ejected for a while. Discovery is re-read on a timer.
+model version loaded, the one with the fewest outstanding calls (with more than two,
+the less busy of two drawn at random: power of two choices); an alias goes to the
+version `AliasRouting` says traffic is on. Each takes a slot of that model version
+on that worker (gateway/admission.py): with none free the call waits in the model's
+bounded queue, or is refused as overloaded. Discovery is re-read on a timer.
+
+A failing worker is ejected, first for `eject_seconds`, then twice as long on each
+ejection in a row up to `eject_max_seconds`. Failing means: a transport failure
+(UNAVAILABLE that the worker did not answer itself: it cannot be reached), or
+`eject_after_failures` answers in a row of its own that say it is broken
+(UNAVAILABLE, INTERNAL, UNKNOWN: its Triton is gone or failing), like Envoy's
+outlier detection. When an ejection ends, the next call routed there is its trial,
+and no other call goes there until that one ends: served, the worker is back and its
+backoff resets; failed, it is ejected again for twice as long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 
@@ -22,8 +34,11 @@ from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
 from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
 
+from gateway.admission import ModelSlots
 from gateway.aliases import AliasRouting
 from gateway.discovery import Discovery
+from gateway.metrics import GatewayMetrics
+from gateway.routing import Admission, RoutingPolicy
 from services.runtime.channels import open_channel
 from services.runtime.errors import NotFound, Unavailable, shown
 
@@ -33,6 +48,10 @@ _RECONNECT_S = 1.0
 _WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
 _INFER = f"/{_WORKER_SERVICE}/Infer"
 _GENERATE = f"/{_WORKER_SERVICE}/Generate"
+# What a worker answers itself when it, not the call, is broken (its Triton is gone).
+_WORKER_FAULTS = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+)
 
 
 class WorkerEndpoint:
@@ -72,6 +91,10 @@ class WorkerEndpoint:
         self.models_known = asyncio.Event()
         self.outstanding = 0
         self.ejected_until = 0.0
+        self.ejected_for = 0.0  # the length of the last ejection
+        self.ejections = 0  # ejections in a row, with no call served since
+        self.failures = 0  # failures in a row that the worker answered itself
+        self.on_trial = False  # its ejection ended: one call decides whether it is back
         self._last_failure = ""
         self.health_known = asyncio.Event()  # set once the health stream said anything
         self._watches = (
@@ -97,11 +120,50 @@ class WorkerEndpoint:
     def available(self, now: float) -> bool:
         return self.serving and now >= self.ejected_until
 
-    def eject(self, seconds: float) -> None:
+    def eject(self, first_seconds: float, max_seconds: float, reason: str) -> None:
+        """No calls for a while: `first_seconds`, doubled on each ejection in a row."""
         now = time.monotonic()
-        if self.ejected_until <= now:  # logged when it starts, not for every failed call
-            log.warning("worker ejected", worker=self.address, seconds=seconds)
-        self.ejected_until = now + seconds
+        if now < self.ejected_until and not self.on_trial:
+            return  # calls that were in flight failing too: the same failure, once
+        self.ejected_for = min(first_seconds * 2**self.ejections, max_seconds)
+        self.ejections += 1
+        self.failures = 0
+        self.on_trial = False
+        self.ejected_until = now + self.ejected_for
+        log.warning(
+            "worker ejected",
+            worker=self.address,
+            seconds=self.ejected_for,
+            ejections_in_a_row=self.ejections,
+            reason=reason,
+        )
+
+    def begin_trial(self) -> None:
+        """A call was routed here after an ejection: no other until it ends."""
+        if not self.on_trial:
+            self.on_trial = True
+            self.ejected_until = math.inf
+
+    def end_trial(self) -> None:
+        """The trial call ended saying nothing of the worker (cancelled, a deadline):
+        the next call is a trial again."""
+        if self.on_trial:
+            self.on_trial = False
+            self.ejected_until = 0.0
+
+    def answered(self) -> None:
+        """A call this worker served: resets its failures, and ends its ejections once
+        a call after them (its trial) was served."""
+        if self.failures or self.ejections:
+            self._recovered()
+
+    def _recovered(self) -> None:
+        self.failures = 0
+        if self.ejections and (self.on_trial or time.monotonic() >= self.ejected_until):
+            log.info("worker returned", worker=self.address, after_ejections=self.ejections)
+            self.ejections = 0
+            self.on_trial = False
+            self.ejected_until = 0.0
 
     async def _watch_models(self) -> None:
         # The one writer of `models` and `reached`: the worker's own WatchModels
@@ -154,8 +216,12 @@ class WorkerPool:
         eject_seconds: float,
         credentials: grpc.ChannelCredentials | None = None,
         aliases: AliasRouting | None = None,
+        policy: RoutingPolicy | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._discovery = discovery
+        self.policy = policy or RoutingPolicy()
+        self._admission: Admission[WorkerEndpoint] = Admission(self.policy, metrics)
         self._aliases = aliases
         self._credentials = credentials
         self._refresh_seconds = refresh_seconds
@@ -231,8 +297,10 @@ class WorkerPool:
 
     async def route(
         self, ref: ModelRef, *, exclude: WorkerEndpoint | None = None
-    ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo]:
-        """The least busy available worker with `ref` loaded, and the version it means."""
+    ) -> tuple[WorkerEndpoint, inference_pb2.ModelInfo, ModelSlots[WorkerEndpoint]]:
+        """The least busy available worker with `ref` loaded and a slot taken on it (give
+        it back with `slots.release(worker)`), and the version it means; waits for a
+        slot, or refuses the call as overloaded (see gateway/routing.py)."""
         versions = self._index.get(ref.name)
         if ref.alias is not None:
             if self._aliases is None:
@@ -282,5 +350,27 @@ class WorkerPool:
         candidates = [w for w in having if w.available(now)] or having
         if not candidates:
             raise Unavailable(f"no healthy worker has model {ref.name}:{version} loaded right now")
-        worker = min(candidates, key=lambda w: w.outstanding)
-        return worker, worker.models[(ref.name, version)]
+        worker, info, slots = await self._admission.admit((ref.name, version), candidates, exclude)
+        if worker.ejections:
+            worker.begin_trial()
+        return worker, info, slots
+
+    def failed(self, worker: WorkerEndpoint, code: grpc.StatusCode, *, own: bool) -> None:
+        """A call to `worker` failed with `code`; `own`: the worker answered it itself
+        (its request id came back), else the transport or Triton did."""
+        policy = self.policy
+        if not own:
+            if code == grpc.StatusCode.UNAVAILABLE:  # it cannot be reached
+                worker.eject(self.eject_seconds, policy.eject_max_seconds, "unreachable")
+            else:
+                worker.end_trial()  # a deadline, a cancel: nothing said of the worker
+        elif code in _WORKER_FAULTS:
+            worker.failures += 1
+            if worker.on_trial or worker.failures >= policy.eject_after_failures:
+                worker.eject(
+                    self.eject_seconds,
+                    policy.eject_max_seconds,
+                    f"{worker.failures} failure(s) in a row, the last {code.name}",
+                )
+        else:  # it answered (bad input, a version it let go of): it works
+            worker.answered()

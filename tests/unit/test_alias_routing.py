@@ -117,6 +117,7 @@ class _Endpoint:
         self.reached = True
         self.outstanding = 0
         self.ejected_until = 0.0
+        self.ejections = 0
         self.models = {
             ("digits", v): inference_pb2.ModelInfo(name="digits", version=v) for v in versions
         }
@@ -131,11 +132,11 @@ async def test_a_bare_name_goes_to_the_newest_version_a_serving_worker_has() -> 
     serving = _Endpoint("b", [1], serving=True)
     pool._workers = {"a": draining, "b": serving}  # type: ignore[dict-item]
     pool._index_models()
-    worker, info = await pool.route(ModelRef.parse("digits"))
+    worker, info, _ = await pool.route(ModelRef.parse("digits"))
     assert (worker.address, info.version) == ("b", 1)
     # Pinned to a version only the draining worker has: it says so rather than reroute.
     with pytest.raises(Unavailable, match="digits:2"):
         await pool.route(ModelRef.parse("digits:2"))
     draining.serving = True
-    worker, info = await pool.route(ModelRef.parse("digits"))
+    worker, info, _ = await pool.route(ModelRef.parse("digits"))
     assert (worker.address, info.version) == ("a", 2)

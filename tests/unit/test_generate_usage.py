@@ -55,18 +55,26 @@ class _Worker:
     def generate(self, request: Any, *, timeout: float, metadata: Any) -> _UpstreamCall:
         return self.call
 
-    def eject(self, seconds: float) -> None:
-        raise AssertionError("no failure here")
+    on_trial = False
+
+    def answered(self) -> None:
+        pass
+
+
+class _Slots:
+    def release(self, worker: _Worker) -> None:
+        pass
 
 
 class _Pool:
-    eject_seconds = 1.0
-
     def __init__(self, worker: _Worker) -> None:
         self._worker = worker
 
-    async def route(self, ref: Any, *, exclude: Any = None) -> tuple[_Worker, Any]:
-        return self._worker, inference_pb2.ModelInfo(name="tinylm", version=1)
+    async def route(self, ref: Any, *, exclude: Any = None) -> tuple[_Worker, Any, _Slots]:
+        return self._worker, inference_pb2.ModelInfo(name="tinylm", version=1), _Slots()
+
+    def failed(self, worker: _Worker, code: Any, *, own: bool) -> None:
+        raise AssertionError("no failure here")
 
 
 class _Ledger:

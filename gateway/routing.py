@@ -1,0 +1,143 @@
+"""Which worker takes a call, and when a call is refused because every worker is busy.
+
+`Admission` keeps one `ModelSlots` per model version (gateway/admission.py) and picks,
+among the candidates the pool found (serving, not ejected, the version loaded), the
+least busy one with a free slot: of two drawn at random when there are more than two
+(power of two choices: no scan of every worker per call, and no herd on the one that
+looked idlest), else of all. With none free the call waits in the model's queue, for
+at most `queue_seconds` and never past its own deadline; then, or at once when the
+queue is full, it is refused with RESOURCE_EXHAUSTED and a RetryInfo.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from tensorgate.inference.v1 import inference_pb2
+
+from gateway.admission import ModelSlots, QueueFull, QueueTimeout
+from gateway.admission import Worker as SlotWorker
+from gateway.metrics import GatewayMetrics
+from services.runtime import calls
+from services.runtime.errors import DeadlineExceeded, ResourceExhausted
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingPolicy:
+    """Overload and ejection limits (GatewaySettings documents each)."""
+
+    max_outstanding: int = 64
+    queue_size: int = 256
+    queue_seconds: float = 2.0
+    eject_max_seconds: float = 300.0
+    eject_after_failures: int = 5
+
+
+class RoutedWorker(SlotWorker, Protocol):
+    models: dict[tuple[str, int], inference_pb2.ModelInfo]
+
+
+W = TypeVar("W", bound=RoutedWorker)
+
+
+class Admission(Generic[W]):
+    """The slots and queues of every model version this gateway routes."""
+
+    def __init__(self, policy: RoutingPolicy, metrics: GatewayMetrics | None = None) -> None:
+        self.policy = policy
+        self._metrics = metrics
+        self._slots: dict[tuple[str, int], ModelSlots[W]] = {}
+        self._random = random.Random()
+
+    async def admit(
+        self, key: tuple[str, int], candidates: list[W], exclude: W | None
+    ) -> tuple[W, inference_pb2.ModelInfo, ModelSlots[W]]:
+        """A worker for model version `key` with a slot taken on it (give it back with
+        `slots.release(worker)`), what it serves, and its slots."""
+        info = candidates[0].models[key]
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = ModelSlots(
+                limit=self.policy.max_outstanding, queue_size=self.policy.queue_size
+            )
+        # Nobody waiting and a slot free: the whole cost is the pick and two additions.
+        worker = None if slots.waiters else self.pick(candidates, slots)
+        if worker is None:
+            worker = await self._wait(slots, key, len(candidates), exclude)
+        else:
+            slots.take(worker)
+        return worker, worker.models.get(key, info), slots
+
+    def pick(self, candidates: list[W], slots: ModelSlots[W]) -> W | None:
+        """The least busy candidate with a free slot (see the module docstring)."""
+        count = len(candidates)
+        if count > 2:
+            first = self._random.randrange(count)
+            second = self._random.randrange(count - 1)
+            a, b = candidates[first], candidates[second + (second >= first)]
+            if b.outstanding < a.outstanding:
+                a, b = b, a
+            if slots.free(a):
+                return a
+            if slots.free(b):
+                return b
+        best: W | None = None
+        for worker in candidates:
+            if slots.free(worker) and (best is None or worker.outstanding < best.outstanding):
+                best = worker
+        return best
+
+    async def _wait(
+        self, slots: ModelSlots[W], key: tuple[str, int], workers: int, exclude: W | None
+    ) -> W:
+        model = f"{key[0]}:{key[1]}"
+        policy = self.policy
+        remaining = calls.remaining()
+        timeout = policy.queue_seconds
+        if remaining is not None:  # never past the caller's own deadline
+            timeout = min(timeout, remaining)
+        busy = f"its {workers} worker(s) each have {policy.max_outstanding} calls in flight"
+        metrics = self._metrics
+        depth = metrics.queue_depth.labels(key[0]) if metrics is not None else None
+        if depth is not None:
+            depth.inc()
+        try:
+            worker, waited = await slots.wait(timeout, exclude=exclude)
+        except QueueFull:
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(f"deadline passed before model {model} was called") from None
+            raise self._overloaded(
+                key,
+                "queue_full",
+                f"model {model} is overloaded: {busy} and {len(slots)} more are waiting "
+                "(the most that may)",
+            ) from None
+        except QueueTimeout:
+            if remaining is not None and remaining <= policy.queue_seconds:
+                raise DeadlineExceeded(
+                    f"deadline passed while model {model} waited for a free worker"
+                ) from None
+            raise self._overloaded(
+                key,
+                "queue_timeout",
+                f"model {model} is overloaded: {busy} and none freed one within "
+                f"{policy.queue_seconds:g}s",
+            ) from None
+        finally:
+            if depth is not None:
+                depth.dec()
+        if metrics is not None:
+            metrics.queue_wait.labels(key[0]).observe(waited)
+        return worker
+
+    def _overloaded(self, key: tuple[str, int], reason: str, message: str) -> ResourceExhausted:
+        if self._metrics is not None:
+            self._metrics.overload_refusals.labels(key[0], reason).inc()
+        retry_after = max(self.policy.queue_seconds, 0.1)
+        return ResourceExhausted(
+            f"{message}; retry after {retry_after:g}s, or send fewer calls at once",
+            subject=f"model_concurrency:{key[0]}:{key[1]}",
+            retry_after_s=retry_after,
+        )
