@@ -63,6 +63,10 @@ async def _calls_until(
     raise AssertionError(f"still not true after {seconds}s: {what}")
 
 
+def _ejected(endpoint: WorkerEndpoint, times: int) -> Callable[[], bool]:
+    return lambda: endpoint.ejections == times
+
+
 async def test_a_failing_worker_is_ejected_with_backoff_and_probed_back(
     pair: tuple[FakeWorker, FakeWorker],
 ) -> None:
@@ -78,11 +82,8 @@ async def test_a_failing_worker_is_ejected_with_backoff_and_probed_back(
             # gets one trial call each time its ejection ends, and fails it: ejected
             # again for twice as long, up to the cap.
             for ejections in range(1, 5):
-                reached = flaky.calls
-                await _calls_until(
-                    client, lambda r=reached: flaky.calls > r, f"trial call {ejections}"
-                )
-                assert flaky.calls == reached + 1  # one trial, not a burst
+                await _calls_until(client, _ejected(endpoint, ejections), f"ejection {ejections}")
+                assert flaky.calls == ejections + 1  # one trial after each, not a burst
                 assert endpoint.ejections == ejections
                 lengths.append(endpoint.ejected_for)
             assert lengths == [0.2, 0.4, 0.8, 0.8]
