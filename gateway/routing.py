@@ -51,23 +51,36 @@ class Admission(Generic[W]):
         self._slots: dict[tuple[str, int], ModelSlots[W]] = {}
         self._random = random.Random()
 
-    async def admit(
-        self, key: tuple[str, int], candidates: list[W], exclude: W | None
-    ) -> tuple[W, inference_pb2.ModelInfo, ModelSlots[W]]:
-        """A worker for model version `key` with a slot taken on it (give it back with
-        `slots.release(worker)`), what it serves, and its slots."""
-        info = candidates[0].models[key]
+    def try_admit(
+        self, key: tuple[str, int], candidates: list[W]
+    ) -> tuple[W, inference_pb2.ModelInfo, ModelSlots[W]] | None:
+        """The hot path, with no await: a worker for model version `key` with a slot taken
+        on it (give it back with `slots.release(worker)`), what it serves, and its slots;
+        None when every slot is taken or others already wait (then `admit`)."""
         slots = self._slots.get(key)
         if slots is None:
             slots = self._slots[key] = ModelSlots(
                 limit=self.policy.max_outstanding, queue_size=self.policy.queue_size
             )
-        # Nobody waiting and a slot free: the whole cost is the pick and two additions.
-        worker = None if slots.waiters else self.pick(candidates, slots)
+        if slots.waiters:
+            return None  # first come, first served: behind those already waiting
+        worker = self.pick(candidates, slots)
         if worker is None:
-            worker = await self._wait(slots, key, len(candidates), exclude)
-        else:
-            slots.take(worker)
+            return None
+        slots.take(worker)
+        return worker, worker.models[key], slots
+
+    async def admit(
+        self, key: tuple[str, int], candidates: list[W], exclude: W | None
+    ) -> tuple[W, inference_pb2.ModelInfo, ModelSlots[W]]:
+        """As `try_admit`, waiting in the model's queue if it must; or refused."""
+        admitted = self.try_admit(key, candidates)
+        if admitted is not None:
+            return admitted
+        info = candidates[0].models[key]
+        slots = self._slots[key]
+        worker = await self._wait(slots, key, len(candidates), exclude)
+        # Handed over by a worker that may have let the version go meanwhile.
         return worker, worker.models.get(key, info), slots
 
     def pick(self, candidates: list[W], slots: ModelSlots[W]) -> W | None:

@@ -350,7 +350,11 @@ class WorkerPool:
         candidates = [w for w in having if w.available(now)] or having
         if not candidates:
             raise Unavailable(f"no healthy worker has model {ref.name}:{version} loaded right now")
-        worker, info, slots = await self._admission.admit((ref.name, version), candidates, exclude)
+        key = (ref.name, version)
+        admitted = self._admission.try_admit(key, candidates)
+        if admitted is None:  # every slot taken: wait in the queue, or be refused
+            admitted = await self._admission.admit(key, candidates, exclude)
+        worker, info, slots = admitted
         if worker.ejections:
             worker.begin_trial()
         return worker, info, slots
