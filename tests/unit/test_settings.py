@@ -347,3 +347,20 @@ def test_a_tls_file_that_is_not_pem_is_refused_naming_the_setting(
             env={},
         )
     assert "--upstream-ca-file: " in capsys.readouterr().err
+
+
+def test_routing_limits_take_flags_and_refuse_what_would_queue_without_bound(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    flags = ["--max-outstanding-per-worker", "4", "--queue-size", "0", "--queue-seconds", "250ms"]
+    flags += ["--eject-max-seconds", "2m", "--eject-after-failures", "3"]
+    settings = load_settings(GatewaySettings, [*GATEWAY, *flags], env={})
+    assert settings.max_outstanding_per_worker == 4
+    assert settings.queue_size == 0 and settings.queue_seconds == 0.25
+    assert settings.eject_max_seconds == 120.0 and settings.eject_after_failures == 3
+    bad = ["--max-outstanding-per-worker", "0", "--queue-size", "-1", "--queue-seconds", "1h"]
+    err = refused(GatewaySettings, [*GATEWAY, *bad, "--eject-after-failures", "0"], capsys)
+    assert "--max-outstanding-per-worker: must be 1..100000" in err
+    assert "--queue-size: must be 0..1000000" in err
+    assert "--queue-seconds" in err
+    assert "--eject-after-failures: must be 1..1000" in err
