@@ -63,7 +63,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         if chunks and not own and exc.code() == grpc.StatusCode.UNAVAILABLE:
             return Unavailable(
                 f"the worker serving model {model} was lost after {chunks} chunk(s) of this "
-                "stream; retry the call (it goes to another worker)"
+                "stream; retry the call"
             )
         return error
 
