@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from tensorgate.channel_options import MAX_MESSAGE_BYTES
 
 from services.runtime.access import Authenticator, QuotaGate
+from services.runtime.consul import ConsulAgent, ConsulRegistration
 from services.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from services.runtime.pipeline import Pipeline
 from services.runtime.settings import ServiceSettings
@@ -127,13 +128,27 @@ class GrpcService:
         self.tls = credentials is not None
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._serving = False
+        # Registered once started; Meta (a worker's models) may be set before that.
+        self.consul: ConsulRegistration | None = None
+        if settings.consul:
+            self.consul = ConsulRegistration(
+                ConsulAgent(settings.consul, token=settings.consul_token.get_secret_value()),
+                name=f"tensorgate-{name}",
+                address=settings.advertise_address or self.address,
+                tls=self.tls,
+                check_interval=settings.consul_check_interval,
+                deregister_after=settings.consul_deregister_after,
+                serving=lambda: self._serving,
+            )
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self, *, serving: bool = True) -> None:
-        """Starts serving; on failure (a taken metrics port, ...) nothing is left listening.
+        """Starts serving (and registers in Consul, with --consul); on failure (a taken
+        metrics port, ...) nothing is left listening.
 
         `serving=False` starts with health NOT_SERVING, for a service that must catch up
         with something first (a worker with its registry) and says SERVING itself.
@@ -148,8 +163,12 @@ class GrpcService:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
             await self.server.stop(None)
+            if self.consul is not None:
+                await self.consul.agent.close()
             raise
         await self.set_serving(serving)
+        if self.consul is not None:
+            self.consul.start()  # in the background: an agent that is away is retried
         log.info(
             "serving",
             service=self.name,
@@ -164,11 +183,12 @@ class GrpcService:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self._serving = serving
         for service in ("", *self._service_names):
             await self.health.set(service, status)
 
     async def stop(self, on_draining: Callable[[], Awaitable[None]] | None = None) -> None:
-        """NOT_SERVING, drain, optional hook (deregister, ...), then stop with grace."""
+        """NOT_SERVING, out of Consul, optional hook, drain, then stop with grace."""
         if self._stopping is None:
             self._stopping = asyncio.ensure_future(self._stop(on_draining))
         await asyncio.shield(self._stopping)
@@ -181,6 +201,12 @@ class GrpcService:
             grace_s=self.settings.grace_seconds,
         )
         await self.health.enter_graceful_shutdown()
+        self._serving = False
+        if self.consul is not None:
+            # Out of Consul first, so gateways stop sending new calls here now, not
+            # only once the agent's next check fails.
+            await self.consul.deregister()
+            await self.consul.agent.close()
         if on_draining is not None:
             await on_draining()
         await asyncio.sleep(self.settings.drain_seconds)

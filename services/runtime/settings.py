@@ -186,6 +186,57 @@ HostPort = Annotated[str, AfterValidator(_check_host_port)]
 """`host:port`, with IPv6 hosts in brackets: `[::1]:50051`."""
 OptionalHostPort = Annotated[str, AfterValidator(lambda text: text and _check_host_port(text))]
 """A `HostPort`, or empty for none."""
+
+
+CONSUL_REF = "consul"
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def consul_service(value: str, default: str) -> str | None:
+    """The Consul service an upstream setting names (`consul` -> `default`,
+    `consul:NAME` -> NAME), or None when it is a plain host:port."""
+    if value == CONSUL_REF:
+        return default
+    if value.startswith(f"{CONSUL_REF}:") and not value.partition(":")[2].isdigit():
+        return value.partition(":")[2]
+    return None
+
+
+def _check_upstream(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return text
+    name = consul_service(text, CONSUL_REF)
+    if name is None:
+        return _check_host_port(text)
+    if not _SERVICE_NAME.fullmatch(name):
+        raise SettingsError(f"{text!r}: consul:NAME needs a Consul service name ([A-Za-z0-9_-])")
+    return text
+
+
+class _FoundThroughConsul:
+    """Marks a setting that may say `consul` (checked against --consul by ServiceSettings)."""
+
+
+UpstreamAddress = Annotated[str, AfterValidator(_check_upstream), _FoundThroughConsul()]
+"""A `HostPort`, `consul` (the default service name, found through --consul),
+`consul:NAME`, or empty for none."""
+
+
+def _check_consul_address(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return text
+    if "://" not in text:
+        return _check_host_port(text)
+    if not re.fullmatch(r"https?://[^/?#]+/?", text):
+        raise SettingsError(f"{text!r} is not host:port or http(s)://host:port")
+    _check_host_port(text.split("://", 1)[1].rstrip("/"))
+    return text.rstrip("/")
+
+
+ConsulAddress = Annotated[str, AfterValidator(_check_consul_address)]
+"""A Consul agent's `host:port` or `http(s)://host:port`, or empty for none."""
 CommaList = Annotated[tuple[_T, ...], NoDecode, BeforeValidator(_split_commas)]
 """A tuple set as `a,b,c` (NoDecode: the environment gives it as text, not JSON)."""
 ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
@@ -251,6 +302,35 @@ class ServiceSettings(BaseSettings):
     upstream_key_file: OptionalPemFile = Field(
         None, description="PEM private key of --upstream-cert-file"
     )
+    consul: ConsulAddress = Field(
+        "",
+        description="the local Consul agent (host:port or http(s)://host:port): register "
+        "this service there with a gRPC health check, and deregister on shutdown; empty "
+        "uses no Consul",
+    )
+    consul_token: SecretStr = Field(
+        SecretStr(""), description="Consul ACL token (service:write on this service)"
+    )
+    advertise_address: OptionalHostPort = Field(
+        "",
+        description="host:port registered in Consul, where others reach this service; "
+        "empty advertises --host and the bound port",
+    )
+    consul_check_interval: Annotated[Duration, duration_between(0.1, 600)] = Field(
+        5.0,
+        description="how often Consul checks this service's gRPC health, and how often "
+        "this service makes sure the agent still has its registration",
+    )
+    consul_deregister_after: Annotated[Duration, duration_between(60, 7 * 86400)] = Field(
+        600.0,
+        description="Consul removes this service once its check has failed this long "
+        "(DeregisterCriticalServiceAfter; a crash leaves no entry behind for ever)",
+    )
+    consul_wait_seconds: PositiveDuration = Field(
+        30.0,
+        description="at start, how long to wait for a healthy instance of an upstream "
+        "found through Consul (--registry consul, --auth consul) before giving up",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -280,7 +360,24 @@ class ServiceSettings(BaseSettings):
             raise SettingsError(
                 "--upstream-cert-file needs --upstream-ca-file: mutual TLS is TLS first"
             )
+        self._consul_settings_agree()
         return self
+
+    def _consul_settings_agree(self) -> None:
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            refers = any(isinstance(m, _FoundThroughConsul) for m in field.metadata)
+            found_through_consul = isinstance(value, str) and consul_service(value, "") is not None
+            if refers and found_through_consul and not self.consul:
+                raise SettingsError(
+                    f"{_flag_name(name)} {value}: set --consul, the agent that finds it"
+                )
+        wildcard = self.host in ("0.0.0.0", "[::]")
+        if self.consul and wildcard and not self.advertise_address:
+            raise SettingsError(
+                f"--advertise-address: with --consul and --host {self.host}, say where "
+                "others reach this service (host:port)"
+            )
 
     @property
     def address(self) -> str:
