@@ -33,9 +33,17 @@ _BACKOFF_MAX_S = 5.0
 class AliasFeed:
     """The registry's aliases, kept current from its change feed."""
 
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """Opens its own channel to `address`, or uses `channel` (whose owner closes it)."""
         self.address = address
-        self._channel = open_channel(address, credentials)
+        self._owns_channel = channel is None
+        self._channel = channel if channel is not None else open_channel(address, credentials)
         self._stub = registry_pb2_grpc.ModelRegistryStub(self._channel)
         self._targets: dict[tuple[str, str], int] = {}
         # Where each alias pointed before its last move: where traffic still is for a
@@ -56,7 +64,8 @@ class AliasFeed:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._channel.close(None)
+        if self._owns_channel:
+            await self._channel.close(None)
 
     def target(self, model: str, alias: str) -> int:
         """The version `model@alias` points at now."""

@@ -1,5 +1,6 @@
 """The gateway's links to the control plane: the registry (aliases, its API) and the auth
-service (keys, quotas, prices, the usage ledger), each over one long-lived channel.
+service (keys, quotas, prices, the usage ledger), each over one long-lived channel, to
+the address given or to a healthy instance found through Consul (`--registry consul`).
 
 `ControlPlane.open(settings)` builds what the settings ask for and nothing else: with
 no registry, aliases are refused; with no auth service (and --allow-anonymous), calls
@@ -22,9 +23,9 @@ from gateway.prices import PriceBook
 from gateway.quota import QuotaGate
 from gateway.redis_counters import RedisCounters
 from gateway.service_proxy import AUTH, AUTH_INTERNAL, REGISTRY, ServiceProxy
-from gateway.settings import GatewaySettings
-from services.runtime.channels import open_channel
+from gateway.settings import AUTH_SERVICE, REGISTRY_SERVICE, GatewaySettings
 from services.runtime.server import ServiceBinding
+from services.runtime.upstreams import open_upstream
 
 
 @dataclass
@@ -47,9 +48,11 @@ class ControlPlane:
         plane = cls()
         try:
             if settings.registry:
-                plane.aliases = AliasFeed(settings.registry, credentials)
+                channel = await plane._channel(
+                    settings.registry, REGISTRY_SERVICE, settings, credentials
+                )
+                plane.aliases = AliasFeed(settings.registry, channel=channel)
                 plane.aliases.start()
-                channel = plane._channel(settings.registry, credentials)
                 plane.bindings.append(
                     ServiceProxy(
                         REGISTRY,
@@ -68,10 +71,15 @@ class ControlPlane:
             raise
         return plane
 
-    def _channel(
-        self, address: str, credentials: grpc.ChannelCredentials | None
+    async def _channel(
+        self,
+        address: str,
+        consul_service: str,
+        settings: GatewaySettings,
+        credentials: grpc.ChannelCredentials | None,
     ) -> grpc.aio.Channel:
-        channel = open_channel(address, credentials)
+        # host:port, or a healthy instance found through Consul (`consul`).
+        channel = await open_upstream(address, consul_service, settings, credentials)
         self._channels.append(channel)
         return channel
 
@@ -81,7 +89,7 @@ class ControlPlane:
         credentials: grpc.ChannelCredentials | None,
         metrics: GatewayMetrics,
     ) -> None:
-        channel = self._channel(settings.auth, credentials)
+        channel = await self._channel(settings.auth, AUTH_SERVICE, settings, credentials)
         self.authenticator = KeyAuthenticator(
             channel,
             cache_seconds=settings.auth_cache_seconds,

@@ -12,12 +12,13 @@ from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from gateway.aliases import AliasRouting
 from gateway.control_plane import ControlPlane
-from gateway.discovery import StaticDiscovery
+from gateway.discovery import ConsulDiscovery, StaticDiscovery
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingPolicy
 from gateway.servicer import InferenceGatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.worker_pool import WorkerPool
+from services.runtime.consul import ConsulAgent
 from services.runtime.main import run_service
 from services.runtime.server import GrpcService, ServiceBinding, build_server
 from services.runtime.tls import channel_credentials
@@ -30,6 +31,7 @@ class Gateway:
     service: GrpcService
     pool: WorkerPool
     control: ControlPlane
+    discovery: StaticDiscovery | ConsulDiscovery | None = None
 
     @property
     def address(self) -> str:
@@ -46,6 +48,8 @@ class Gateway:
         finally:
             await self.pool.close()
             await self.control.close()
+            if isinstance(self.discovery, ConsulDiscovery):
+                await self.discovery.close()
 
 
 async def start_gateway(settings: GatewaySettings) -> Gateway:
@@ -55,8 +59,9 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
     metrics = GatewayMetrics()
     control = await ControlPlane.open(settings, credentials, metrics)
     aliases = control.aliases
+    discovery = await _discovery(settings)
     pool = WorkerPool(
-        StaticDiscovery(list(settings.workers)),
+        discovery,
         refresh_seconds=settings.refresh_seconds,
         eject_seconds=settings.eject_seconds,
         credentials=credentials,
@@ -96,8 +101,21 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
     except BaseException:
         await pool.close()
         await control.close()
+        if isinstance(discovery, ConsulDiscovery):
+            await discovery.close()
         raise
-    return Gateway(service=service, pool=pool, control=control)
+    return Gateway(service=service, pool=pool, control=control, discovery=discovery)
+
+
+async def _discovery(settings: GatewaySettings) -> StaticDiscovery | ConsulDiscovery:
+    """The static --workers list, or (`--workers consul`) the workers healthy in Consul."""
+    service = settings.worker_service
+    if service is None:
+        return StaticDiscovery(list(settings.workers))
+    agent = ConsulAgent(settings.consul, token=settings.consul_token.get_secret_value())
+    discovery = ConsulDiscovery(agent, service, settle=max(3 * settings.consul_check_interval, 1))
+    await discovery.start(first_wait=settings.consul_wait_seconds)
+    return discovery
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,14 +12,18 @@ from pydantic_settings import SettingsConfigDict
 from services.runtime.settings import (
     CommaList,
     Duration,
-    HostPort,
     MetricsPort,
-    OptionalHostPort,
     PositiveDuration,
     ServiceSettings,
     SettingsError,
+    UpstreamAddress,
+    consul_service,
     duration_between,
 )
+
+WORKER_SERVICE = "tensorgate-worker"
+REGISTRY_SERVICE = "tensorgate-registry"
+AUTH_SERVICE = "tensorgate-auth"
 
 
 def _count_between(low: int, high: int) -> Callable[[int], int]:
@@ -39,18 +43,23 @@ class GatewaySettings(ServiceSettings):
     metrics_port: MetricsPort = Field(
         9400, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off"
     )
-    workers: CommaList[HostPort] = Field(
-        (), description="comma-separated host:port of the inference workers"
+    workers: CommaList[UpstreamAddress] = Field(
+        (),
+        description="comma-separated host:port of the inference workers; or `consul`: the "
+        f"healthy instances of Consul service {WORKER_SERVICE} (consul:NAME for another "
+        "name), followed as they come and go (needs --consul)",
     )
-    registry: OptionalHostPort = Field(
+    registry: UpstreamAddress = Field(
         "",
         description="host:port of the model registry: resolves name@alias and is offered "
-        "to callers at this address; empty serves only name and name:version",
+        f"to callers at this address; `consul` finds a healthy {REGISTRY_SERVICE} through "
+        "--consul (consul:NAME for another name); empty serves only name and name:version",
     )
-    auth: OptionalHostPort = Field(
+    auth: UpstreamAddress = Field(
         "",
         description="host:port of the auth/quota service: every call then needs an API key "
-        "(authorization: Bearer tg_...), allowed that model and within its quotas",
+        "(authorization: Bearer tg_...), allowed that model and within its quotas; `consul` "
+        f"finds a healthy {AUTH_SERVICE} through --consul (consul:NAME for another name)",
     )
     allow_anonymous: bool = Field(
         False,
@@ -133,10 +142,21 @@ class GatewaySettings(ServiceSettings):
     def _at_least_one_worker(cls, workers: tuple[str, ...]) -> tuple[str, ...]:
         if not workers:
             raise SettingsError("at least one worker address is needed (host:port,...)")
+        if len(workers) > 1 and any(consul_service(w, "") is not None for w in workers):
+            raise SettingsError("`consul` finds every worker: give it alone, not in a list")
         return workers
+
+    @property
+    def worker_service(self) -> str | None:
+        """The Consul service the workers are found as, or None for a static list."""
+        return consul_service(self.workers[0], WORKER_SERVICE) if self.workers else None
 
     @model_validator(mode="after")
     def _callers_are_known(self) -> GatewaySettings:
+        if self.worker_service is not None and not self.consul:
+            raise SettingsError(
+                f"--workers {self.workers[0]}: set --consul, the agent that finds them"
+            )
         if not self.auth and not self.allow_anonymous:
             raise SettingsError(
                 "--auth: set the auth service's host:port, or --allow-anonymous to serve "

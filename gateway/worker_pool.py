@@ -7,7 +7,8 @@ model version loaded, the one with the fewest outstanding calls (with more than 
 the less busy of two drawn at random: power of two choices); an alias goes to the
 version `AliasRouting` says traffic is on. Each takes a slot of that model version
 on that worker (gateway/admission.py): with none free the call waits in the model's
-bounded queue, or is refused as overloaded. Discovery is re-read on a timer.
+bounded queue, or is refused as overloaded. Discovery is followed as it pushes changes (Consul), or
+re-read on a timer (the static list).
 
 A failing worker is ejected, first for `eject_seconds`, then twice as long on each
 ejection in a row up to `eject_max_seconds`. Failing means: a transport failure
@@ -25,7 +26,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import structlog
@@ -45,6 +46,7 @@ from services.runtime.errors import NotFound, Unavailable, shown
 log = structlog.get_logger("tensorgate.gateway.pool")
 
 _RECONNECT_S = 1.0
+_LEAVING_GRACE_S = 300.0
 _WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
 _INFER = f"/{_WORKER_SERVICE}/Infer"
 _GENERATE = f"/{_WORKER_SERVICE}/Generate"
@@ -196,17 +198,18 @@ class WorkerEndpoint:
             log.warning("worker unreachable", worker=self.address, error=failure[:300])
         self._last_failure = failure
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Stops watching; calls in flight get `grace` seconds to finish (None: none)."""
         for watch in self._watches:
             watch.cancel()
         for watch in self._watches:
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
-        await self.channel.close(None)
+        await self.channel.close(grace)
 
 
 class WorkerPool:
-    """All known workers, re-read from discovery on a timer."""
+    """All known workers, as discovery says (followed, or re-read on a timer)."""
 
     def __init__(
         self,
@@ -230,6 +233,9 @@ class WorkerPool:
         self._index: dict[str, dict[int, list[WorkerEndpoint]]] = {}
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        # Workers that left discovery while calls were on them (a draining worker
+        # leaves Consul first): closed in the background once those calls end.
+        self._leaving: dict[asyncio.Task[None], WorkerEndpoint] = {}
 
     async def start(self) -> None:
         await self.refresh()
@@ -241,19 +247,35 @@ class WorkerPool:
             for event in (w.health_known, w.models_known)
         ]
         await asyncio.gather(*waits, return_exceptions=True)
-        self._task = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
+        changes = self._discovery.changes()
+        self._task = asyncio.create_task(
+            self._refresh_forever() if changes is None else self._follow(changes),
+            name="worker-pool-refresh",
+        )
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task, worker in list(self._leaving.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await worker.channel.close(None)
         for worker in self._workers.values():
             await worker.close()
 
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # a refresh must never end the loop
+                log.exception("worker refresh failed")
+
+    async def _follow(self, changes: AsyncIterator[None]) -> None:
+        async for _ in changes:
             try:
                 await self.refresh()
             except Exception:  # a refresh must never end the loop
@@ -272,7 +294,11 @@ class WorkerPool:
             # Routing never sees a worker that is about to be closed.
             self._index_models()
             for worker in gone:
-                await worker.close()
+                # Its calls in flight finish (the worker itself bounds them with its
+                # grace period), rather than being cancelled here.
+                task = asyncio.create_task(worker.close(_LEAVING_GRACE_S))
+                self._leaving[task] = worker
+                task.add_done_callback(self._leaving.pop)
 
     def _index_models(self) -> None:
         # Who has which model version changes only here (a worker's models arrived,

@@ -61,8 +61,12 @@ class DeploymentSync:
         triton: TritonConnection,
         catalog: ModelCatalog,
         credentials: grpc.ChannelCredentials | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
     ) -> DeploymentSync:
-        channel = open_channel(settings.registry, credentials)
+        """Over `channel` (found through Consul, say), or one opened to --registry."""
+        if channel is None:
+            channel = open_channel(settings.registry, credentials)
         stub = registry_pb2_grpc.ModelRegistryStub(channel)
 
         def download(

@@ -20,15 +20,17 @@ from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
 from services.runtime.server import GrpcService, ServiceBinding, build_server
 from services.runtime.tls import channel_credentials
-from services.worker.catalog import ModelCatalog, loaded_model
+from services.runtime.upstreams import open_upstream
+from services.worker.catalog import LoadedModel, ModelCatalog, loaded_model
 from services.worker.deployments import DeploymentSync
 from services.worker.servicer import InferenceWorkerServicer
-from services.worker.settings import WorkerSettings
+from services.worker.settings import REGISTRY_SERVICE, WorkerSettings
 from services.worker.triton_client import TritonConnection
 from services.worker.triton_process import BundledTriton
 
 log = structlog.get_logger("tensorgate.worker")
 
+_META_VALUE_MAX = 512  # Consul's limit on one Meta value
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
 
 
@@ -42,6 +44,8 @@ class Worker:
     catalog: ModelCatalog
     # Registry mode only.
     deployments: DeploymentSync | None = None
+    # With --consul: keeps the models Meta of its Consul registration current.
+    publisher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -66,6 +70,8 @@ class Worker:
         try:
             await self.service.stop(on_draining=draining)
         finally:
+            if self.publisher is not None:
+                self.publisher.cancel()
             try:
                 if self.deployments is not None:
                     await self.deployments.stop()
@@ -108,6 +114,7 @@ async def start_worker(settings: WorkerSettings) -> Worker:
         url = bundled.grpc_url
     triton = TritonConnection(url)
     deployments: DeploymentSync | None = None
+    publisher: asyncio.Task[None] | None = None
     try:
         await triton.wait_ready(settings.triton_start_timeout)
         if settings.registry:
@@ -115,7 +122,13 @@ async def start_worker(settings: WorkerSettings) -> Worker:
             credentials = channel_credentials(
                 settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
             )
-            deployments = DeploymentSync.open(settings, triton, catalog, credentials)
+            # host:port, or a healthy registry found through Consul (`consul`).
+            channel = await open_upstream(
+                settings.registry, REGISTRY_SERVICE, settings, credentials
+            )
+            deployments = DeploymentSync.open(
+                settings, triton, catalog, credentials, channel=channel
+            )
         else:
             catalog = await load_catalog(triton, settings.models)
         metrics = ServiceMetrics("worker")
@@ -128,12 +141,15 @@ async def start_worker(settings: WorkerSettings) -> Worker:
             name="worker",
             metrics=metrics,
         )
+        publisher = _publish_models(catalog, service)
         # Not SERVING until in sync with the registry: a gateway that routed here
         # before would find none of the models it expects.
         await service.start(serving=deployments is None)
         if deployments is not None:
             deployments.start(on_synced=lambda: service.set_serving(True))
     except BaseException:
+        if publisher is not None:
+            publisher.cancel()
         if deployments is not None:
             await deployments.stop()
         await triton.close()
@@ -145,8 +161,43 @@ async def start_worker(settings: WorkerSettings) -> Worker:
     else:
         log.info("worker ready", models=[m.label for m in catalog.models()], triton=url)
     return Worker(
-        service=service, triton=triton, bundled=bundled, catalog=catalog, deployments=deployments
+        service=service,
+        triton=triton,
+        bundled=bundled,
+        catalog=catalog,
+        deployments=deployments,
+        publisher=publisher,
     )
+
+
+def models_meta(models: Sequence[LoadedModel]) -> dict[str, str]:
+    """Consul Meta for the loaded versions: models="digits:1,tinylm:2".
+
+    A Meta value holds at most 512 characters: past that, as many whole versions as
+    fit, and models_more says how many were left out.
+    """
+    labels, shown, length = [m.label for m in models], [], 0
+    for label in labels:
+        if length + len(label) + 1 > _META_VALUE_MAX:
+            break
+        shown.append(label)
+        length += len(label) + 1
+    meta = {"models": ",".join(shown)}
+    meta["models_more"] = str(len(labels) - len(shown)) if len(shown) < len(labels) else "0"
+    return meta
+
+
+def _publish_models(catalog: ModelCatalog, service: GrpcService) -> asyncio.Task[None] | None:
+    registration = service.consul
+    if registration is None:
+        return None
+    registration.set_meta(**models_meta(catalog.models()))  # registered with its first list
+
+    async def publish() -> None:
+        async for models in catalog.watch():  # ends when the catalog closes (draining)
+            registration.set_meta(**models_meta(models))
+
+    return asyncio.create_task(publish(), name="consul-models-meta")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,10 +23,12 @@ from services.runtime.settings import (
     PositiveDuration,
     ServiceSettings,
     SettingsError,
+    UpstreamAddress,
     duration_between,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+REGISTRY_SERVICE = "tensorgate-registry"
 
 
 def _model_name(name: str) -> str:
@@ -50,10 +52,11 @@ class WorkerSettings(ServiceSettings):
         "data=15000, or it answers the worker's 30 s keepalive pings with GOAWAY); empty "
         "launches the bundled CPU Triton",
     )
-    registry: OptionalHostPort = Field(
+    registry: UpstreamAddress = Field(
         "",
-        description="host:port of the model registry: serve what its deployments say; empty "
-        "loads --models from --model-repository instead",
+        description="host:port of the model registry: serve what its deployments say; "
+        f"`consul` finds a healthy {REGISTRY_SERVICE} through --consul (consul:NAME for "
+        "another name); empty loads --models from --model-repository instead",
     )
     model_repository: Path = Field(
         REPO_ROOT / "models" / "repository",
