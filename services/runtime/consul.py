@@ -222,7 +222,7 @@ class ConsulAgent:
 
 def service_id(name: str, address: str) -> str:
     """A stable, unique id for the instance of `name` at `address` (host:port)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{address}").strip("-")
+    return f"{name}-{re.sub(r'[^A-Za-z0-9_.]+', '-', address).strip('-')}"
 
 
 def _go_duration(seconds: float) -> str:

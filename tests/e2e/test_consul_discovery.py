@@ -265,3 +265,34 @@ async def test_against_a_real_consul_agent(worker: Worker) -> None:
         assert expected not in await healthy()
     finally:
         await agent.close()
+
+
+async def test_gateway_keeps_its_workers_while_the_agent_restarts(
+    triton: BundledTriton, double: ConsulDouble
+) -> None:
+    worker = await _consul_worker(triton, double)
+    gateway: Gateway | None = None
+    try:
+        assert worker.service.consul is not None
+        sid = worker.service.consul.service_id
+        await _passing(double, sid)
+        gateway = await _consul_gateway(double)
+        pool = gateway.pool
+        await eventually(lambda: set(pool._workers) == {worker.address}, "followed")
+        image = np.zeros((1, 64), np.float32)
+        async with AsyncGatewayClient(gateway.address) as client:
+            await double.stop()  # the agent goes away with every registration
+            await asyncio.sleep(1.0)
+            assert set(pool._workers) == {worker.address}
+            await client.infer("digits", {"image": image})
+            await double.start()  # back on the same port, knowing nothing
+            await _passing(double, sid)
+            assert set(pool._workers) == {worker.address}
+            await client.infer("digits", {"image": image})
+            # The gateway follows the new agent: a worker leaving is seen again.
+            await worker.stop()
+            await eventually(lambda: not pool._workers, "the worker left")
+    finally:
+        if gateway is not None:
+            await gateway.stop()
+        await worker.stop()
