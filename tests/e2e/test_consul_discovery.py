@@ -29,6 +29,7 @@ from services.runtime.consul import ConsulAgent
 from services.runtime.upstreams import FollowingChannel
 from services.worker.catalog import loaded_model
 from services.worker.server import Worker, start_worker
+from services.worker.settings import WorkerSettings
 from services.worker.triton_process import BundledTriton
 from tests.conftest import worker_settings
 from tests.consul_double import ConsulDouble
@@ -296,3 +297,46 @@ async def test_gateway_keeps_its_workers_while_the_agent_restarts(
         if gateway is not None:
             await gateway.stop()
         await worker.stop()
+
+
+async def test_worker_finds_its_registry_through_consul(
+    triton: BundledTriton, double: ConsulDouble, tmp_path: Path
+) -> None:
+    registry = await start_registry(
+        RegistrySettings(
+            data_dir=tmp_path / "registry",
+            consul=double.address,
+            consul_check_interval=CHECK_S,
+            metrics_port=-1,
+            drain_seconds=0,
+        )
+    )
+    try:
+        assert registry.service.consul is not None
+        await _passing(double, registry.service.consul.service_id)
+        # Registry mode with no deployments: nothing is written to the repository.
+        worker = await start_worker(
+            WorkerSettings(
+                triton_url=triton.grpc_url,
+                registry="consul",
+                model_repository=tmp_path,
+                data_dir=tmp_path / "worker",
+                consul=double.address,
+                consul_check_interval=CHECK_S,
+                metrics_port=-1,
+                drain_seconds=0,
+                grace_seconds=1,
+            )
+        )
+        try:
+            assert worker.deployments is not None
+            channel = worker.deployments._channel
+            assert isinstance(channel, FollowingChannel)
+            assert channel.address == registry.address
+            # SERVING once in sync with the registry it found, hence passing in Consul.
+            assert worker.service.consul is not None
+            await _passing(double, worker.service.consul.service_id)
+        finally:
+            await worker.stop()
+    finally:
+        await registry.stop()

@@ -17,6 +17,7 @@ from services.runtime.consul import (
     ConsulRefused,
     ConsulRegistration,
     ConsulUnavailable,
+    HealthyInstance,
     follow_healthy,
 )
 from services.runtime.metrics import ServiceMetrics
@@ -220,3 +221,31 @@ async def test_an_agent_that_is_not_there_is_unavailable() -> None:
             await agent.healthy("tensorgate-worker")
     finally:
         await agent.close()
+
+
+async def test_following_is_blocking_queries_not_polling(
+    double: ConsulDouble, agent: ConsulAgent
+) -> None:
+    seen: list[list[HealthyInstance]] = []
+
+    async def follow() -> None:
+        async for instances in follow_healthy(agent, "tensorgate-probe", wait=60):
+            seen.append(instances)
+
+    path = "/v1/health/service/tensorgate-probe"
+    task = asyncio.ensure_future(follow())
+    try:
+        await eventually(lambda: len(seen) == 1, "first answer")
+        await eventually(lambda: double.requests.count(("GET", path)) == 2, "blocking query")
+        await asyncio.sleep(1.0)  # nothing changes: that query is still waiting, no other
+        assert double.requests.count(("GET", path)) == 2
+        assert seen == [[]]
+        service = await _service(double)
+        try:
+            await eventually(lambda: len(seen) == 2, "woken by the registration")
+            assert [i.address for i in seen[1]] == [service.address]
+        finally:
+            await service.stop()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
