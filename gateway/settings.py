@@ -98,7 +98,9 @@ class GatewaySettings(ServiceSettings):
         30.0, description="how often to re-read model prices from the auth service"
     )
     refresh_seconds: Annotated[Duration, duration_between(0.1, 3600)] = Field(
-        5.0, description="how often to re-read the worker list from discovery"
+        5.0,
+        description="how often to re-read a static --workers list (workers found through "
+        "Consul are followed as they change instead)",
     )
     eject_seconds: Duration = Field(
         10.0,

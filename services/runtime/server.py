@@ -1,9 +1,10 @@
 """The gRPC server every service runs: pipeline, health, reflection, metrics, TLS, shutdown.
 
 `build_server(settings, bindings, metrics=...)` gives a `GrpcService` bound to its
-port (0 picks a free one) and `start` starts it; `stop` shuts it down gracefully:
-health goes NOT_SERVING first, new calls are still taken for `drain_seconds` so load
-balancers and discovery notice, then in-flight calls get `grace_seconds` to finish.
+port (0 picks a free one) and `start` starts it (and, with --consul, registers it in
+Consul: consul.py); `stop` shuts it down gracefully: health goes NOT_SERVING first, it
+leaves Consul, new calls are still taken for `drain_seconds` so load balancers and
+discovery notice, then in-flight calls get `grace_seconds` to finish.
 A new service is its settings, its servicers (as `ServiceBinding`s) and a few lines
 that call `build_server`.
 """
