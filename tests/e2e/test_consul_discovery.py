@@ -31,7 +31,7 @@ from services.worker.catalog import loaded_model
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
 from services.worker.triton_process import BundledTriton
-from tests.conftest import worker_settings
+from tests.conftest import _GATEWAY_DIRS, worker_settings
 from tests.consul_double import ConsulDouble
 from tests.helpers import metric_value, scrape
 from tests.integration.test_consul_client import eventually
@@ -57,6 +57,8 @@ async def _consul_worker(triton: BundledTriton, double: ConsulDouble) -> Worker:
 
 
 async def _consul_gateway(double: ConsulDouble, **overrides: object) -> Gateway:
+    spool = Path(tempfile.mkdtemp(prefix="tg-gateway-"))
+    _GATEWAY_DIRS.append(spool)  # removed when the session ends
     values: dict[str, object] = {
         "workers": ("consul",),
         "consul": double.address,
@@ -66,7 +68,7 @@ async def _consul_gateway(double: ConsulDouble, **overrides: object) -> Gateway:
         "metrics_port": 0,
         "drain_seconds": 0,
         "grace_seconds": 1,
-        "data_dir": Path(tempfile.mkdtemp(prefix="tg-gateway-")),
+        "data_dir": spool,
     }
     values.update(overrides)
     return await start_gateway(GatewaySettings(**values))  # type: ignore[arg-type]
