@@ -7,8 +7,8 @@ model version loaded, the one with the fewest outstanding calls (with more than 
 the less busy of two drawn at random: power of two choices); an alias goes to the
 version `AliasRouting` says traffic is on. Each takes a slot of that model version
 on that worker (gateway/admission.py): with none free the call waits in the model's
-bounded queue, or is refused as overloaded. Discovery is followed as it pushes changes (Consul), or
-re-read on a timer (the static list).
+bounded queue, or is refused as overloaded. Discovery is followed as it pushes
+changes (Consul), or re-read on a timer (the static list).
 
 A failing worker is ejected, first for `eject_seconds`, then twice as long on each
 ejection in a row up to `eject_max_seconds`. Failing means: a transport failure
