@@ -302,7 +302,7 @@ async def test_gateway_keeps_its_workers_while_the_agent_restarts(
 
 
 async def test_worker_finds_its_registry_through_consul(
-    triton: BundledTriton, double: ConsulDouble, tmp_path: Path
+    double: ConsulDouble, tmp_path: Path
 ) -> None:
     registry = await start_registry(
         RegistrySettings(
@@ -316,12 +316,11 @@ async def test_worker_finds_its_registry_through_consul(
     try:
         assert registry.service.consul is not None
         await _passing(double, registry.service.consul.service_id)
-        # Registry mode with no deployments: nothing is written to the repository.
+        # With a Triton of its own: a registry-mode worker unloads what the registry does
+        # not deploy, which on the session's shared Triton would be every test's models.
         worker = await start_worker(
             WorkerSettings(
-                triton_url=triton.grpc_url,
                 registry="consul",
-                model_repository=tmp_path,
                 data_dir=tmp_path / "worker",
                 consul=double.address,
                 consul_check_interval=CHECK_S,
