@@ -4,7 +4,9 @@
 port (0 picks a free one) and `start` starts it (and, with --consul, registers it in
 Consul: consul.py); `stop` shuts it down gracefully: health goes NOT_SERVING first, it
 leaves Consul, new calls are still taken for `drain_seconds` so load balancers and
-discovery notice, then in-flight calls get `grace_seconds` to finish.
+discovery notice, then in-flight calls get `grace_seconds` to finish (health Watch
+streams end first: they are not work in flight, and `stop` returns as soon as the real
+calls are done).
 A new service is its settings, its servicers (as `ServiceBinding`s) and a few lines
 that call `build_server`.
 """
@@ -25,6 +27,7 @@ from tensorgate.channel_options import MAX_MESSAGE_BYTES
 
 from services.runtime.access import Authenticator, QuotaGate
 from services.runtime.consul import ConsulAgent, ConsulRegistration
+from services.runtime.health import HealthService
 from services.runtime.metrics import MetricsEndpoint, ServiceMetrics
 from services.runtime.pipeline import Pipeline
 from services.runtime.settings import ServiceSettings
@@ -93,8 +96,7 @@ class GrpcService:
         self.settings = settings
         self.name = name
         self.metrics = metrics
-        # grpc-stubs predates the asyncio health servicer.
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = HealthService()
         self._service_names = tuple(b.name for b in bindings)
         self.server = grpc.aio.server(options=list(SERVER_OPTIONS))
         # The pipeline wraps each handler once, here, rather than intercepting per call;
@@ -211,6 +213,9 @@ class GrpcService:
         if on_draining is not None:
             await on_draining()
         await asyncio.sleep(self.settings.drain_seconds)
+        # Watchers have heard NOT_SERVING; their streams would hold the stop below
+        # for the whole grace period, which is for the calls in flight.
+        await self.health.end_watches()
         grace = self.settings.grace_seconds
         # Just before grpc cancels what is left, so those calls are told apart.
         cut_off = asyncio.get_running_loop().call_later(
