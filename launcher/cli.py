@@ -2,6 +2,7 @@
 
 \b
 tensorgate up                      start registry, auth, worker, gateway; Ctrl-C stops all
+tensorgate up --workers 2 --gateways 2    several of each, to see failover on one machine
 tensorgate generate "ROMEO:"       stream a generation to the terminal
 tensorgate infer digits --input image=@models/examples/digits.json
 tensorgate demo                    up, stream a prompt, one unary call, down
@@ -27,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -39,7 +40,7 @@ from tensorgate.model_ref import InvalidModelRef, ModelRef
 from tensorgate.tensors import NUMPY_TYPES
 
 from launcher.auth_commands import keys_app, tenants_app
-from launcher.local import LocalPlatform
+from launcher.local import MAX_GATEWAYS, MAX_WORKERS, LocalPlatform
 from launcher.options import DEFAULT_ADDRESS, Address, ApiKey, UsageError
 from launcher.quota_commands import prices_app, quotas_app
 from launcher.registry_commands import models_app
@@ -90,26 +91,62 @@ DataDir = Annotated[Path, typer.Option(help="where the services keep their state
 
 @app.command()
 def up(
-    port: Annotated[int, typer.Option(help="gateway port")] = 50051,
+    port: Annotated[
+        int, typer.Option(help="gateway port; more gateways take the ports after it")
+    ] = 50051,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_WORKERS,
+            help="workers, each with its own bundled Triton; every gateway routes to all",
+        ),
+    ] = 1,
+    gateways: Annotated[
+        int,
+        typer.Option(min=1, max=MAX_GATEWAYS, help="gateways, on consecutive ports from --port"),
+    ] = 1,
     data_dir: DataDir = Path(".data"),
     metrics_port: Annotated[
         int,
         typer.Option(
-            help="gateway /metrics port; the worker's is +1, the registry's +2, auth's +3; -1: off"
+            help="the first gateway's /metrics port; the first worker's is +1, the "
+            "registry's +2, auth's +3, then the other gateways', then the other workers'; "
+            "-1: off"
         ),
     ] = 9400,
 ) -> None:
-    """Start every service in the foreground; Ctrl-C stops them all."""
-    code = asyncio.run(_up(port, data_dir, metrics_port))
+    """Start every service in the foreground; Ctrl-C stops them all.
+
+    With --workers N and --gateways M, N workers (each with its own Triton and its own
+    folder under the data dir) and M gateways on ports --port, --port+1, ... (one shared
+    port is not offered: the services refuse a taken port on purpose). Every gateway
+    routes to every worker, so stopping or killing one of them shows the others take over.
+    """
+    try:
+        platform = LocalPlatform(
+            gateway_port=port,
+            workers=workers,
+            gateways=gateways,
+            data_dir=data_dir,
+            metrics_port=metrics_port,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    code = asyncio.run(_up(platform))
     if code:
         raise typer.Exit(code)
 
 
-async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
-    platform = LocalPlatform(gateway_port=port, data_dir=data_dir, metrics_port=metrics_port)
+def _plural(count: int, noun: str) -> str:
+    return f"the {noun}" if count == 1 else f"{count} {noun}s"
+
+
+async def _up(platform: LocalPlatform) -> int:
+    workers, gateways = len(platform.worker_names), len(platform.gateway_names)
     print(
-        "starting the model registry, the auth service, the worker (bundled Triton) and the "
-        "gateway...",
+        f"starting the model registry, the auth service, {_plural(workers, 'worker')} "
+        f"(bundled Triton{'s' if workers > 1 else ''}) and {_plural(gateways, 'gateway')}...",
         file=sys.stderr,
     )
     # Ctrl-C is ours from the start: while starting it stops what started, and once up
@@ -129,34 +166,59 @@ async def _up(port: int, data_dir: Path, metrics_port: int) -> int:
         return 0
     models = starting.result()
     _say_admin_key(platform)
-    services = ("gateway", "worker", "registry", "auth")
     metrics = (
         " Metrics: "
         + ", ".join(
-            f"http://127.0.0.1:{metrics_port + offset}/metrics ({name})"
-            for offset, name in enumerate(services)
+            f"http://127.0.0.1:{port}/metrics ({name})"
+            for name, port in platform.metrics_ports().items()
         )
         + "."
-        if metrics_port > 0
+        if platform.metrics_port > 0
         else ""
     )
+    if gateways == 1 and workers == 1:
+        where = f"gateway {platform.gateway_address}"
+    else:
+        # Names, addresses and pids: enough to `kill` one and watch the others serve.
+        where = ", ".join(
+            f"{name} {address} (pid {platform.child(name).pid})"
+            for names, addresses in (
+                (platform.gateway_names, platform.gateway_addresses),
+                (platform.worker_names, platform.worker_addresses),
+            )
+            for name, address in zip(names, addresses, strict=True)
+        )
     print(
-        f"tensorgate is up: gateway {platform.gateway_address}, models {', '.join(models)}."
-        f"{metrics} Ctrl-C stops everything.",
+        f"tensorgate is up: {where}, models {', '.join(models)}.{metrics} Ctrl-C stops everything.",
         file=sys.stderr,
     )
-    exited = asyncio.ensure_future(platform.wait())
-    await asyncio.wait({exited, signalled}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if exited.done():
-        print(f"{exited.result()} exited; stopping the rest", file=sys.stderr)
-        code = 1
-    else:
-        exited.cancel()
+    code = await _supervise(platform, signalled)
     print("stopping...", file=sys.stderr)
     await platform.stop()
     print("stopped", file=sys.stderr)
     return code
+
+
+async def _supervise(platform: LocalPlatform, signalled: asyncio.Future[Any]) -> int:
+    """Until Ctrl-C (0) or a service exits for good (1). One of several workers or gateways
+    that exits is started again while the others serve; any other exit stops everything."""
+    while True:
+        exited = asyncio.ensure_future(platform.wait())
+        await asyncio.wait({exited, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():
+            exited.cancel()
+            return 0
+        name = exited.result()
+        returncode = platform.child(name).returncode
+        if not platform.restartable(name):
+            print(f"{name} exited with {returncode}; stopping the rest", file=sys.stderr)
+            return 1
+        print(
+            f"{name} exited with {returncode}; starting it again (the others serve meanwhile)",
+            file=sys.stderr,
+        )
+        await platform.respawn(name)
+        print(f"{name} started again (pid {platform.child(name).pid})", file=sys.stderr)
 
 
 def _say_admin_key(platform: LocalPlatform) -> None:

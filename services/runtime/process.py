@@ -17,10 +17,12 @@ import asyncio
 import contextlib
 import functools
 import os
+import random
 import shutil
 import signal
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import IO, TextIO
 
 # Longer lines are cut into pieces this long, each ended with a newline of its own:
@@ -50,6 +52,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def lasting_port(host: str = "127.0.0.1", *, attempts: int = 200) -> int:
+    """A free port below the kernel's ephemeral range, for a service that may be restarted
+    on the same port.
+
+    A port from `free_port` lies in the ephemeral range, which the kernel hands out as
+    the local port of any outgoing connection: while a service restarts, some client's
+    connection can take its port, and the new process cannot listen there (seen in the
+    failover tests). The kernel never picks a port below that range by itself.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    ports = range(10_000, max(10_001, low))
+    for _ in range(attempts):
+        port = random.choice(ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
 
 
 class LineSink:
