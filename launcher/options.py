@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -14,6 +15,8 @@ from tensorgate.auth_client import AsyncAuthClient
 from tensorgate.registry_client import AsyncRegistryClient
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+DataDir = Annotated[Path, typer.Option(help="where the services keep their state and logs")]
 
 Address = Annotated[
     str,
