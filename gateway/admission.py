@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
 
@@ -27,6 +28,10 @@ class Worker(Protocol):
     outstanding: int
 
     def available(self, now: float) -> bool: ...
+
+    def taken(self) -> None:
+        """A slot was taken on it (a worker back from an ejection starts its trial)."""
+        ...
 
 
 W = TypeVar("W", bound=Worker)
@@ -67,6 +72,7 @@ class ModelSlots(Generic[W]):
         """Takes a slot on `worker` (the caller checked `free`)."""
         self.in_use[worker] = self.in_use.get(worker, 0) + 1
         worker.outstanding += 1
+        worker.taken()
 
     def release(self, worker: W) -> None:
         """Gives a slot back: to the oldest waiter that may use `worker`, else freed."""
@@ -88,6 +94,25 @@ class ModelSlots(Generic[W]):
                 waiter.future.set_result(worker)  # the slot, and its counts, pass on as they are
                 return True
         return False
+
+    def offer(self, workers: Iterable[W]) -> None:
+        """Hands free slots on `workers` to waiters, oldest first: for capacity that did
+        not come from a call ending (a worker that joined, came back to serving, or
+        whose ejection ran out), which would otherwise sit idle behind the queue."""
+        if not self.waiters:
+            return
+        now = time.monotonic()
+        for worker in workers:
+            while self.waiters and self.free(worker) and worker.available(now):
+                waiter = next(
+                    (w for w in self.waiters if w.exclude is not worker and not w.future.done()),
+                    None,
+                )
+                if waiter is None:
+                    break
+                self.waiters.remove(waiter)
+                self.take(worker)
+                waiter.future.set_result(worker)
 
     async def wait(self, timeout: float, *, exclude: W | None = None) -> tuple[W, float]:
         """Waits for a slot handed over (FIFO): the worker and how long it took.

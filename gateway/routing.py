@@ -63,7 +63,10 @@ class Admission(Generic[W]):
                 limit=self.policy.max_outstanding, queue_size=self.policy.queue_size
             )
         if slots.waiters:
-            return None  # first come, first served: behind those already waiting
+            # Capacity that appeared without a call ending goes to those waiting first.
+            slots.offer(candidates)
+            if slots.waiters:
+                return None  # first come, first served: behind those already waiting
         worker = self.pick(candidates, slots)
         if worker is None:
             return None
@@ -82,6 +85,16 @@ class Admission(Generic[W]):
         worker = await self._wait(slots, key, len(candidates), exclude)
         # Handed over by a worker that may have let the version go meanwhile.
         return worker, worker.models.get(key, info), slots
+
+    def offer(self, serving: dict[tuple[str, int], list[W]]) -> None:
+        """Wakes waiters of every model version with slots free on the workers now
+        serving it (`serving`: model version -> its workers): a worker joined, its
+        models arrived, or it went back to SERVING."""
+        for key, slots in self._slots.items():
+            if slots.waiters:
+                workers = serving.get(key)
+                if workers:
+                    slots.offer(workers)
 
     def pick(self, candidates: list[W], slots: ModelSlots[W]) -> W | None:
         """The least busy candidate with a free slot (see the module docstring)."""

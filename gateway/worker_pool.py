@@ -65,9 +65,11 @@ class WorkerEndpoint:
         credentials: grpc.ChannelCredentials | None = None,
         *,
         on_models_changed: Callable[[], None] = lambda: None,
+        on_serving: Callable[[], None] = lambda: None,
     ) -> None:
         self.address = address
         self._on_models_changed = on_models_changed
+        self._on_serving = on_serving
         self.channel = open_channel(address, credentials)
         self.stub = worker_pb2_grpc.InferenceWorkerStub(self.channel)
         # The data plane leaves responses as bytes: the gateway passes them on as
@@ -112,8 +114,12 @@ class WorkerEndpoint:
         while True:
             try:
                 async for response in self._health.Watch(request):
-                    self.serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    back = serving and not self.serving
+                    self.serving = serving
                     self.health_known.set()
+                    if back:  # calls queued elsewhere may take its slots now
+                        self._on_serving()
             except grpc.aio.AioRpcError:
                 self.serving = False
                 self.health_known.set()
@@ -139,6 +145,11 @@ class WorkerEndpoint:
             ejections_in_a_row=self.ejections,
             reason=reason,
         )
+
+    def taken(self) -> None:
+        """A slot was taken here: after an ejection, that call is the trial."""
+        if self.ejections:
+            self.begin_trial()
 
     def begin_trial(self) -> None:
         """A call was routed here after an ejection: no other until it ends."""
@@ -288,7 +299,10 @@ class WorkerPool:
             for address in addresses:
                 if address not in self._workers:
                     self._workers[address] = WorkerEndpoint(
-                        address, self._credentials, on_models_changed=self._index_models
+                        address,
+                        self._credentials,
+                        on_models_changed=self._index_models,
+                        on_serving=self._wake,
                     )
             gone = [self._workers.pop(a) for a in set(self._workers) - set(addresses)]
             # Routing never sees a worker that is about to be closed.
@@ -311,6 +325,17 @@ class WorkerPool:
             for name, version in worker.models:
                 index.setdefault(name, {}).setdefault(version, []).append(worker)
         self._index = index
+        self._wake()
+
+    def _wake(self) -> None:
+        """Offers the slots of workers able to take calls to the calls queued for them."""
+        self._admission.offer(
+            {
+                (name, version): workers
+                for name, versions in self._index.items()
+                for version, workers in versions.items()
+            }
+        )
 
     def models(self) -> list[inference_pb2.ModelInfo]:
         now = time.monotonic()

@@ -22,10 +22,14 @@ class _Worker:
         self.name = name
         self.outstanding = outstanding
         self.up = True
+        self.trials = 0  # slots taken (a pool's worker starts a trial on one)
         self.models = {_KEY: inference_pb2.ModelInfo(name="digits", version=1)}
 
     def available(self, now: float) -> bool:
         return self.up
+
+    def taken(self) -> None:
+        self.trials += 1
 
     def __repr__(self) -> str:
         return self.name
@@ -235,3 +239,37 @@ def test_two_workers_go_to_the_less_busy() -> None:
     workers = [_Worker("a", outstanding=3), _Worker("b", outstanding=1)]
     slots: ModelSlots[_Worker] = ModelSlots(limit=64, queue_size=0)
     assert admission.pick(workers, slots) is workers[1]
+
+
+async def test_capacity_that_appears_goes_to_the_waiters_before_new_calls() -> None:
+    # A second worker joins (or comes back) while calls wait for the first one: its free
+    # slots go to those waiting, oldest first, and a new call no longer queues behind them.
+    slots, busy = _full(limit=1)
+    joined = _Worker("b")
+    joined.up = False
+    first = asyncio.create_task(slots.wait(30))
+    second = asyncio.create_task(slots.wait(30))
+    await _settle()
+    slots.offer([joined])  # not able to take calls yet: nothing handed over
+    assert len(slots) == 2 and not first.done()
+    joined.up = True
+    slots.offer([busy, joined])  # the busy one has no free slot; the new one has one
+    worker, _ = await first
+    assert worker is joined and joined.trials == 1
+    assert not second.done() and len(slots) == 1
+    slots.release(joined)  # the ordinary hand-over goes on from there
+    worker, _ = await second
+    assert worker is joined and len(slots) == 0
+
+
+async def test_a_new_call_offers_free_slots_to_the_queue_first() -> None:
+    admission: Admission[_Worker] = Admission(RoutingPolicy(max_outstanding=1, queue_size=4))
+    busy, joined = _Worker("a"), _Worker("b")
+    assert admission.try_admit(_KEY, [busy]) is not None  # busy's one slot
+    waiting = asyncio.create_task(admission.admit(_KEY, [busy], None))
+    await _settle()
+    assert not waiting.done()
+    # A call that sees the joined worker hands its slot to the waiter, then has none left.
+    assert admission.try_admit(_KEY, [busy, joined]) is None
+    worker, _, _ = await waiting
+    assert worker is joined
