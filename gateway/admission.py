@@ -114,6 +114,13 @@ class ModelSlots(Generic[W]):
                 self.take(worker)
                 waiter.future.set_result(worker)
 
+    def abandon(self, error: Exception) -> None:
+        """Ends every wait with `error`: no worker serves this model version any more."""
+        waiters, self.waiters = self.waiters, deque()
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+
     async def wait(self, timeout: float, *, exclude: W | None = None) -> tuple[W, float]:
         """Waits for a slot handed over (FIFO): the worker and how long it took.
 
@@ -130,7 +137,7 @@ class ModelSlots(Generic[W]):
                 worker = await waiter.future
         except BaseException as exc:
             future = waiter.future
-            if future.done() and not future.cancelled():
+            if future.done() and not future.cancelled() and future.exception() is None:
                 # Handed a slot as the wait ended: give it to the next in line.
                 self.release(future.result())
             else:

@@ -21,7 +21,7 @@ from gateway.admission import ModelSlots, QueueFull, QueueTimeout
 from gateway.admission import Worker as SlotWorker
 from gateway.metrics import GatewayMetrics
 from services.runtime import calls
-from services.runtime.errors import DeadlineExceeded, ResourceExhausted
+from services.runtime.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +37,7 @@ class RoutingPolicy:
 
 class RoutedWorker(SlotWorker, Protocol):
     models: dict[tuple[str, int], inference_pb2.ModelInfo]
+    serving: bool
 
 
 W = TypeVar("W", bound=RoutedWorker)
@@ -89,12 +90,20 @@ class Admission(Generic[W]):
     def offer(self, serving: dict[tuple[str, int], list[W]]) -> None:
         """Wakes waiters of every model version with slots free on the workers now
         serving it (`serving`: model version -> its workers): a worker joined, its
-        models arrived, or it went back to SERVING."""
+        models arrived, or its health changed. Waiters of a version no worker serves
+        any more are told UNAVAILABLE at once rather than left to time out."""
         for key, slots in self._slots.items():
             if slots.waiters:
                 workers = serving.get(key)
-                if workers:
+                if workers and any(w.serving for w in workers):
                     slots.offer(workers)
+                else:  # all gone or draining: waiting longer cannot help
+                    slots.abandon(
+                        Unavailable(
+                            f"no worker serves model {key[0]}:{key[1]} any more (they left "
+                            "or are draining) while this call waited; retry shortly"
+                        )
+                    )
 
     def pick(self, candidates: list[W], slots: ModelSlots[W]) -> W | None:
         """The least busy candidate with a free slot (see the module docstring)."""

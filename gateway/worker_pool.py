@@ -65,11 +65,11 @@ class WorkerEndpoint:
         credentials: grpc.ChannelCredentials | None = None,
         *,
         on_models_changed: Callable[[], None] = lambda: None,
-        on_serving: Callable[[], None] = lambda: None,
+        on_health_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.address = address
         self._on_models_changed = on_models_changed
-        self._on_serving = on_serving
+        self._on_health_changed = on_health_changed
         self.channel = open_channel(address, credentials)
         self.stub = worker_pb2_grpc.InferenceWorkerStub(self.channel)
         # The data plane leaves responses as bytes: the gateway passes them on as
@@ -115,14 +115,17 @@ class WorkerEndpoint:
             try:
                 async for response in self._health.Watch(request):
                     serving = response.status == health_pb2.HealthCheckResponse.SERVING
-                    back = serving and not self.serving
+                    changed = serving != self.serving
                     self.serving = serving
                     self.health_known.set()
-                    if back:  # calls queued elsewhere may take its slots now
-                        self._on_serving()
+                    if changed:  # calls queued may take its slots, or need telling
+                        self._on_health_changed()
             except grpc.aio.AioRpcError:
+                changed = self.serving
                 self.serving = False
                 self.health_known.set()
+                if changed:
+                    self._on_health_changed()
             await asyncio.sleep(1.0)
 
     def available(self, now: float) -> bool:
@@ -302,7 +305,7 @@ class WorkerPool:
                         address,
                         self._credentials,
                         on_models_changed=self._index_models,
-                        on_serving=self._wake,
+                        on_health_changed=self._wake,
                     )
             gone = [self._workers.pop(a) for a in set(self._workers) - set(addresses)]
             # Routing never sees a worker that is about to be closed.

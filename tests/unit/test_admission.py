@@ -12,7 +12,7 @@ from tensorgate.inference.v1 import inference_pb2
 
 from gateway.admission import ModelSlots, QueueFull, QueueTimeout
 from gateway.routing import Admission, RoutingPolicy
-from services.runtime.errors import ResourceExhausted
+from services.runtime.errors import ResourceExhausted, Unavailable
 
 _KEY = ("digits", 1)
 
@@ -22,6 +22,7 @@ class _Worker:
         self.name = name
         self.outstanding = outstanding
         self.up = True
+        self.serving = True
         self.trials = 0  # slots taken (a pool's worker starts a trial on one)
         self.models = {_KEY: inference_pb2.ModelInfo(name="digits", version=1)}
 
@@ -273,3 +274,19 @@ async def test_a_new_call_offers_free_slots_to_the_queue_first() -> None:
     assert admission.try_admit(_KEY, [busy, joined]) is None
     worker, _, _ = await waiting
     assert worker is joined
+
+
+async def test_waiters_are_told_unavailable_when_no_worker_serves_the_model_any_more() -> None:
+    admission: Admission[_Worker] = Admission(RoutingPolicy(max_outstanding=1, queue_size=4))
+    only = _Worker("a")
+    assert admission.try_admit(_KEY, [only]) is not None
+    waiting = asyncio.create_task(admission.admit(_KEY, [only], None))
+    await _settle()
+    only.serving = False  # it drains (or left: no workers at all)
+    admission.offer({_KEY: [only]})
+    with pytest.raises(Unavailable, match="no worker serves model digits:1"):
+        await waiting
+    # The slot the draining worker still holds is its own call's, given back as usual.
+    slots = admission._slots[_KEY]
+    slots.release(only)
+    assert only.outstanding == 0 and len(slots) == 0
