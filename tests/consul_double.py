@@ -72,6 +72,9 @@ class ConsulDouble:
         self._runner: web.AppRunner | None = None
         self._reset()
         self.requests: list[tuple[str, str]] = []  # (method, path), for tests to look at
+        # Answers the health endpoint gives instead of the real one while set, first to
+        # last (an agent gone wrong: a bad index, a body of the wrong shape).
+        self.garbage: list[web.Response] = []
 
     def _reset(self) -> None:
         self.services: dict[str, Registration] = {}
@@ -186,6 +189,8 @@ class ConsulDouble:
         }
 
     async def _health(self, request: web.Request) -> web.Response:
+        if self.garbage:
+            return self.garbage.pop(0)
         name = request.match_info["name"]
         index = int(request.query.get("index", "0") or 0)
         if index > 0:

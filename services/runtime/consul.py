@@ -141,6 +141,13 @@ class ConsulAgent:
                 f"Consul agent at {self.address} refused {what}: permission denied; give the "
                 "ACL token (--consul-token) service:write on this service and service:read"
             ) from None
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            # A malformed answer (no X-Consul-Index, bad JSON): said without its text,
+            # which may carry a Date header and would make every retry a new warning.
+            raise ConsulRefused(
+                f"Consul agent at {self.address} gave an answer to {what} that could not be "
+                f"read ({type(exc).__name__})"
+            ) from None
         except consul.ConsulException as exc:
             if str(exc)[:1] == "5":  # py-consul's "500 ...": the agent or its servers failed
                 raise ConsulUnavailable(
@@ -199,25 +206,44 @@ class ConsulAgent:
             # Consul adds up to wait/16 of jitter to a blocking query.
             timeout=self._timeout + wait_s * 1.1 if index else None,
         )
-        instances = []
-        for entry in entries or ():
-            svc, node = entry.get("Service") or {}, entry.get("Node") or {}
-            host = svc.get("Address") or node.get("Address") or ""
-            if not host or not svc.get("Port"):
-                continue
-            instances.append(
-                HealthyInstance(
-                    service_id=str(svc.get("ID", "")),
-                    address=_host_port(host, int(svc["Port"])),
-                    meta=dict(svc.get("Meta") or {}),
-                )
+        what = f"the healthy instances of {service}"
+        try:
+            parsed_index = int(new_index or 0)
+        except (TypeError, ValueError):
+            raise ConsulRefused(
+                f"Consul agent {self.address} answered {what} with index {str(new_index)[:40]!r}, "
+                "not a number"
+            ) from None
+        if not isinstance(entries, list):
+            raise ConsulRefused(
+                f"Consul agent {self.address} answered {what} with a "
+                f"{type(entries).__name__}, not a list"
             )
+        instances = [i for i in map(_instance, entries) if i is not None]
         instances.sort(key=lambda i: (i.address, i.service_id))
-        return int(new_index or 0), instances
+        return parsed_index, instances
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._client.close()
+
+
+def _instance(entry: object) -> HealthyInstance | None:
+    """One entry of a health answer, or None for one without a usable address: an
+    agent's odd answer about one instance must not hide the others."""
+    if not isinstance(entry, dict):
+        return None
+    svc, node = entry.get("Service"), entry.get("Node")
+    svc = svc if isinstance(svc, dict) else {}
+    node = node if isinstance(node, dict) else {}
+    host, port, meta = svc.get("Address") or node.get("Address"), svc.get("Port"), svc.get("Meta")
+    if not isinstance(host, str) or not host or type(port) is not int or not 0 < port < 65536:
+        return None
+    return HealthyInstance(
+        service_id=str(svc.get("ID", "")),
+        address=_host_port(host, port),
+        meta={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+    )
 
 
 def service_id(name: str, address: str) -> str:
@@ -362,10 +388,13 @@ async def follow_healthy(
             new_index, instances = await agent.healthy(
                 service, index=index, wait=min(wait, settling) if settling > 0 else wait
             )
-        except ConsulError as exc:
-            if str(exc) != failure:
-                log.warning("Consul query failed; retrying", service=service, error=str(exc))
-                failure = str(exc)
+        except Exception as exc:  # anything the agent says must not end the following
+            error = (
+                str(exc) if isinstance(exc, ConsulError) else f"{type(exc).__name__}: {exc!s:.80}"
+            )
+            if error[:300] != failure:
+                log.warning("Consul query failed; retrying", service=service, error=error[:300])
+                failure = error[:300]
             await asyncio.sleep(backoff)
             index, backoff = 0, min(backoff * 2, _BACKOFF_MAX_S)
             continue

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from aiohttp import web
 
 from services.runtime.consul import (
     ConsulAgent,
@@ -243,6 +244,39 @@ async def test_following_is_blocking_queries_not_polling(
         service = await _service(double)
         try:
             await eventually(lambda: len(seen) == 2, "woken by the registration")
+            assert [i.address for i in seen[1]] == [service.address]
+        finally:
+            await service.stop()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_following_outlives_answers_it_cannot_read(
+    double: ConsulDouble, agent: ConsulAgent
+) -> None:
+    seen: list[list[HealthyInstance]] = []
+
+    async def follow() -> None:
+        async for instances in follow_healthy(agent, "tensorgate-probe", wait=60):
+            seen.append(instances)
+
+    entry = {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": "x", "Port": "not a port"}}
+    double.garbage = [
+        web.json_response([], headers={"X-Consul-Index": "abc"}),  # an index not a number
+        web.json_response({"not": "a list"}, headers={"X-Consul-Index": "5"}),
+        web.json_response(["a string", entry], headers={"X-Consul-Index": "6"}),  # skipped
+        web.Response(text="{not json", headers={"X-Consul-Index": "7"}),
+        web.json_response([]),  # no index at all
+    ]
+    task = asyncio.ensure_future(follow())
+    try:
+        # The entries that could not be read were skipped, not the whole answer.
+        await eventually(lambda: seen == [[]], "the readable answer")
+        await eventually(lambda: not double.garbage, "every bad answer asked past")
+        service = await _service(double)
+        try:
+            await eventually(lambda: len(seen) == 2, "still following after them")
             assert [i.address for i in seen[1]] == [service.address]
         finally:
             await service.stop()
