@@ -47,6 +47,7 @@ log = structlog.get_logger("tensorgate.gateway.pool")
 
 _RECONNECT_S = 1.0
 _LEAVING_GRACE_S = 300.0
+_LEAVING_POLL_S = 0.2
 _WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
 _INFER = f"/{_WORKER_SERVICE}/Infer"
 _GENERATE = f"/{_WORKER_SERVICE}/Generate"
@@ -212,14 +213,34 @@ class WorkerEndpoint:
             log.warning("worker unreachable", worker=self.address, error=failure[:300])
         self._last_failure = failure
 
-    async def close(self, grace: float | None = None) -> None:
-        """Stops watching; calls in flight get `grace` seconds to finish (None: none)."""
+    async def close(self) -> None:
+        """Stops watching and closes the channel: calls still on it are cancelled."""
+        await self._stop_watching()
+        await self.channel.close(None)
+
+    async def leave(self, grace: float) -> None:
+        """It left discovery: no new calls (nor queued ones) go to it from now, and its
+        channel closes once the calls on it have ended, `grace` seconds at most.
+
+        grpc's own close with a grace waits for unary calls but cancels streams at once,
+        which a caller would see as a stream cut without a status.
+        """
+        self.serving = False
+        self.ejected_until = math.inf
+        await self._stop_watching()
+        deadline = time.monotonic() + grace
+        # Polled: `outstanding` is counted on every call (gateway/admission.py), and a
+        # wake-up hook there would cost every call for the rare worker that leaves.
+        while self.outstanding > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_LEAVING_POLL_S)
+        await self.channel.close(None)
+
+    async def _stop_watching(self) -> None:
         for watch in self._watches:
             watch.cancel()
         for watch in self._watches:
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
-        await self.channel.close(grace)
 
 
 class WorkerPool:
@@ -313,7 +334,7 @@ class WorkerPool:
             for worker in gone:
                 # Its calls in flight finish (the worker itself bounds them with its
                 # grace period), rather than being cancelled here.
-                task = asyncio.create_task(worker.close(_LEAVING_GRACE_S))
+                task = asyncio.create_task(worker.leave(_LEAVING_GRACE_S))
                 self._leaving[task] = worker
                 task.add_done_callback(self._leaving.pop)
 

@@ -27,10 +27,6 @@ from services.runtime.settings import ServiceSettings, consul_service
 
 log = structlog.get_logger("tensorgate.upstreams")
 
-# Calls in flight on an instance that left keep their channel this long to finish
-# (the instance bounds them itself with its own grace period).
-_RETIRED_GRACE_S = 300.0
-
 
 class _FollowingCall:
     """A multi-callable that sends each call over the owner's current channel."""
@@ -40,12 +36,17 @@ class _FollowingCall:
         self._bound: tuple[grpc.aio.Channel | None, Any] = (None, None)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        channel = self._owner.current
-        bound_to, call = self._bound
+        owner = self._owner
+        channel = owner.current
+        bound_to, multicallable = self._bound
         if bound_to is not channel:  # made once per instance, not per call
-            call = getattr(channel, self._kind)(self._method, **self._kwargs)
-            self._bound = (channel, call)
-        return call(*args, **kwargs)
+            multicallable = getattr(channel, self._kind)(self._method, **self._kwargs)
+            self._bound = (channel, multicallable)
+        call = multicallable(*args, **kwargs)
+        # Counted per channel: a channel whose instance left closes once its calls end.
+        owner.in_flight[channel] = owner.in_flight.get(channel, 0) + 1
+        call.add_done_callback(lambda _: owner.ended(channel))
+        return call
 
 
 class FollowingChannel(grpc.aio.Channel):
@@ -65,6 +66,10 @@ class FollowingChannel(grpc.aio.Channel):
         self._wait, self._settle = wait, settle
         self.address = ""
         self._current: grpc.aio.Channel | None = None
+        # Calls not ended yet, per channel (this instance's, and those of instances left).
+        self.in_flight: dict[grpc.aio.Channel, int] = {}
+        # Channels of instances that left, closed once their last call ends.
+        self._retired: set[grpc.aio.Channel] = set()
         self._retiring: set[asyncio.Task[None]] = set()
         self._found = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -103,9 +108,28 @@ class FollowingChannel(grpc.aio.Channel):
         self.address = address
         self._found.set()
         if previous is not None:
-            task = asyncio.create_task(previous.close(_RETIRED_GRACE_S))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            # Not closed with a grace: grpc would cancel its streams at once (a Watch, a
+            # proxied stream), which their callers see as cancelled, not as ended. The
+            # instance that left ends them itself as it stops.
+            self._retired.add(previous)
+            if not self.in_flight.get(previous):
+                self._close_retired(previous)
+
+    def ended(self, channel: grpc.aio.Channel) -> None:
+        """A call on `channel` ended."""
+        left = self.in_flight.get(channel, 1) - 1
+        if left > 0:
+            self.in_flight[channel] = left
+            return
+        self.in_flight.pop(channel, None)
+        if channel in self._retired:
+            self._close_retired(channel)
+
+    def _close_retired(self, channel: grpc.aio.Channel) -> None:
+        self._retired.discard(channel)
+        task = asyncio.get_running_loop().create_task(channel.close(None))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return _FollowingCall(self, "unary_unary", method, _kwargs(args, kwargs))
@@ -133,9 +157,10 @@ class FollowingChannel(grpc.aio.Channel):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in list(self._retiring):
-            task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        for channel in list(self._retired):
+            await channel.close(None)
+        self._retired.clear()
         if self._current is not None:
             await self._current.close(grace)
         await self.agent.close()

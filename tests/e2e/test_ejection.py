@@ -174,3 +174,48 @@ async def test_deadlines_and_cancels_reach_the_worker(pair: tuple[FakeWorker, Fa
             assert fake.cancelled == 1
     finally:
         await gateway.stop()
+
+
+async def test_streams_on_a_worker_that_leaves_discovery_finish(
+    pair: tuple[FakeWorker, FakeWorker],
+) -> None:
+    # A draining worker leaves discovery (Consul) before its calls end: the gateway must
+    # send it nothing new, hand none of its slots to queued calls, and let the streams
+    # already on it finish, not cut them (grpc's close with a grace cancels streams).
+    leaving, staying = pair
+    leaving.hold = asyncio.Event()
+    gateway = await _gateway(leaving.address)
+    try:
+        async with AsyncGatewayClient(gateway.address) as client:
+            chunks: list[str] = []
+
+            async def stream() -> None:
+                async for chunk in client.generate("tinylm", "Hi", max_tokens=2):
+                    chunks.append(chunk.text)
+
+            task = asyncio.create_task(stream())
+            for _ in range(3000):
+                if chunks:
+                    break
+                await asyncio.sleep(0.01)
+            assert chunks == ["a"], "the first chunk never came"
+            # Discovery now lists only the other worker.
+            gateway.pool._discovery._addresses = [staying.address]  # type: ignore[attr-defined]
+            await gateway.pool.refresh()
+            assert list(gateway.pool._workers) == [staying.address]
+            await asyncio.wait_for(_endpoint(gateway, staying).models_known.wait(), 30)
+            # New calls go to the worker that stayed, while the stream is still open.
+            await asyncio.wait_for(client.infer("digits", IMAGE), 30)
+            assert staying.calls == 1 and not task.done()
+            leaving.hold.set()
+            await asyncio.wait_for(task, 30)
+            assert chunks == ["a", "b"]
+            assert leaving.cancelled == 0
+            # Its calls ended: its channel is closed and forgotten.
+            for _ in range(300):
+                if not gateway.pool._leaving:
+                    break
+                await asyncio.sleep(0.05)
+            assert not gateway.pool._leaving
+    finally:
+        await gateway.stop()
