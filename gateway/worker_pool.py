@@ -394,6 +394,13 @@ class WorkerPool:
                     "retry shortly if it was just deployed, else deploy it (tensorgate models "
                     f"deploy {ref.name}@{ref.alias})"
                 )
+        elif not versions and not self._workers:
+            # Discovery lists no worker at all (a restart of every worker, an agent that
+            # lost them): nothing can be said of the model yet.
+            raise Unavailable(
+                f"model {shown(ref.name)}: no worker is known to this gateway right now; "
+                "retry shortly"
+            )
         elif not versions:
             unreached = sum(not w.reached for w in self._workers.values())
             if unreached:

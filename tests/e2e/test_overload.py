@@ -116,7 +116,9 @@ async def test_a_queued_call_waits_no_longer_than_the_queue_time(fake: FakeWorke
             # The held call never ends by itself: the queued ones are refused when
             # their wait runs out, while it still holds the only slot.
             queued = [asyncio.create_task(client.infer("digits", IMAGE)) for _ in range(3)]
-            done, _ = await asyncio.wait(queued, timeout=60)
+            # The held call never ends, so a waiter that ignored the queue time would
+            # wait for ever; one that waited 30 times the queue time fails this too.
+            done, _ = await asyncio.wait(queued, timeout=15)
             assert len(done) == 3 and not held.done() and fake.in_flight == 1
             for task in queued:
                 error = _refused(task.exception())

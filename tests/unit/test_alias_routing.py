@@ -143,3 +143,13 @@ async def test_a_bare_name_goes_to_the_newest_version_a_serving_worker_has() -> 
     draining.serving = True
     worker, info, _ = await pool.route(ModelRef.parse("digits"))
     assert (worker.address, info.version) == ("a", 2)
+
+
+async def test_a_gateway_that_knows_no_worker_says_unavailable_not_unknown() -> None:
+    pool = WorkerPool(StaticDiscovery([]), refresh_seconds=60, eject_seconds=1)
+    with pytest.raises(Unavailable, match="no worker is known to this gateway"):
+        await pool.route(ModelRef.parse("digits"))
+    pool._workers = {"b": _Endpoint("b", [1], serving=True)}  # type: ignore[dict-item]
+    pool._index_models()
+    with pytest.raises(NotFound, match="not served here"):
+        await pool.route(ModelRef.parse("other"))
