@@ -143,11 +143,13 @@ class Admission(Generic[W]):
         except QueueFull:
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded(f"deadline passed before model {model} was called") from None
+            queued = (
+                "this gateway queues no calls (--queue-size or --queue-seconds is 0)"
+                if policy.queue_size == 0 or policy.queue_seconds <= 0
+                else f"{len(slots)} more are waiting (the most that may)"
+            )
             raise self._overloaded(
-                key,
-                "queue_full",
-                f"model {model} is overloaded: {busy} and {len(slots)} more are waiting "
-                "(the most that may)",
+                key, "queue_full", f"model {model} is overloaded: {busy} and {queued}"
             ) from None
         except QueueTimeout:
             if remaining is not None and remaining <= policy.queue_seconds:
