@@ -33,6 +33,10 @@ class Worker(Protocol):
         """A slot was taken on it (a worker back from an ejection starts its trial)."""
         ...
 
+    def untaken(self) -> None:
+        """A slot taken on it went to a call that ended before using it."""
+        ...
+
 
 W = TypeVar("W", bound=Worker)
 
@@ -138,8 +142,11 @@ class ModelSlots(Generic[W]):
         except BaseException as exc:
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
-                # Handed a slot as the wait ended: give it to the next in line.
-                self.release(future.result())
+                # Handed a slot as the wait ended: unused (a trial it began is undone),
+                # it goes to the next in line.
+                worker = future.result()
+                worker.untaken()
+                self.release(worker)
             else:
                 future.cancel()
                 with contextlib.suppress(ValueError):  # a hand-over took it out

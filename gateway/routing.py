@@ -87,6 +87,10 @@ class Admission(Generic[W]):
         # Handed over by a worker that may have let the version go meanwhile.
         return worker, worker.models.get(key, info), slots
 
+    def waiting(self) -> bool:
+        """Whether any call waits in a queue."""
+        return any(slots.waiters for slots in self._slots.values())
+
     def offer(self, serving: dict[tuple[str, int], list[W]]) -> None:
         """Wakes waiters of every model version with slots free on the workers now
         serving it (`serving`: model version -> its workers): a worker joined, its

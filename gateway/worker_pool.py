@@ -155,6 +155,11 @@ class WorkerEndpoint:
         if self.ejections:
             self.begin_trial()
 
+    def untaken(self) -> None:
+        """A slot taken here went unused (its call ended while it waited): a trial it
+        began is no trial; the next call is."""
+        self.end_trial()
+
     def begin_trial(self) -> None:
         """A call was routed here after an ejection: no other until it ends."""
         if not self.on_trial:
@@ -225,8 +230,7 @@ class WorkerEndpoint:
         grpc's own close with a grace waits for unary calls but cancels streams at once,
         which a caller would see as a stream cut without a status.
         """
-        self.serving = False
-        self.ejected_until = math.inf
+        self.retire()
         await self._stop_watching()
         deadline = time.monotonic() + grace
         # Polled: `outstanding` is counted on every call (gateway/admission.py), and a
@@ -235,12 +239,16 @@ class WorkerEndpoint:
             await asyncio.sleep(_LEAVING_POLL_S)
         await self.channel.close(None)
 
+    def retire(self) -> None:
+        """Takes no call from now on (it left discovery)."""
+        self.serving = False
+        self.ejected_until = math.inf
+
     async def _stop_watching(self) -> None:
         for watch in self._watches:
             watch.cancel()
-        for watch in self._watches:
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+        # Waited for, not awaited: a cancel of the caller itself must not be swallowed.
+        await asyncio.wait(self._watches)
 
 
 class WorkerPool:
@@ -329,6 +337,8 @@ class WorkerPool:
                         on_health_changed=self._wake,
                     )
             gone = [self._workers.pop(a) for a in set(self._workers) - set(addresses)]
+            for worker in gone:  # before any slot of theirs is given back and handed on
+                worker.retire()
             # Routing never sees a worker that is about to be closed.
             self._index_models()
             for worker in gone:
@@ -353,6 +363,8 @@ class WorkerPool:
 
     def _wake(self) -> None:
         """Offers the slots of workers able to take calls to the calls queued for them."""
+        if not self._admission.waiting():
+            return
         self._admission.offer(
             {
                 (name, version): workers

@@ -158,9 +158,9 @@ class FollowingChannel(grpc.aio.Channel):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        for channel in list(self._retired):
+        retired, self._retired = list(self._retired), set()
+        for channel in retired:
             await channel.close(None)
-        self._retired.clear()
         if self._current is not None:
             await self._current.close(grace)
         await self.agent.close()

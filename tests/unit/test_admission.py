@@ -32,6 +32,9 @@ class _Worker:
     def taken(self) -> None:
         self.trials += 1
 
+    def untaken(self) -> None:
+        self.trials -= 1
+
     def __repr__(self) -> str:
         return self.name
 

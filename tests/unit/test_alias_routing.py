@@ -128,6 +128,9 @@ class _Endpoint:
     def taken(self) -> None:
         pass
 
+    def untaken(self) -> None:
+        pass
+
 
 async def test_a_bare_name_goes_to_the_newest_version_a_serving_worker_has() -> None:
     pool = WorkerPool(StaticDiscovery([]), refresh_seconds=60, eject_seconds=1)

@@ -4,13 +4,16 @@ a trial cut short, answers that show the worker works)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from tensorgate.inference.v1 import inference_pb2
 
 from gateway.discovery import StaticDiscovery
-from gateway.routing import RoutingPolicy
+from gateway.routing import Admission, RoutingPolicy
 from gateway.worker_pool import WorkerEndpoint, WorkerPool
 
 UNAVAILABLE, INTERNAL = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL
@@ -93,3 +96,34 @@ async def test_its_own_failures_eject_it_after_several_in_a_row_or_one_on_trial(
     worker.begin_trial()
     pool.failed(worker, INTERNAL, own=True)  # the trial failed: out again at once
     assert worker.ejections == 2 and worker.ejected_for == 20
+
+
+async def test_a_trial_handed_to_a_call_that_gives_up_at_once_is_no_trial(
+    worker: WorkerEndpoint,
+) -> None:
+    # The worker's ejection ran out while a call waited for a slot elsewhere; a new call
+    # offers the worker's slot to the waiter (its trial begins), and the waiter's caller
+    # cancels in that same turn. The worker must not stay "on trial" with no call on it.
+    busy = WorkerEndpoint("127.0.0.1:2")
+    try:
+        key = ("digits", 1)
+        for endpoint in (worker, busy):
+            endpoint.serving = True
+            endpoint.models = {key: inference_pb2.ModelInfo(name="digits", version=1)}
+        _pool().failed(worker, UNAVAILABLE, own=False)
+        admission: Admission[WorkerEndpoint] = Admission(
+            RoutingPolicy(max_outstanding=1, queue_size=4, queue_seconds=30)
+        )
+        assert admission.try_admit(key, [busy]) is not None
+        waiter = asyncio.ensure_future(admission.admit(key, [busy], None))
+        await asyncio.sleep(0)
+        _end_ejection(worker)
+        assert admission.try_admit(key, [busy, worker]) is None  # handed to the waiter
+        assert worker.on_trial
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert not worker.on_trial and worker.outstanding == 0
+        assert worker.available(time.monotonic())  # the next call is its trial
+    finally:
+        await busy.close()
