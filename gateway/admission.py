@@ -7,8 +7,9 @@ wait that runs out, is refused at once (RESOURCE_EXHAUSTED with a retry-after) r
 than queued without limit. A slot given back goes straight to the oldest waiter that
 may use that worker, so its count never drops and rises again in between.
 
-The hot path, a free slot and nobody waiting, is `free()` and `take()`: a dict lookup
-and two additions, no future and no await. Only a call that must wait allocates one.
+The hot path, a free slot and nobody waiting, is `free()` and `take()`: a dict lookup,
+two additions and the worker's `taken()` check, no future and no await. Only a call
+that must wait allocates one.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class ModelSlots(Generic[W]):
         for waiter in self.waiters:
             if waiter.exclude is not worker and not waiter.future.done():
                 self.waiters.remove(waiter)
+                worker.taken()  # taken anew by the waiter (a worker back on trial starts it)
                 waiter.future.set_result(worker)  # the slot, and its counts, pass on as they are
                 return True
         return False

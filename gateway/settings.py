@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import (
@@ -19,20 +18,12 @@ from services.runtime.settings import (
     UpstreamAddress,
     consul_service,
     duration_between,
+    int_between,
 )
 
 WORKER_SERVICE = "tensorgate-worker"
 REGISTRY_SERVICE = "tensorgate-registry"
 AUTH_SERVICE = "tensorgate-auth"
-
-
-def _count_between(low: int, high: int) -> Callable[[int], int]:
-    def check(value: int) -> int:
-        if not low <= value <= high:
-            raise SettingsError(f"must be {low}..{high}, got {value}")
-        return value
-
-    return check
 
 
 class GatewaySettings(ServiceSettings):
@@ -115,17 +106,17 @@ class GatewaySettings(ServiceSettings):
         description="the longest an ejection lasts, however many in a row (never less "
         "than --eject-seconds)",
     )
-    eject_after_failures: Annotated[int, AfterValidator(_count_between(1, 1000))] = Field(
+    eject_after_failures: Annotated[int, int_between(1, 1000)] = Field(
         5,
         description="a worker that answers this many calls in a row itself with "
         "UNAVAILABLE, INTERNAL or UNKNOWN (its Triton is gone or failing) is ejected",
     )
-    max_outstanding_per_worker: Annotated[int, AfterValidator(_count_between(1, 100_000))] = Field(
+    max_outstanding_per_worker: Annotated[int, int_between(1, 100_000)] = Field(
         64,
         description="the most calls of one model version this gateway has in flight on one "
         "worker (a stream counts until it ends); more wait in that model's queue",
     )
-    queue_size: Annotated[int, AfterValidator(_count_between(0, 1_000_000))] = Field(
+    queue_size: Annotated[int, int_between(0, 1_000_000)] = Field(
         256,
         description="the most calls waiting per model version for a worker slot; beyond it "
         "a call is refused at once (RESOURCE_EXHAUSTED with a retry-after); 0 queues none",

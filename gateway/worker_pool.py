@@ -448,10 +448,8 @@ class WorkerPool:
         admitted = self._admission.try_admit(key, candidates)
         if admitted is None:  # every slot taken: wait in the queue, or be refused
             admitted = await self._admission.admit(key, candidates, exclude)
-        worker, info, slots = admitted
-        if worker.ejections:
-            worker.begin_trial()
-        return worker, info, slots
+        # A slot taken on a worker back from an ejection began its trial (`taken`).
+        return admitted
 
     def failed(self, worker: WorkerEndpoint, code: grpc.StatusCode, *, own: bool) -> None:
         """A call to `worker` failed with `code`; `own`: the worker answered it itself

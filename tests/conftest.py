@@ -25,6 +25,7 @@ from services.runtime.logging import configure_logging
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
 from services.worker.triton_process import BundledTriton
+from tests.consul_double import ConsulDouble
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO / "models" / "repository"
@@ -198,3 +199,12 @@ async def auth_stack(
             await gateway.stop()
     finally:
         await auth.stop()
+
+
+@pytest.fixture
+async def double() -> AsyncIterator[ConsulDouble]:
+    """A Consul agent stand-in on port 0 (tests/consul_double.py), fresh per test."""
+    agent = ConsulDouble()
+    await agent.start()
+    yield agent
+    await agent.stop()

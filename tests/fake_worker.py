@@ -16,6 +16,9 @@ from tensorgate.errors import REQUEST_ID_KEY
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.worker.v1 import worker_pb2_grpc
 
+from gateway.server import Gateway, start_gateway
+from gateway.settings import GatewaySettings
+
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MODELS = (
@@ -111,3 +114,18 @@ class FakeWorker(worker_pb2_grpc.InferenceWorkerServicer):
     ) -> AsyncIterator[inference_pb2.ListModelsResponse]:
         yield inference_pb2.ListModelsResponse(models=MODELS)
         await asyncio.Event().wait()  # the list never changes; the stream stays open
+
+
+async def routing_gateway(*workers: str, **overrides: object) -> Gateway:
+    """A keyless gateway in front of `workers` for routing tests: no refresh timer to
+    lean on (a test must see the gateway learn from calls), no drain on stop."""
+    values: dict[str, object] = {
+        "allow_anonymous": True,
+        "workers": workers,
+        "refresh_seconds": 600,
+        "metrics_port": 0,
+        "drain_seconds": 0,
+        "grace_seconds": 1,
+    }
+    values.update(overrides)
+    return await start_gateway(GatewaySettings(**values))  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import os
 import re
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -121,12 +122,36 @@ async def migrate_to(url: str, migrations: Path, version_table: str, revision: s
 
 def generate_call(principal: Principal) -> Call:
     """A gateway Generate call just admitted for `principal`, as the pipeline makes it."""
+    return gateway_call(principal=principal)
+
+
+# Generous: these machines are shared and busy.
+UNTIL_S = 60.0
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = UNTIL_S) -> None:
+    """Returns once `check()` is true, polling; AssertionError naming `what` after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def gateway_call(
+    method: str = "Generate",
+    *,
+    principal: Principal | None = None,
+    metadata: tuple[tuple[str, str | bytes], ...] = (),
+) -> Call:
+    """A gateway call as the pipeline opens it (`method` of InferenceGateway)."""
     return Call(
-        method="/tensorgate.gateway.v1.InferenceGateway/Generate",
+        method=f"/tensorgate.gateway.v1.InferenceGateway/{method}",
         request_id="r1",
         started=time.perf_counter(),
         deadline=None,
         peer="test",
-        metadata=(),
+        metadata=metadata,
         principal=principal,
     )

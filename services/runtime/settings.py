@@ -100,7 +100,9 @@ def _positive(seconds: float) -> float:
     return seconds
 
 
-def _int_range(low: int, high: int, note: str = "") -> AfterValidator:
+def int_between(low: int, high: int, note: str = "") -> AfterValidator:
+    """A whole-number setting within low..high (both included)."""
+
     def check(value: int) -> int:
         if not low <= value <= high:
             raise SettingsError(f"must be {low}..{high}{note}, got {value}")
@@ -179,8 +181,8 @@ def duration_between(low: float, high: float) -> AfterValidator:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds as a float; set as 2.5, "500ms", "30s", "5m" or "1h"."""
 PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
-Port = Annotated[int, _int_range(0, 65535, " (0 picks a free one)")]
-MetricsPort = Annotated[int, _int_range(-1, 65535, " (-1 turns it off)")]
+Port = Annotated[int, int_between(0, 65535, " (0 picks a free one)")]
+MetricsPort = Annotated[int, int_between(-1, 65535, " (-1 turns it off)")]
 Host = Annotated[str, AfterValidator(_check_host)]
 HostPort = Annotated[str, AfterValidator(_check_host_port)]
 """`host:port`, with IPv6 hosts in brackets: `[::1]:50051`."""

@@ -12,7 +12,6 @@ import asyncio
 import os
 import socket
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +32,10 @@ from services.worker.settings import WorkerSettings
 from services.worker.triton_process import BundledTriton
 from tests.conftest import _GATEWAY_DIRS, worker_settings
 from tests.consul_double import ConsulDouble
-from tests.helpers import metric_value, scrape
-from tests.integration.test_consul_client import eventually
+from tests.helpers import metric_value, scrape, until
 
 CHECK_S = 0.2  # the double probes this often
 INFER = "/tensorgate.worker.v1.InferenceWorker/Infer"
-
-
-@pytest.fixture
-async def double() -> AsyncIterator[ConsulDouble]:
-    agent = ConsulDouble()
-    await agent.start()
-    yield agent
-    await agent.stop()
 
 
 def _published(double: ConsulDouble, sid: str) -> set[str]:
@@ -80,7 +70,7 @@ async def _consul_gateway(double: ConsulDouble, **overrides: object) -> Gateway:
 
 
 async def _passing(double: ConsulDouble, sid: str) -> None:
-    await eventually(
+    await until(
         lambda: sid in double.services and double.services[sid].status == "passing",
         f"{sid} registered and passing",
     )
@@ -109,12 +99,10 @@ async def test_gateway_follows_workers_in_consul_and_stops_routing_to_one_that_s
             assert double.services[sid].name == "tensorgate-worker"
         gateway = await _consul_gateway(double)
         pool = gateway.pool
-        await eventually(
-            lambda: set(pool._workers) == {first.address, second.address}, "both followed"
-        )
+        await until(lambda: set(pool._workers) == {first.address, second.address}, "both followed")
         image = np.zeros((1, 64), np.float32)
         async with AsyncGatewayClient(gateway.address) as client:
-            await eventually(lambda: len(pool.models()) > 0, "models known")
+            await until(lambda: len(pool.models()) > 0, "models known")
             before = [await _infers(first), await _infers(second)]
             # Concurrent calls: least outstanding spreads them over both workers.
             for _ in range(5):
@@ -123,7 +111,7 @@ async def test_gateway_follows_workers_in_consul_and_stops_routing_to_one_that_s
             assert after[0] > before[0] and after[1] > before[1], (before, after)
 
             await first.stop()  # deregisters while draining
-            await eventually(lambda: set(pool._workers) == {second.address}, "first left")
+            await until(lambda: set(pool._workers) == {second.address}, "first left")
             on_second = await _infers(second)
             for _ in range(4):
                 outputs = await client.infer("digits", {"image": image})
@@ -143,21 +131,21 @@ async def test_worker_publishes_the_models_it_loads(
     try:
         assert worker.service.consul is not None
         sid = worker.service.consul.service_id
-        await eventually(lambda: sid in double.services, "registered")
+        await until(lambda: sid in double.services, "registered")
         assert _published(double, sid) == {m.label for m in worker.catalog.models()}
         assert double.services[sid].meta["models_more"] == "0"
         # The catalog changes (a registry-mode worker loads or retires a version). The
         # shared Triton may have tinylm ready already: it goes first, then comes and goes.
         worker.catalog.remove("tinylm", 1)
-        await eventually(lambda: _published(double, sid) == {"digits:1"}, "only digits")
+        await until(lambda: _published(double, sid) == {"digits:1"}, "only digits")
         if "tinylm" not in await worker.triton.ready_versions():
             await worker.triton.load_model("tinylm")
         worker.catalog.add(loaded_model(1, await worker.triton.model_config("tinylm", 1)))
-        await eventually(
+        await until(
             lambda: _published(double, sid) == {"digits:1", "tinylm:1"}, "new model published"
         )
         worker.catalog.remove("tinylm", 1)
-        await eventually(lambda: _published(double, sid) == {"digits:1"}, "gone")
+        await until(lambda: _published(double, sid) == {"digits:1"}, "gone")
     finally:
         await worker.stop()
 
@@ -208,7 +196,7 @@ async def test_gateway_finds_registry_and_auth_through_consul_and_moves_when_one
             # The instance the gateway uses stops: it moves to the other one.
             used, other = (auth, spare) if auth_channel.address == auth.address else (spare, auth)
             await used.stop()
-            await eventually(lambda: auth_channel.address == other.address, "moved")
+            await until(lambda: auth_channel.address == other.address, "moved")
             # The key is checked by the other instance now (same database).
             outputs = await client.infer("digits", {"image": image})
             assert outputs["label"].shape == (1, 1)
@@ -291,7 +279,7 @@ async def test_gateway_keeps_its_workers_while_the_agent_restarts(
         await _passing(double, sid)
         gateway = await _consul_gateway(double)
         pool = gateway.pool
-        await eventually(lambda: set(pool._workers) == {worker.address}, "followed")
+        await until(lambda: set(pool._workers) == {worker.address}, "followed")
         image = np.zeros((1, 64), np.float32)
         async with AsyncGatewayClient(gateway.address) as client:
             await double.stop()  # the agent goes away with every registration
@@ -304,7 +292,7 @@ async def test_gateway_keeps_its_workers_while_the_agent_restarts(
             await client.infer("digits", {"image": image})
             # The gateway follows the new agent: a worker leaving is seen again.
             await worker.stop()
-            await eventually(lambda: not pool._workers, "the worker left")
+            await until(lambda: not pool._workers, "the worker left")
     finally:
         if gateway is not None:
             await gateway.stop()

@@ -16,27 +16,19 @@ import numpy as np
 import pytest
 from tensorgate import AsyncGatewayClient, TensorgateClientError
 
-from gateway.server import Gateway, start_gateway
-from gateway.settings import GatewaySettings
+from gateway.server import Gateway
 from gateway.worker_pool import WorkerEndpoint
-from tests.fake_worker import FakeWorker
+from tests.fake_worker import FakeWorker, routing_gateway
+from tests.helpers import until
 
 IMAGE = {"image": np.zeros((1, 64), np.float32)}
 
 
 async def _gateway(*workers: str, **overrides: object) -> Gateway:
-    values: dict[str, object] = {
-        "allow_anonymous": True,
-        "workers": workers,
-        "refresh_seconds": 600,
-        "metrics_port": 0,
-        "drain_seconds": 0,
-        "grace_seconds": 1,
-        "eject_seconds": 0.2,
-        "eject_max_seconds": 0.8,
-    }
-    values.update(overrides)
-    return await start_gateway(GatewaySettings(**values))  # type: ignore[arg-type]
+    # Short ejections, so backoff and return are seen in a test's time.
+    return await routing_gateway(
+        *workers, **{"eject_seconds": 0.2, "eject_max_seconds": 0.8, **overrides}
+    )
 
 
 def _endpoint(gateway: Gateway, fake: FakeWorker) -> WorkerEndpoint:
@@ -161,16 +153,10 @@ async def test_deadlines_and_cancels_reach_the_worker(pair: tuple[FakeWorker, Fa
             assert without is not None and 31 < without <= 78  # the gateway's own default (77 s)
             fake.hold = asyncio.Event()
             call = asyncio.create_task(client.infer("digits", IMAGE))
-            for _ in range(1200):
-                if fake.in_flight:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: fake.in_flight > 0, "the call on the worker", 60)
             call.cancel()
             await asyncio.gather(call, return_exceptions=True)
-            for _ in range(1200):
-                if fake.cancelled:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: fake.cancelled > 0, "the cancel at the worker", 60)
             assert fake.cancelled == 1
     finally:
         await gateway.stop()
@@ -194,11 +180,8 @@ async def test_streams_on_a_worker_that_leaves_discovery_finish(
                     chunks.append(chunk.text)
 
             task = asyncio.create_task(stream())
-            for _ in range(3000):
-                if chunks:
-                    break
-                await asyncio.sleep(0.01)
-            assert chunks == ["a"], "the first chunk never came"
+            await until(lambda: bool(chunks), "the first chunk")
+            assert chunks == ["a"]
             # Discovery now lists only the other worker.
             gateway.pool._discovery._addresses = [staying.address]  # type: ignore[attr-defined]
             await gateway.pool.refresh()
@@ -212,10 +195,6 @@ async def test_streams_on_a_worker_that_leaves_discovery_finish(
             assert chunks == ["a", "b"]
             assert leaving.cancelled == 0
             # Its calls ended: its channel is closed and forgotten.
-            for _ in range(300):
-                if not gateway.pool._leaving:
-                    break
-                await asyncio.sleep(0.05)
-            assert not gateway.pool._leaving
+            await until(lambda: not gateway.pool._leaving, "its channel let go")
     finally:
         await gateway.stop()

@@ -11,7 +11,7 @@ burst through the real worker and Triton.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -19,39 +19,17 @@ import numpy as np
 import pytest
 from tensorgate import AsyncGatewayClient, ResourceExhaustedError, TensorgateClientError
 
-from gateway.server import Gateway, start_gateway
-from gateway.settings import GatewaySettings
+from gateway.server import Gateway
 from services.worker.server import Worker
-from tests.fake_worker import FakeWorker
-from tests.helpers import metric_value, scrape
+from tests.fake_worker import FakeWorker, routing_gateway
+from tests.helpers import metric_value, scrape, until
 
 IMAGE = {"image": np.zeros((1, 64), np.float32)}
-
-
-async def _gateway(*workers: str, **overrides: object) -> Gateway:
-    values: dict[str, object] = {
-        "allow_anonymous": True,
-        "workers": workers,
-        "refresh_seconds": 600,
-        "metrics_port": 0,
-        "drain_seconds": 0,
-        "grace_seconds": 1,
-    }
-    values.update(overrides)
-    return await start_gateway(GatewaySettings(**values))  # type: ignore[arg-type]
 
 
 async def _metrics(gateway: Gateway) -> str:
     assert gateway.service.metrics_endpoint is not None
     return await scrape(f"http://127.0.0.1:{gateway.service.metrics_endpoint.port}/metrics")
-
-
-async def _until(check: Callable[[], bool], what: str, seconds: float = 60) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"still not true after {seconds}s: {what}")
 
 
 @pytest.fixture
@@ -74,13 +52,13 @@ def _refused(error: BaseException | None) -> ResourceExhaustedError:
 async def test_a_burst_beyond_the_slots_and_the_queue_is_refused_at_once(
     fake: FakeWorker,
 ) -> None:
-    gateway = await _gateway(fake.address, max_outstanding_per_worker=2, queue_size=3)
+    gateway = await routing_gateway(fake.address, max_outstanding_per_worker=2, queue_size=3)
     try:
         async with AsyncGatewayClient(gateway.address) as client:
             burst = [asyncio.create_task(client.infer("digits", IMAGE)) for _ in range(10)]
             # Two calls on the worker, three queued, and five refused while the
             # worker still holds every call it took: nobody waited for a slot to free.
-            await _until(lambda: sum(t.done() for t in burst) == 5, "five refusals")
+            await until(lambda: sum(t.done() for t in burst) == 5, "five refusals")
             assert fake.in_flight == 2
             refused = [_refused(t.exception()) for t in burst if t.done()]
             assert all("3 more are waiting" in e.message for e in refused)
@@ -106,13 +84,13 @@ async def test_a_burst_beyond_the_slots_and_the_queue_is_refused_at_once(
 
 
 async def test_a_queued_call_waits_no_longer_than_the_queue_time(fake: FakeWorker) -> None:
-    gateway = await _gateway(
+    gateway = await routing_gateway(
         fake.address, max_outstanding_per_worker=1, queue_size=10, queue_seconds=0.5
     )
     try:
         async with AsyncGatewayClient(gateway.address) as client:
             held = asyncio.create_task(client.infer("digits", IMAGE))
-            await _until(lambda: fake.in_flight == 1, "the first call on the worker")
+            await until(lambda: fake.in_flight == 1, "the first call on the worker")
             # The held call never ends by itself: the queued ones are refused when
             # their wait runs out, while it still holds the only slot.
             queued = [asyncio.create_task(client.infer("digits", IMAGE)) for _ in range(3)]
@@ -129,7 +107,7 @@ async def test_a_queued_call_waits_no_longer_than_the_queue_time(fake: FakeWorke
             # The slots the waiters gave up are all back: the next call goes straight in.
             fake.hold = asyncio.Event()
             again = [asyncio.create_task(client.infer("digits", IMAGE)) for _ in range(1)]
-            await _until(lambda: fake.in_flight == 1, "a new call on the worker")
+            await until(lambda: fake.in_flight == 1, "a new call on the worker")
             fake.hold.set()
             await asyncio.wait_for(asyncio.gather(*again), 60)
         text = await _metrics(gateway)
@@ -148,26 +126,26 @@ def _slots_in_use(gateway: Gateway) -> int:
 async def test_a_waiter_whose_deadline_or_caller_gives_up_leaves_no_slot_behind(
     fake: FakeWorker,
 ) -> None:
-    gateway = await _gateway(
+    gateway = await routing_gateway(
         fake.address, max_outstanding_per_worker=1, queue_size=10, queue_seconds=120
     )
     try:
         async with AsyncGatewayClient(gateway.address) as client:
             held = asyncio.create_task(client.infer("digits", IMAGE))
-            await _until(lambda: fake.in_flight == 1, "the first call on the worker")
+            await until(lambda: fake.in_flight == 1, "the first call on the worker")
             # The caller's deadline is shorter than the queue time: it bounds the wait.
             with pytest.raises(TensorgateClientError) as error:
                 await asyncio.wait_for(client.infer("digits", IMAGE, timeout=0.5), 60)
             assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             cancelled = asyncio.create_task(client.infer("digits", IMAGE))
-            await _until(lambda: _queued(gateway) == 1, "a call in the queue")
+            await until(lambda: _queued(gateway) == 1, "a call in the queue")
             cancelled.cancel()
             await asyncio.gather(cancelled, return_exceptions=True)
-            await _until(lambda: _queued(gateway) == 0, "the cancelled call leaving the queue")
+            await until(lambda: _queued(gateway) == 0, "the cancelled call leaving the queue")
             assert fake.hold is not None
             fake.hold.set()
             await asyncio.wait_for(held, 60)
-            await _until(lambda: _slots_in_use(gateway) == 0, "every slot given back")
+            await until(lambda: _slots_in_use(gateway) == 0, "every slot given back")
             # Only the held call reached the worker: the two that gave up never did.
             assert fake.calls == 1
             await asyncio.wait_for(client.infer("digits", IMAGE), 60)
@@ -180,7 +158,7 @@ def _queued(gateway: Gateway) -> int:
 
 
 async def test_a_stream_holds_its_slot_until_it_ends(fake: FakeWorker) -> None:
-    gateway = await _gateway(fake.address, max_outstanding_per_worker=1, queue_size=0)
+    gateway = await routing_gateway(fake.address, max_outstanding_per_worker=1, queue_size=0)
     try:
         async with AsyncGatewayClient(gateway.address) as client:
             chunks: list[Any] = []
@@ -190,7 +168,7 @@ async def test_a_stream_holds_its_slot_until_it_ends(fake: FakeWorker) -> None:
                     chunks.append(chunk)
 
             streaming = asyncio.create_task(stream())
-            await _until(lambda: len(chunks) == 1, "the stream's first chunk")
+            await until(lambda: len(chunks) == 1, "the stream's first chunk")
             # Its first chunk came, and the stream is still open: the slot is taken.
             with pytest.raises(ResourceExhaustedError):
                 await asyncio.wait_for(_one_stream(client), 60)
@@ -214,7 +192,7 @@ async def test_a_burst_through_the_real_worker_is_admitted_or_refused_with_retry
     # The real Triton answers fast, so how many are refused depends on timing: what is
     # checked is that every call either succeeds or is refused as overloaded, with a
     # RetryInfo, and that the gateway counted each refusal.
-    gateway = await _gateway(
+    gateway = await routing_gateway(
         worker.address, max_outstanding_per_worker=1, queue_size=2, queue_seconds=30
     )
     try:

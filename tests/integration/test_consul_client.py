@@ -18,31 +18,13 @@ from services.runtime.consul import (
     ConsulRefused,
     ConsulRegistration,
     ConsulUnavailable,
-    HealthyInstance,
     follow_healthy,
 )
 from services.runtime.metrics import ServiceMetrics
 from services.runtime.server import GrpcService, build_server
 from services.runtime.settings import ServiceSettings
 from tests.consul_double import ConsulDouble
-
-WAIT_S = 30.0  # generous: these machines are shared and busy
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def double() -> AsyncIterator[ConsulDouble]:
-    agent = ConsulDouble()
-    await agent.start()
-    yield agent
-    await agent.stop()
+from tests.helpers import UNTIL_S, until
 
 
 @pytest.fixture
@@ -68,7 +50,7 @@ async def test_a_service_registers_with_a_grpc_check_and_deregisters_on_stop(
     assert service.consul is not None
     sid = service.consul.service_id
     try:
-        await eventually(lambda: sid in double.services, "registered")
+        await until(lambda: sid in double.services, "registered")
         registration = double.services[sid]
         assert registration.name == "tensorgate-probe"
         assert f"{registration.address}:{registration.port}" == service.address
@@ -77,16 +59,16 @@ async def test_a_service_registers_with_a_grpc_check_and_deregisters_on_stop(
         assert registration.check["grpcusetls"] is False
         assert registration.check["deregistercriticalserviceafter"] == "600000ms"
         # The double's own probe of the real health service says passing.
-        await eventually(lambda: registration.probes > 0, "probed")
+        await until(lambda: registration.probes > 0, "probed")
         _, healthy = await agent.healthy("tensorgate-probe")
         assert [i.address for i in healthy] == [service.address]
         assert await agent.is_registered(sid)
         # Health says NOT_SERVING: the double's probe takes it out of the passing set.
         await service.set_serving(False)
-        await eventually(lambda: registration.status == "critical", "critical")
+        await until(lambda: registration.status == "critical", "critical")
         assert (await agent.healthy("tensorgate-probe"))[1] == []
         await service.set_serving(True)
-        await eventually(lambda: registration.status == "passing", "passing again")
+        await until(lambda: registration.status == "passing", "passing again")
     finally:
         await service.stop()
     assert sid not in double.services
@@ -105,12 +87,12 @@ async def test_blocking_query_wakes_on_change_and_not_before(
     try:
         assert other.consul is not None
         other_id = other.consul.service_id
-        await eventually(lambda: other_id in double.services, "other registered")
+        await until(lambda: other_id in double.services, "other registered")
         await asyncio.sleep(0.5)
         assert not query.done()
         service = await _service(double)
         try:
-            new_index, healthy = await asyncio.wait_for(query, WAIT_S)
+            new_index, healthy = await asyncio.wait_for(query, UNTIL_S)
             assert new_index > index
             assert [i.address for i in healthy] == [service.address]
         finally:
@@ -134,7 +116,7 @@ async def test_meta_changes_are_registered_again(double: ConsulDouble) -> None:
         assert service.consul is not None
         sid = service.consul.service_id
         service.consul.set_meta(models="digits:1,tinylm:2")
-        await eventually(
+        await until(
             lambda: (
                 sid in double.services
                 and double.services[sid].meta.get("models") == "digits:1,tinylm:2"
@@ -142,16 +124,18 @@ async def test_meta_changes_are_registered_again(double: ConsulDouble) -> None:
             "meta registered",
         )
         service.consul.set_meta(models="digits:1")
-        await eventually(lambda: double.services[sid].meta.get("models") == "digits:1", "meta")
+        await until(lambda: double.services[sid].meta.get("models") == "digits:1", "meta")
     finally:
         await service.stop()
 
 
 async def _follow(
-    agent: ConsulAgent, name: str, seen: list[list[str]]
+    agent: ConsulAgent, name: str, seen: list[list[str]], *, wait: float = 2.0
 ) -> Callable[[], Awaitable[None]]:
+    """Follows `name`, appending each answer's addresses to `seen`; returns its stop."""
+
     async def run() -> None:
-        async for instances in follow_healthy(agent, name, wait=2, settle=1.0):
+        async for instances in follow_healthy(agent, name, wait=wait, settle=1.0):
             seen.append([i.address for i in instances])
 
     task = asyncio.ensure_future(run())
@@ -171,7 +155,7 @@ async def test_agent_that_comes_back_gets_the_registration_again_and_followers_r
     stop_following = await _follow(agent, "tensorgate-probe", seen)
     try:
         assert service.consul is not None
-        await eventually(lambda: bool(seen) and seen[-1] == [service.address], "followed")
+        await until(lambda: bool(seen) and seen[-1] == [service.address], "followed")
         changes_before = len(seen)
         await double.stop()  # the agent goes away, and its state with it
         with pytest.raises(ConsulUnavailable):
@@ -181,16 +165,16 @@ async def test_agent_that_comes_back_gets_the_registration_again_and_followers_r
         assert len(seen) == changes_before
         await double.start()  # same port, no registrations
         sid = service.consul.service_id
-        await eventually(lambda: sid in double.services, "registered again")
+        await until(lambda: sid in double.services, "registered again")
         assert service.consul.registrations >= 2
         # Registered again as passing (the service is SERVING), so followers never
         # saw it leave.
-        await eventually(lambda: double.services[sid].probes > 0, "probed after the restart")
+        await until(lambda: double.services[sid].probes > 0, "probed after the restart")
         assert all(addresses == [service.address] for addresses in seen[changes_before:])
         _, healthy = await agent.healthy("tensorgate-probe")
         assert [i.address for i in healthy] == [service.address]
         await service.stop()
-        await eventually(lambda: seen[-1] == [], "follower saw it leave")
+        await until(lambda: seen[-1] == [], "follower saw it leave")
     finally:
         await stop_following()
         await service.stop()
@@ -227,40 +211,29 @@ async def test_an_agent_that_is_not_there_is_unavailable() -> None:
 async def test_following_is_blocking_queries_not_polling(
     double: ConsulDouble, agent: ConsulAgent
 ) -> None:
-    seen: list[list[HealthyInstance]] = []
-
-    async def follow() -> None:
-        async for instances in follow_healthy(agent, "tensorgate-probe", wait=60):
-            seen.append(instances)
-
+    seen: list[list[str]] = []
     path = "/v1/health/service/tensorgate-probe"
-    task = asyncio.ensure_future(follow())
+    stop = await _follow(agent, "tensorgate-probe", seen, wait=60)
     try:
-        await eventually(lambda: len(seen) == 1, "first answer")
-        await eventually(lambda: double.requests.count(("GET", path)) == 2, "blocking query")
+        await until(lambda: len(seen) == 1, "first answer")
+        await until(lambda: double.requests.count(("GET", path)) == 2, "blocking query")
         await asyncio.sleep(1.0)  # nothing changes: that query is still waiting, no other
         assert double.requests.count(("GET", path)) == 2
         assert seen == [[]]
         service = await _service(double)
         try:
-            await eventually(lambda: len(seen) == 2, "woken by the registration")
-            assert [i.address for i in seen[1]] == [service.address]
+            await until(lambda: len(seen) == 2, "woken by the registration")
+            assert seen[1] == [service.address]
         finally:
             await service.stop()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop()
 
 
 async def test_following_outlives_answers_it_cannot_read(
     double: ConsulDouble, agent: ConsulAgent
 ) -> None:
-    seen: list[list[HealthyInstance]] = []
-
-    async def follow() -> None:
-        async for instances in follow_healthy(agent, "tensorgate-probe", wait=60):
-            seen.append(instances)
-
+    seen: list[list[str]] = []
     entry = {"Node": {"Address": "127.0.0.1"}, "Service": {"ID": "x", "Port": "not a port"}}
     double.garbage = [
         web.json_response([], headers={"X-Consul-Index": "abc"}),  # an index not a number
@@ -269,17 +242,16 @@ async def test_following_outlives_answers_it_cannot_read(
         web.Response(text="{not json", headers={"X-Consul-Index": "7"}),
         web.json_response([]),  # no index at all
     ]
-    task = asyncio.ensure_future(follow())
+    stop = await _follow(agent, "tensorgate-probe", seen, wait=60)
     try:
         # The entries that could not be read were skipped, not the whole answer.
-        await eventually(lambda: seen == [[]], "the readable answer")
-        await eventually(lambda: not double.garbage, "every bad answer asked past")
+        await until(lambda: seen == [[]], "the readable answer")
+        await until(lambda: not double.garbage, "every bad answer asked past")
         service = await _service(double)
         try:
-            await eventually(lambda: len(seen) == 2, "still following after them")
-            assert [i.address for i in seen[1]] == [service.address]
+            await until(lambda: len(seen) == 2, "still following after them")
+            assert seen[1] == [service.address]
         finally:
             await service.stop()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop()

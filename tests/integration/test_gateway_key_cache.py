@@ -3,7 +3,6 @@ one lookup per key, whatever spelling of the authorization header carries it."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,17 +15,11 @@ from services.auth.settings import AuthSettings
 from services.runtime.api_keys import new_key
 from services.runtime.calls import Call
 from services.runtime.errors import Unauthenticated
+from tests.helpers import gateway_call
 
 
 def _call(header: str) -> Call:
-    return Call(
-        method="/tensorgate.gateway.v1.InferenceGateway/Infer",
-        request_id="test",
-        started=time.perf_counter(),
-        deadline=None,
-        peer="test",
-        metadata=(("authorization", header),),
-    )
+    return gateway_call("Infer", metadata=(("authorization", header),))
 
 
 @pytest.fixture
