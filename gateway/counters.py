@@ -175,15 +175,18 @@ def over_quota(
     return ResourceExhausted(text, subject=f"{scope}:{quota}", retry_after_s=retry_after_s)
 
 
-def over_spend_cap(demand: Demand, spent: int, retry_after_s: float) -> ResourceExhausted:
-    """The refusal of a call whose worst-case cost would take its tenant, which has
-    `spent` micro-units this month, past its monthly spend cap (every counter store)."""
+def over_spend_cap(
+    tenant: str, cap: int, spent: int, cost: int, retry_after_s: float
+) -> ResourceExhausted:
+    """The refusal of a call whose worst-case `cost` would take `tenant`, which has
+    `spent` of its `cap` this month (micro-units), past its monthly spend cap (every
+    counter store)."""
     return over_quota(
-        f"tenant:{demand.tenant}",
+        f"tenant:{tenant}",
         MONTHLY_SPEND_CAP,
-        limit=demand.spend_cap,
+        limit=cap,
         used=spent,
-        asked=demand.cost,
+        asked=cost,
         retry_after_s=retry_after_s,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from gateway.counters import (
     CONCURRENT_STREAMS,
@@ -81,6 +82,70 @@ class _Scope:
         return WINDOW_S
 
 
+class LocalPlan:
+    """What one principal's calls count in, worked out once rather than on every call:
+    the scopes of its key (its lineage's counters) and its tenant with their limits, its
+    tenant's spend cap, and the ledger's seeds for counters that start empty. The
+    counters resolve it again after a sweep has dropped idle scopes."""
+
+    __slots__ = (
+        "checks",
+        "daily",
+        "scopes",
+        "seed_day",
+        "seed_month",
+        "spend_cap",
+        "spend_key",
+        "spend_month",
+        "spend_seed",
+        "streamed",
+        "sweeps",
+        "tenant",
+        "windowed",
+    )
+
+    def __init__(
+        self,
+        *,
+        key_id: str,
+        lineage_id: str,
+        tenant: str,
+        key_limits: Limits,
+        tenant_limits: Limits,
+        key_day_seed: int,
+        tenant_day_seed: int,
+        seed_day: str,
+        spend_cap: int,
+        spend_seed: int,
+        seed_month: str,
+    ) -> None:
+        """Seeds count only on `seed_day` (UTC, "2024-06-30") and `seed_month`
+        ("2024-06"): what the ledger said then says nothing about a later day."""
+        key = "key:" + key_id
+        tenant_scope = "tenant:" + tenant
+        # (name a refusal gives, name counted under, limits, day seed)
+        self.scopes = (
+            (key, "key:" + lineage_id if lineage_id else key, key_limits, key_day_seed),
+            (tenant_scope, tenant_scope, tenant_limits, tenant_day_seed),
+        )
+        self.tenant = tenant
+        self.seed_day = seed_day
+        self.spend_cap = spend_cap
+        self.spend_seed = spend_seed
+        self.seed_month = seed_month
+        self.spend_month = self.spend_key = ""
+        self.sweeps = -1  # not resolved yet
+        # (scope, name, limits, day seed, and the limits: rpm, tpm, tpd, streams)
+        self.checks: list[tuple[_Scope, str, Limits, int, int, int, int, int]] = []
+        self.windowed: list[_Scope] = []
+        self.daily: list[_Scope] = []
+        self.streamed: list[_Scope] = []
+
+
+# A hold's "nothing counted here": shared, never changed in place.
+_NONE: list[Any] = []
+
+
 class LocalHold:
     """What the in-process store reserved for one call; settled without waiting."""
 
@@ -91,9 +156,9 @@ class LocalHold:
         self.day = day
         self.reserved = (tokens, cost)
         # (scope, sequence number) of the call's minute-window entries.
-        self.entries: list[tuple[_Scope, int]] = []
-        self.day_scopes: list[_Scope] = []
-        self.streams: list[_Scope] = []
+        self.entries: list[tuple[_Scope, int]] = _NONE
+        self.day_scopes: list[_Scope] = _NONE
+        self.streams: list[_Scope] = _NONE
         self.spend_key = ""
 
     async def settle(self, tokens: int, cost: int) -> None:
@@ -119,6 +184,8 @@ class InProcessCounters:
         # "<tenant>:<UTC month>" -> micro-units spent.
         self._spend: dict[str, int] = {}
         self._next_sweep = 0.0
+        # Bumped by every sweep: plans resolved before may point at scopes it dropped.
+        self._sweeps = 0
 
     def _scope(self, name: str) -> _Scope:
         scope = self._scopes.get(name)
@@ -134,42 +201,104 @@ class InProcessCounters:
 
     def reserve_now(self, demand: Demand) -> LocalHold:
         """`reserve`, synchronously: the critical section."""
-        now = self._clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        period = self._calendar.at(now)
-        tokens, stream = demand.tokens, demand.stream_s > 0
-        checked: list[tuple[_Scope, Limits]] = []
-        for name, counted, limits, day_seed in demand.scopes():
+        now, period = self.now()
+        # The gate gave day seeds only for today and a spend seed only for this month.
+        plan = LocalPlan(
+            key_id=demand.key_id,
+            lineage_id=demand.lineage_id,
+            tenant=demand.tenant,
+            key_limits=demand.key_limits,
+            tenant_limits=demand.tenant_limits,
+            key_day_seed=demand.key_day_seed,
+            tenant_day_seed=demand.tenant_day_seed,
+            seed_day=period.day_name,
+            spend_cap=demand.spend_cap,
+            spend_seed=demand.spend_seed,
+            seed_month=period.month_name,
+        )
+        return self.reserve_planned(
+            plan, demand.tokens, demand.stream_s > 0, demand.cost, now, period
+        )
+
+    def _resolve(self, plan: LocalPlan) -> None:
+        """Points `plan` at the scopes its calls count in, as they are now."""
+        plan.sweeps = self._sweeps
+        plan.checks, plan.windowed, plan.daily, plan.streamed = [], [], [], []
+        for name, counted, limits, day_seed in plan.scopes:
             if not is_limited(limits):
                 continue
             scope = self._scope(counted)
-            if limits.tokens_per_day and scope.day != period.day:
-                # A day counter that starts now (a restart) starts from the ledger.
-                scope.day, scope.day_tokens = period.day, day_seed
-            self._check(scope, name, limits, tokens, stream, now, period)
-            checked.append((scope, limits))
-        spend_key, spent = "", 0
-        if demand.spend_cap:
-            spend_key = f"{demand.tenant}:{period.month_name}"
-            spent = self._spend.get(spend_key, demand.spend_seed)
-            if spent + demand.cost > demand.spend_cap:
-                raise over_spend_cap(demand, spent, period.month_end - now)
+            rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+            tpd, streams = limits.tokens_per_day, limits.concurrent_streams
+            plan.checks.append((scope, name, limits, day_seed, rpm, tpm, tpd, streams))
+            if rpm or tpm:
+                plan.windowed.append(scope)
+            if tpd:
+                plan.daily.append(scope)
+            if streams:
+                plan.streamed.append(scope)
+
+    def reserve_planned(
+        self, plan: LocalPlan, tokens: int, stream: bool, cost: int, now: float, period: Period
+    ) -> LocalHold:
+        """Reserves a request, `tokens`, a stream slot when `stream` and `cost` for the
+        principal `plan` describes at `now` (this store's clock) in `period`, or raises
+        ResourceExhausted and reserves nothing."""
+        if now >= self._next_sweep:
+            self._sweep(now)
+        if plan.sweeps != self._sweeps:
+            self._resolve(plan)
+        cutoff = now - WINDOW_S
+        # The checks inline, with the limits read once per plan: this runs on every call.
+        # A check that fails hands over to _check, which words the refusal.
+        for scope, name, limits, day_seed, rpm, tpm, tpd, streams in plan.checks:
+            if rpm or tpm:
+                admitted = scope.admitted
+                if admitted and admitted[0] <= cutoff:
+                    scope.prune(now)
+                if (rpm and len(admitted) >= rpm) or (tpm and scope.window_tokens + tokens > tpm):
+                    self._check(scope, name, limits, tokens, stream, now, period)
+            if tpd:
+                if scope.day != period.day:
+                    # A day counter that starts now (a restart) starts from the ledger.
+                    scope.day = period.day
+                    scope.day_tokens = day_seed if plan.seed_day == period.day_name else 0
+                if scope.day_tokens + tokens > tpd:
+                    self._check(scope, name, limits, tokens, stream, now, period)
+            if stream and streams and scope.streams >= streams:
+                self._check(scope, name, limits, tokens, stream, now, period)
+        spend_key, spent, cap = "", 0, plan.spend_cap
+        if cap:
+            if plan.spend_month != period.month_name:
+                plan.spend_month = period.month_name
+                plan.spend_key = f"{plan.tenant}:{period.month_name}"
+            spend_key = plan.spend_key
+            spent = self._spend.get(spend_key, -1)
+            if spent < 0:
+                spent = plan.spend_seed if plan.seed_month == period.month_name else 0
+            if spent + cost > cap:
+                raise over_spend_cap(plan.tenant, cap, spent, cost, period.month_end - now)
         # Every check passed: from here on nothing can refuse.
-        hold = LocalHold(self, period.day, tokens, demand.cost)
-        for scope, limits in checked:
-            if limits.requests_per_minute or limits.tokens_per_minute:
-                hold.entries.append((scope, scope.admit(now, tokens)))
-            if limits.tokens_per_day:
+        hold = LocalHold(self, period.day, tokens, cost)
+        if plan.windowed:
+            hold.entries = [(scope, scope.admit(now, tokens)) for scope in plan.windowed]
+        if plan.daily:
+            for scope in plan.daily:
                 scope.day_tokens += tokens
-                hold.day_scopes.append(scope)
-            if stream and limits.concurrent_streams:
+            hold.day_scopes = plan.daily  # never changed in place: _resolve makes new lists
+        if stream and plan.streamed:
+            for scope in plan.streamed:
                 scope.streams += 1
-                hold.streams.append(scope)
+            hold.streams = plan.streamed
         if spend_key:
-            self._spend[spend_key] = spent + demand.cost
+            self._spend[spend_key] = spent + cost
             hold.spend_key = spend_key
         return hold
+
+    def now(self) -> tuple[float, Period]:
+        """This store's time, and the UTC day and month it falls in."""
+        now = self._clock()
+        return now, self._calendar.at(now)
 
     @staticmethod
     def _check(
@@ -243,11 +372,12 @@ class InProcessCounters:
         if spend_key and spend_key in self._spend:
             self._spend[spend_key] += cost - reserved_cost
         # Settling twice must not give back twice.
-        hold.entries, hold.day_scopes, hold.streams, hold.spend_key = [], [], [], ""
+        hold.entries, hold.day_scopes, hold.streams, hold.spend_key = _NONE, _NONE, _NONE, ""
 
     def _sweep(self, now: float) -> None:
         """Drops scopes with nothing counted, and spend of past months."""
         self._next_sweep = now + WINDOW_S
+        self._sweeps += 1
         period = self._calendar.at(now)
         idle = []
         for name, scope in self._scopes.items():

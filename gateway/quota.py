@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -41,7 +41,7 @@ from gateway.counters import (
     check_fits,
     is_limited,
 )
-from gateway.local_counters import InProcessCounters, LocalHold
+from gateway.local_counters import InProcessCounters, LocalHold, LocalPlan
 from services.runtime.calls import Call, Principal, Usage
 
 _GENERATE = inference_pb2.GenerateRequest
@@ -92,8 +92,9 @@ def model_name(ref: str) -> str:
 
 
 UNRESOLVED = "(unresolved)"
-# Model scope answers remembered by the gate (see QuotaGate.__init__).
-_MAX_ADMITTED = 10_000
+# Plans the gate keeps (one per principal in use), and model refs per plan.
+_MAX_PLANS = 10_000
+_MAX_MODELS = 1_000
 # Spend in micro-units stays far inside a 64-bit counter whatever a price times a count is.
 _MAX_MICROS = 2**62
 
@@ -132,17 +133,24 @@ class QuotaReservation:
 
     async def settle(self, usage: Usage | None) -> None:
         """The call ended normally: count what it used (None: nothing reported)."""
-        await self._end(usage, errors=0)
+        remote = self._end(usage, 0)
+        if remote is not None:
+            await remote
 
     async def release(self) -> None:
         """The call failed or was cancelled: give back what it did not use. The
         request stays counted (it was admitted), and tokens the call produced before
         it ended (the handler's `note_usage`, e.g. a cancelled stream) are counted."""
-        await self._end(self._call.usage, errors=1)
+        remote = self._end(self._call.usage, 1)
+        if remote is not None:
+            await remote
 
-    async def _end(self, usage: Usage | None, *, errors: int) -> None:
+    def _end(self, usage: Usage | None, errors: int) -> Awaitable[None] | None:
+        """Books the call's usage and settles an in-process hold; returns the settling
+        still to await for a hold in another store. Not a coroutine: the in-process
+        store settles on every call, and a coroutine costs more than the settling."""
         if self._done:
-            return
+            return None
         self._done = True
         call = self._call
         prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
@@ -179,8 +187,35 @@ class QuotaReservation:
         hold = self._hold
         if type(hold) is LocalHold:
             hold.settle_now(prompt + completion, cost)  # in process: nothing to await
-        elif hold is not None:
-            await hold.settle(prompt + completion, cost)
+            return None
+        return None if hold is None else hold.settle(prompt + completion, cost)
+
+
+class _Plan:
+    """What the gate works out once per principal rather than on every call."""
+
+    __slots__ = ("fits_tokens", "local", "metered", "models", "principal", "spend_cap")
+
+    def __init__(self, principal: Principal, local: LocalPlan | None) -> None:
+        self.principal = principal
+        # Model refs the key may call, as it named them -> the model name they name.
+        self.models: dict[str, str] = {}
+        self.spend_cap = _micro_units(principal.monthly_spend_cap * MICROS)
+        self.metered = bool(
+            self.spend_cap
+            or is_limited(principal.key_limits)
+            or is_limited(principal.tenant_limits)
+        )
+        # The most tokens a call may ask for and still fit every token limit when
+        # nothing else is counted (check_fits says why a call over it never fits).
+        bounds = [
+            limit
+            for limits in (principal.key_limits, principal.tenant_limits)
+            for limit in (limits.tokens_per_minute, limits.tokens_per_day)
+            if limit > 0
+        ]
+        self.fits_tokens = min(bounds, default=_MAX_MICROS)
+        self.local = local
 
 
 class QuotaGate:
@@ -205,13 +240,12 @@ class QuotaGate:
         model a request names (checked before anything is reserved)."""
         self._counters = counters
         # The in-process store reserves without waiting: no coroutine on the hot path.
-        self._reserve_now = (
-            counters.reserve_now if isinstance(counters, InProcessCounters) else None
-        )
+        self._local = counters if isinstance(counters, InProcessCounters) else None
         self._admits = admits
-        # (model patterns, model ref) pairs `admits` allowed: callers repeat the same few,
-        # so each is matched once. Cleared when full, so callers cannot grow it unbounded.
-        self._admitted: set[tuple[tuple[str, ...], str]] = set()
+        # Plans by the id of the principal they were made for (the authentication
+        # stage hands out one Principal object per key until it asks the auth service
+        # again), so a call pays a dict lookup for them. Cleared when full.
+        self._plans: dict[int, _Plan] = {}
         self._prices = prices
         self.usage = usage
         self._max_call_s = max_call_s
@@ -222,36 +256,61 @@ class QuotaGate:
     async def close(self) -> None:
         await self._counters.close()
 
+    def _plan(self, principal: Principal) -> _Plan:
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        local = None
+        if self._local is not None:
+            local = LocalPlan(
+                key_id=principal.key_id,
+                lineage_id=principal.lineage_id,
+                tenant=principal.tenant,
+                key_limits=principal.key_limits,
+                tenant_limits=principal.tenant_limits,
+                key_day_seed=principal.lineage_day_tokens,
+                tenant_day_seed=principal.tenant_day_tokens,
+                seed_day=principal.usage_day,
+                spend_cap=_micro_units(principal.monthly_spend_cap * MICROS),
+                spend_seed=_micro_units(principal.month_spend * MICROS),
+                seed_month=principal.spend_month,
+            )
+        plan = self._plans[id(principal)] = _Plan(principal, local)
+        return plan
+
+    def _model(self, plan: _Plan, ref: str) -> str:
+        """The model name `ref` names, once the key is allowed it (raises otherwise)."""
+        if self._admits is not None:
+            self._admits(plan.principal, ref)  # raises when not allowed
+        if len(plan.models) >= _MAX_MODELS:
+            plan.models.clear()  # callers cannot grow it unbounded
+        name = plan.models[ref] = model_name(ref)
+        return name
+
     async def reserve(self, call: Call, request: Any) -> QuotaReservation | None:
         principal = call.principal
         if principal is None:
             return None
         kind = type(request)
-        admits = self._admits
-        if admits is not None and (kind is _GENERATE or kind is _INFER):
-            pair = (principal.models, request.model)
-            if pair not in self._admitted:
-                admits(principal, request.model)  # raises when not allowed
-                if len(self._admitted) >= _MAX_ADMITTED:
-                    self._admitted.clear()
-                self._admitted.add(pair)
-        remaining = call.remaining()
-        call_s = self._max_call_s if remaining is None else max(remaining, 0.0)
-        # A slot a dead gateway never gave back frees itself a little after the call's
-        # deadline would have ended the stream anyway.
-        hold_s = min(call_s + 1.0, self._max_stream_s)
         if kind is _GENERATE:
             text = request.prompt
             # Its UTF-8 length, without copying an ASCII prompt to count it.
             prompt = len(text) if text.isascii() else len(text.encode())
             completion = max(request.max_tokens, 0)
-            stream_s = hold_s
+            stream = True
         elif kind is _INFER:
             prompt = completion = 0
-            stream_s = 0.0
+            stream = False
         else:
             return None
-        model = model_name(request.model)
+        plan = self._plans.get(id(principal))
+        if plan is None or plan.principal is not principal:
+            plan = self._plan(principal)
+        ref = request.model
+        model = plan.models.get(ref)
+        if model is None:
+            model = self._model(plan, ref)
+        remaining = call.remaining()
+        call_s = self._max_call_s if remaining is None else max(remaining, 0.0)
         price = self._prices(model)
         cost = 0
         if price is not None:
@@ -267,21 +326,38 @@ class QuotaGate:
             cost = (math.ceil(bound) if bound < _MAX_MICROS else _MAX_MICROS) + (
                 1 if price.compute_per_second > 0 else 0
             )
-        period = self._calendar.at(self._clock())
+        local, counters = plan.local, self._local
+        if counters is not None:
+            # The store's own clock: the day a call is booked to is the day it counted in.
+            now, period = counters.now()
+        else:
+            now = self._clock()
+            period = self._calendar.at(now)
         day = period.day_name
-        cap = principal.monthly_spend_cap
-        if not (cap or is_limited(principal.key_limits) or is_limited(principal.tenant_limits)):
+        if not plan.metered:
             # Nothing to enforce: no trip to the counters, only the ledger.
             return QuotaReservation(self, call, None, price, day)
+        tokens = prompt + completion
+        if (
+            local is not None
+            and counters is not None
+            and tokens <= plan.fits_tokens
+            and cost <= (plan.spend_cap or cost)
+        ):
+            hold = counters.reserve_planned(local, tokens, stream, cost, now, period)
+            return QuotaReservation(self, call, hold, price, day)
+        # A slot a dead gateway never gave back frees itself a little after the call's
+        # deadline would have ended the stream anyway.
+        hold_s = min(call_s + 1.0, self._max_stream_s)
         demand = Demand(
             key_id=principal.key_id,
             tenant=principal.tenant,
             key_limits=principal.key_limits,
             tenant_limits=principal.tenant_limits,
-            tokens=prompt + completion,
-            stream_s=stream_s,
+            tokens=tokens,
+            stream_s=hold_s if stream else 0.0,
             hold_s=hold_s,
-            spend_cap=_micro_units(cap * MICROS),
+            spend_cap=plan.spend_cap,
             # An answer the auth service gave last month says nothing about this one.
             spend_seed=(
                 _micro_units(principal.month_spend * MICROS)
@@ -295,8 +371,4 @@ class QuotaGate:
             demand.key_day_seed = principal.lineage_day_tokens
             demand.tenant_day_seed = principal.tenant_day_tokens
         check_fits(demand)
-        reserve_now = self._reserve_now
-        hold = (
-            reserve_now(demand) if reserve_now is not None else await self._counters.reserve(demand)
-        )
-        return QuotaReservation(self, call, hold, price, day)
+        return QuotaReservation(self, call, await self._counters.reserve(demand), price, day)

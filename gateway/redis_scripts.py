@@ -212,7 +212,7 @@ def refusal(
     """What a reserve that was refused (RESERVE's reply {0, ...}) tells the caller."""
     _, scope_no, quota_no, used, retry_ms = (int(value) for value in reply)
     if quota_no == 5:
-        return over_spend_cap(demand, used, month_end - now)
+        return over_spend_cap(demand.tenant, demand.spend_cap, used, demand.cost, month_end - now)
     scope, limits = (
         (f"key:{demand.key_id}", demand.key_limits)
         if scope_no == 1

@@ -413,6 +413,27 @@ async def test_idle_scopes_are_swept() -> None:
     assert len(counters._scopes) == 1
 
 
+async def test_a_key_counts_in_one_scope_across_sweeps_and_principal_objects() -> None:
+    # The gate works out once per Principal object where its calls count; a sweep that
+    # dropped the key's idle scope, or a fresh Principal for the same key (the auth
+    # cache asked again), must still count in the one scope every other call sees.
+    clock = Clock()
+    gate = make_gate(clock)
+    limits = Limits(requests_per_minute=2, concurrent_streams=1)
+    first = principal(key=limits)
+    await (await admit(gate, first, infer())).settle(None)
+    clock.now = NOON + 121  # the window emptied: the next call sweeps the scope away
+    await (await admit(gate, first, infer())).settle(None)
+    again = replace(first)
+    assert again is not first
+    stream = await admit(gate, again, generate())
+    assert (await refused(gate, first, infer())).subject == "key:k1:requests_per_minute"
+    clock.now += 61
+    assert (await refused(gate, first, generate())).subject == "key:k1:concurrent_streams"
+    await stream.settle(Usage(1, 1))
+    await (await admit(gate, first, generate())).settle(None)
+
+
 async def test_a_call_that_never_resolved_its_model_is_booked_as_unresolved() -> None:
     clock, ledger = Clock(), Ledger()
     gate = make_gate(clock, ledger=ledger)
