@@ -223,6 +223,10 @@ class LocalPlatform:
                 str(metrics["registry"]),
                 "--data-dir",
                 str(self.data_dir / "registry"),
+                # Where optimization jobs measure latency: the workers' ports are chosen
+                # already, and the jobs wait for a worker to serve what they deploy.
+                "--workers",
+                ",".join(self.worker_addresses),
             )
             # Started beside the registry (it has its own migrations to run), so that the
             # two come up together; stopped after the gateways, which depend on it.

@@ -28,6 +28,7 @@ from tensorgate.registry.v1 import registry_pb2
 from tensorgate.registry_client import AsyncRegistryClient
 
 from launcher import output
+from launcher.optimize_commands import optimize_app
 from launcher.options import (
     DEFAULT_ADDRESS,
     Address,
@@ -48,6 +49,7 @@ models_app = typer.Typer(
 )
 # Aliases and deployments live in their own module; their commands join this group.
 models_app.add_typer(rollout_app)
+models_app.add_typer(optimize_app)
 
 
 def _labels(labels: Mapping[str, str]) -> str:

@@ -3,6 +3,7 @@ reach production. Aliases name versions and record every move; deployments say w
 workers must serve.
 
     tensorgate models alias digits production 2 --expect 1 --reason "better accuracy"
+    tensorgate models alias digits production 2 --max-quality-loss 0.01
     tensorgate models history digits production --at 2025-06-01T14:30
     tensorgate models rollback digits production --reason "latency regression"
     tensorgate models deploy digits@production --instances 2
@@ -51,16 +52,30 @@ def alias(
         typer.Option(help="move only if it points at this version now (0: only if new)"),
     ] = None,
     reason: Reason = "",
+    max_quality_loss: Annotated[
+        float | None,
+        typer.Option(
+            help="the alias's policy from now on: refuse versions that lost more quality "
+            "than this against their parent (accuracy for digits, nats/byte for tinylm)"
+        ),
+    ] = None,
+    clear_policy: Annotated[bool, typer.Option(help="remove the alias's policy")] = False,
     address: Address = DEFAULT_ADDRESS,
     api_key: ApiKey = None,
 ) -> None:
-    """Point an alias at a version (recorded in its history)."""
+    """Point an alias at a version (recorded in its history), under its policy."""
 
     moved = with_registry(
         address,
         api_key,
         lambda registry: registry.set_alias(
-            name, alias_name, version, expected_version=expect, reason=reason
+            name,
+            alias_name,
+            version,
+            expected_version=expect,
+            reason=reason,
+            max_quality_loss=max_quality_loss,
+            clear_policy=clear_policy,
         ),
     )
     output.result(

@@ -2,7 +2,8 @@
 
 No download: the 1,797 8x8 images ship inside scikit-learn. Trains the MLP defined in
 `models/repository/digits/1/digits_arch.py` with a fixed seed, prints the held-out
-accuracy and writes `models/repository/digits/1/digits.pt`.
+accuracy and writes `models/repository/digits/1/digits.pt` and the held-out images
+(`models/data/digits_heldout.npz`, for the optimizer's evaluation).
 
     python models/training/train_digits.py            # a few seconds
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from arch import load_arch  # the sibling models/training/arch.py
@@ -20,6 +22,9 @@ from sklearn.model_selection import train_test_split
 
 MODELS = Path(__file__).resolve().parents[1]
 OUT = MODELS / "repository" / "digits" / "1" / "digits.pt"
+# The images this training holds out, for the optimizer's held-out accuracy
+# (services/registry/optimization/evaluation.py): shipped, so the registry needs no sklearn.
+HELD_OUT = MODELS / "data" / "digits_heldout.npz"
 
 
 def main() -> None:
@@ -58,6 +63,7 @@ def main() -> None:
     print(f"train {len(xtr)} / test {len(xte)} images; final batch loss {loss.item():.4f}")
     print(f"held-out accuracy: {accuracy:.4f}")
     arch.save_checkpoint(model, args.out)
+    np.savez_compressed(HELD_OUT, images=x_test.astype(np.uint8), labels=y_test.astype(np.uint8))
     print(f"saved {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
 
 

@@ -282,15 +282,21 @@ class AsyncRegistryClient(AsyncChannelClient):
         *,
         expected_version: int | None = None,
         reason: str = "",
+        max_quality_loss: float | None = None,
+        clear_policy: bool = False,
     ) -> registry_pb2.Alias:
         """Points `alias` at `version`; with `expected_version`, only if it points there now
-        (0: only if the alias does not exist yet), else FailedPreconditionError."""
+        (0: only if the alias does not exist yet), else FailedPreconditionError. With
+        `max_quality_loss`, the alias keeps that policy: a version that lost more quality
+        against its parent is refused (FailedPreconditionError naming the figures)."""
         request = registry_pb2.SetAliasRequest(
             model=model,
             alias=alias,
             version=version,
             expected_version=expected_version,
             reason=reason,
+            max_quality_loss=max_quality_loss,
+            clear_policy=clear_policy,
         )
         return await self._unary(self._stub.SetAlias, request)
 
@@ -357,6 +363,50 @@ class AsyncRegistryClient(AsyncChannelClient):
         return list(response.deployments)
 
     # The change feed
+
+    async def start_optimization(
+        self,
+        ref: str,
+        steps: list[tuple[str, dict[str, str]]],
+        *,
+        description: str = "",
+        latency_calls: int = 0,
+    ) -> registry_pb2.OptimizationJob:
+        """Starts a job deriving an optimized version of `ref` (steps: (method, parameters),
+        e.g. [("prune", {"sparsity": "0.5"}), ("int8-dynamic", {})]); returns it queued."""
+        request = registry_pb2.StartOptimizationRequest(
+            ref=ref,
+            steps=[registry_pb2.OptimizationStep(method=m, parameters=p) for m, p in steps],
+            description=description,
+            latency_calls=latency_calls,
+        )
+        return await self._unary(self._stub.StartOptimization, request)
+
+    async def get_optimization_job(self, job_id: str) -> registry_pb2.OptimizationJob:
+        request = registry_pb2.GetOptimizationJobRequest(id=job_id)
+        return await self._unary(self._stub.GetOptimizationJob, request)
+
+    async def list_optimization_jobs(
+        self, model: str = "", *, limit: int = 0
+    ) -> list[registry_pb2.OptimizationJob]:
+        request = registry_pb2.ListOptimizationJobsRequest(model=model, limit=limit)
+        return list((await self._unary(self._stub.ListOptimizationJobs, request)).jobs)
+
+    async def wait_optimization_job(
+        self, job_id: str, *, interval: float = 0.5
+    ) -> AsyncIterator[registry_pb2.OptimizationJob]:
+        """The job each time its stage or progress changes, until it is DONE or FAILED
+        (the last one yielded)."""
+        finished = (registry_pb2.OptimizationJob.DONE, registry_pb2.OptimizationJob.FAILED)
+        seen: tuple[str, float] | None = None
+        while True:
+            job = await self.get_optimization_job(job_id)
+            if (job.stage, job.progress) != seen or job.state in finished:
+                seen = (job.stage, job.progress)
+                yield job
+            if job.state in finished:
+                return
+            await asyncio.sleep(interval)
 
     async def watch(self, since_revision: int = 0) -> AsyncIterator[registry_pb2.RegistryEvent]:
         """Every event after `since_revision`, then live ones; leaving the loop ends the call."""

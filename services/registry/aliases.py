@@ -14,6 +14,7 @@ from sqlalchemy import Select, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from tensorgate.registry.v1 import registry_pb2 as pb
 
+from services.registry.alias_policy import check_bound, require_within
 from services.registry.records import (
     Change,
     alias_message,
@@ -25,6 +26,7 @@ from services.registry.records import (
     require_alias,
     require_model,
     require_version,
+    version_message,
 )
 from services.registry.schema import alias_moves, aliases, deployments
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, shown
@@ -43,16 +45,25 @@ async def set_alias(
     expected_version: int | None,
     reason: str,
     actor: str,
+    policy: float | None = None,
+    clear_policy: bool = False,
 ) -> pb.Alias:
+    """Moves the alias (compare-and-set), under its quality policy: the one it has, or
+    `policy` when given (which it keeps from then on); `clear_policy` removes it."""
     check_name("alias", alias)
     if version < 1:
         raise InvalidArgument("version", f"must be a version number (>= 1), got {version}")
     if expected_version is not None and expected_version < 0:
         raise InvalidArgument("expected_version", f"must be >= 0, got {expected_version}")
     connection = change.connection
-    await require_version(connection, model, version)
+    target = version_message(await require_version(connection, model, version))
     current = await find_alias(connection, model, alias)
     now = current.version if current is not None else 0
+    bound = None if current is None else current.max_quality_loss
+    if clear_policy:
+        bound = None
+    if policy is not None:
+        bound = check_bound(policy)
     if expected_version is not None and expected_version != now:
         if current is None:
             raise FailedPrecondition(
@@ -63,9 +74,29 @@ async def set_alias(
         raise FailedPrecondition(
             f"{_named(model, alias)} points at version {now}, not {expected_version}"
         )
+    if bound is not None:
+        require_within(target, alias, bound)
     if current is not None and now == version:
-        return alias_message(current)  # already there: nothing moves, nothing is recorded
-    return await _move(change, model, alias, now, version, reason, actor, rollback=False)
+        if bound == current.max_quality_loss:
+            return alias_message(current)  # already there: nothing moves, nothing is recorded
+        return await _set_policy(change, model, alias, bound)
+    return await _move(
+        change, model, alias, now, version, reason, actor, rollback=False, policy=bound
+    )
+
+
+async def _set_policy(change: Change, model: str, alias: str, bound: float | None) -> pb.Alias:
+    """A policy change without a move: no alias_moves row (nothing moved), but an event,
+    so followers of the feed see the alias as it is."""
+    await change.stamp()
+    await change.connection.execute(
+        update(aliases)
+        .where(aliases.c.model == model, aliases.c.name == alias)
+        .values(max_quality_loss=bound)
+    )
+    message = alias_message(await require_alias(change.connection, model, alias))
+    await change.record("alias_moved", message)
+    return message
 
 
 async def rollback_alias(
@@ -139,17 +170,20 @@ async def _move(
     actor: str,
     *,
     rollback: bool,
+    policy: float | None = None,
 ) -> pb.Alias:
     """Points the alias at `to_version` (0 deletes it), recording the move and its event."""
     await change.stamp()
     connection = change.connection
-    row = {
+    row: dict[str, object] = {
         "version": to_version,
         "updated_us": change.at_us,
         "updated_by": actor,
         "reason": reason,
         "revision": change.revision,
     }
+    if not rollback:
+        row["max_quality_loss"] = policy
     key = (aliases.c.model == model, aliases.c.name == alias)
     if to_version == 0:
         await connection.execute(delete(aliases).where(*key))

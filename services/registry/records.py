@@ -169,6 +169,7 @@ def alias_message(row: Row[Any]) -> pb.Alias:
         updated_by=row.updated_by,
         reason=row.reason,
         revision=row.revision,
+        max_quality_loss=row.max_quality_loss,
     )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     ForeignKeyConstraint,
     Index,
     Integer,
@@ -90,6 +91,9 @@ aliases = Table(
     Column("updated_by", Text, nullable=False),
     Column("reason", Text, nullable=False),
     Column("revision", BigInteger, nullable=False),
+    # The alias's policy: the most quality loss (a version's `quality_loss` fact) a
+    # version it points at may have; NULL: none.
+    Column("max_quality_loss", Float, nullable=True),
     PrimaryKeyConstraint("model", "name"),
     # The store refuses to delete a version an alias points at; this is the backstop.
     ForeignKeyConstraint(["model", "version"], ["versions.model", "versions.version"]),
@@ -146,4 +150,28 @@ events = Table(
     Column("payload", LargeBinary, nullable=False),
     Column("subject", String(400), nullable=True),
     Index("ix_events_subject", "subject", "revision"),
+)
+
+# Optimization jobs (optimization/runner.py): each derives at most one version, recorded
+# in result_version as soon as it exists, so that a job cut short (a registry restart)
+# can be found and its version removed.
+optimization_jobs = Table(
+    "optimization_jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model", String(128), nullable=False),
+    Column("parent_version", BigInteger, nullable=False),
+    Column("steps", Text, nullable=False),  # JSON list of {"method", "parameters"}
+    Column("description", Text, nullable=False),
+    Column("latency_calls", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # queued, running, done, failed
+    Column("stage", Text, nullable=False),
+    Column("progress", Float, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("result_version", BigInteger, nullable=False),  # 0: none (yet)
+    Column("created_us", BigInteger, nullable=False),
+    Column("updated_us", BigInteger, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Index("ix_optimization_jobs_model", "model", "created_us"),
+    Index("ix_optimization_jobs_created", "created_us"),
 )

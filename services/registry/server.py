@@ -10,12 +10,14 @@ import structlog
 from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.registry.artifacts import LocalArtifactStore
+from services.registry.optimization.runner import JobRunner
 from services.registry.servicer import ModelRegistryServicer
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
 from services.runtime.server import ServiceBinding, StoredService, build_server
+from services.runtime.tls import channel_credentials
 from services.store.database import database_url
 
 log = structlog.get_logger("tensorgate.registry")
@@ -28,9 +30,11 @@ class Registry(StoredService[RegistryStore]):
     """A running registry: its gRPC service over its store and its artifacts."""
 
     artifacts: LocalArtifactStore
+    runner: JobRunner
 
     async def stop(self) -> None:
         try:
+            await self.runner.close()
             await super().stop()
         finally:
             self.artifacts.close()
@@ -49,9 +53,24 @@ async def start_registry(settings: RegistrySettings) -> Registry:
         swept = await artifacts.collect_garbage(store.referenced_artifacts)
         if swept:
             log.info("removed unreferenced artifacts", count=swept)
+        runner = JobRunner(
+            store,
+            artifacts,
+            workers=settings.workers,
+            credentials=channel_credentials(
+                settings.upstream_ca_file, settings.upstream_cert_file, settings.upstream_key_file
+            ),
+            latency_calls=settings.latency_calls,
+            load_timeout=settings.load_timeout_seconds,
+            evaluation_dir=settings.evaluation_dir,
+            max_bytes=settings.max_artifact_bytes,
+        )
+        # Jobs a stopped registry left unfinished end as failed, their versions removed.
+        await runner.recover()
         servicer = ModelRegistryServicer(
             store,
             artifacts,
+            runner=runner,
             max_bytes=settings.max_artifact_bytes,
             chunk_bytes=settings.chunk_bytes,
             max_uploads=settings.max_uploads,
@@ -69,7 +88,7 @@ async def start_registry(settings: RegistrySettings) -> Registry:
         artifacts.close()
         raise
     log.info("registry ready", revision=await store.feed.current_revision())
-    return Registry(service=service, store=store, artifacts=artifacts)
+    return Registry(service=service, store=store, artifacts=artifacts, runner=runner)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

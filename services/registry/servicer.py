@@ -20,6 +20,8 @@ from tensorgate.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from services.registry import requests as check
 from services.registry.artifacts import ArtifactStore
+from services.registry.optimization.runner import JobRunner
+from services.registry.optimization_rpcs import OptimizationRpcs
 from services.registry.store import RegistryStore
 from services.registry.uploads import artifact_chunks, check_header, receive_artifact
 from services.runtime import calls
@@ -56,12 +58,13 @@ def actor() -> str:
     return "anonymous"
 
 
-class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
+class ModelRegistryServicer(OptimizationRpcs, registry_pb2_grpc.ModelRegistryServicer):
     def __init__(
         self,
         store: RegistryStore,
         artifacts: ArtifactStore,
         *,
+        runner: JobRunner,
         max_bytes: int,
         chunk_bytes: int,
         max_uploads: int,
@@ -69,6 +72,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     ) -> None:
         self._store = store
         self._artifacts = artifacts
+        self._runner = runner
         self._max_bytes = max_bytes
         self._chunk_bytes = chunk_bytes
         self._max_uploads = max_uploads
@@ -77,6 +81,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         # stored bytes only when no other upload of the same bytes is on its way.
         self._uploading: dict[str, int] = {}  # sha256 -> uploads of those bytes under way
         self._begun: dict[str, int] = {}  # sha256 -> uploads of them begun while any was
+
+    def _actor(self) -> str:
+        return actor()
 
     # --- models ---------------------------------------------------------------------------
 
@@ -257,6 +264,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             expected_version=expected,
             reason=request.reason,
             actor=actor(),
+            policy=request.max_quality_loss if request.HasField("max_quality_loss") else None,
+            clear_policy=request.clear_policy,
         )
 
     async def RollbackAlias(

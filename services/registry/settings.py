@@ -8,7 +8,17 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from services.runtime.settings import MetricsPort, PositiveDuration, ServiceSettings, SettingsError
+from services.runtime.settings import (
+    CommaList,
+    MetricsPort,
+    PositiveDuration,
+    ServiceSettings,
+    SettingsError,
+    int_between,
+)
+
+# models/data of this checkout: the held-out sets the demo models ship.
+_EVALUATION_DIR = Path(__file__).resolve().parents[2] / "models" / "data"
 
 
 def _at_least_one(value: int) -> int:
@@ -51,6 +61,27 @@ class RegistrySettings(ServiceSettings):
         30.0,
         description="an upload that sends nothing for this long is abandoned "
         "(DEADLINE_EXCEEDED) and its slot freed, so stalled clients cannot hold every slot",
+    )
+
+    workers: CommaList[str] = Field(
+        (),
+        description="comma-separated host:port of workers that follow this registry, where "
+        "optimization jobs measure latency (the first one; TLS per --upstream-*); empty: "
+        "optimization jobs fail, saying so",
+    )
+    latency_calls: Annotated[int, int_between(1, 10000)] = Field(
+        200,
+        description="calls behind each latency figure of an optimization job (p50/p99 at "
+        "concurrency 1 and 8, parent and derived), unless the job asks for another number",
+    )
+    load_timeout_seconds: PositiveDuration = Field(
+        300.0,
+        description="how long an optimization job waits for the worker to load the versions "
+        "it measures",
+    )
+    evaluation_dir: Path = Field(
+        _EVALUATION_DIR,
+        description="the held-out evaluation sets of the models (digits_heldout.npz, corpus.txt)",
     )
 
     @property

@@ -24,6 +24,7 @@ from services.registry import aliases as alias_ops
 from services.registry import deployments as deployment_ops
 from services.registry import paging
 from services.registry.feed import ChangeFeed
+from services.registry.optimization.jobs import JobStore
 from services.registry.records import (
     Change,
     check_labels,
@@ -58,6 +59,7 @@ class RegistryStore:
     def __init__(self, database: Database) -> None:
         self._database = database
         self.feed = ChangeFeed(database)
+        self.jobs = JobStore(database)
 
     @classmethod
     async def open(cls, url: str) -> RegistryStore:
@@ -277,6 +279,20 @@ class RegistryStore:
             deleted = pb.VersionDeleted(model=model, version=version)
             await change.record("version_deleted", deleted)
 
+    async def add_facts(self, model: str, version: int, facts: Mapping[str, float]) -> None:
+        """Adds measured facts to a version (an optimization job's latency figures, taken
+        once the version exists and a worker serves it). The artifact, config and lineage
+        stay immutable; facts are what was measured about them. No feed event: nothing
+        served depends on them, and GetVersion reads them from here."""
+        async with self._database.write() as connection:
+            row = await require_version(connection, model, version)
+            merged = {**json.loads(row.facts), **facts}
+            await connection.execute(
+                update(versions)
+                .where(versions.c.model == model, versions.c.version == version)
+                .values(facts=json.dumps(merged, sort_keys=True))
+            )
+
     async def artifact_in_use(self, sha256: str) -> bool:
         """Whether some version's artifact is the blob named `sha256`."""
         query = select(versions.c.model).where(versions.c.sha256 == sha256).limit(1)
@@ -318,9 +334,11 @@ class RegistryStore:
         expected_version: int | None,
         reason: str,
         actor: str,
+        policy: float | None = None,
+        clear_policy: bool = False,
     ) -> pb.Alias:
         """Compare-and-set: `expected_version` None moves unconditionally, 0 only creates,
-        n moves only from n."""
+        n moves only from n; under the alias's quality policy (alias_policy.py)."""
         async with self._change(actor) as change:
             return await alias_ops.set_alias(
                 change,
@@ -330,6 +348,8 @@ class RegistryStore:
                 expected_version=expected_version,
                 reason=reason,
                 actor=actor,
+                policy=policy,
+                clear_policy=clear_policy,
             )
 
     async def rollback_alias(

@@ -12,6 +12,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tensorgate.inference.v1 import inference_pb2 as _inference_pb2
 import builtins as _builtins
 import sys
@@ -328,6 +329,7 @@ class Alias(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    MAX_QUALITY_LOSS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     name: _builtins.str
     version: _builtins.int
@@ -337,6 +339,10 @@ class Alias(_message.Message):
     """The feed revision of the last move."""
     previous_version: _builtins.int
     """The version it pointed at before its last move; 0 if that move created it."""
+    max_quality_loss: _builtins.float
+    """The alias's policy: the most quality a version it points at may have lost
+    against its parent (SetAliasRequest.max_quality_loss). Unset: no policy.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -350,12 +356,15 @@ class Alias(_message.Message):
         reason: _builtins.str = ...,
         revision: _builtins.int = ...,
         previous_version: _builtins.int = ...,
+        max_quality_loss: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_quality_loss", b"_max_quality_loss", "max_quality_loss", b"max_quality_loss", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "name", b"name", "previous_version", b"previous_version", "reason", b"reason", "revision", b"revision", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_quality_loss", b"_max_quality_loss", "max_quality_loss", b"max_quality_loss", "model", b"model", "name", b"name", "previous_version", b"previous_version", "reason", b"reason", "revision", b"revision", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_quality_loss: _TypeAlias = _typing.Literal["max_quality_loss"]  # noqa: Y015
+    _WhichOneofArgType__max_quality_loss: _TypeAlias = _typing.Literal["_max_quality_loss", b"_max_quality_loss"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_quality_loss) -> _WhichOneofReturnType__max_quality_loss | None: ...
 
 Global___Alias: _TypeAlias = Alias  # noqa: Y015
 
@@ -862,6 +871,8 @@ class SetAliasRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MAX_QUALITY_LOSS_FIELD_NUMBER: _builtins.int
+    CLEAR_POLICY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     alias: _builtins.str
     version: _builtins.int
@@ -872,6 +883,15 @@ class SetAliasRequest(_message.Message):
     """
     reason: _builtins.str
     """Why, recorded with the move."""
+    max_quality_loss: _builtins.float
+    """When set, becomes the alias's policy (kept until changed or cleared) and applies
+    to this move already: the alias may then point only at versions whose measured
+    quality_loss (against their parent, from an optimization job) is at most this;
+    others are refused with FAILED_PRECONDITION naming the figures. An original
+    version (no parent) always passes; a derived one with no measured loss never does.
+    """
+    clear_policy: _builtins.bool
+    """Removes the alias's policy (with this move, if any)."""
     def __init__(
         self,
         *,
@@ -880,14 +900,21 @@ class SetAliasRequest(_message.Message):
         version: _builtins.int = ...,
         expected_version: _builtins.int | None = ...,
         reason: _builtins.str = ...,
+        max_quality_loss: _builtins.float | None = ...,
+        clear_policy: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "_max_quality_loss", b"_max_quality_loss", "expected_version", b"expected_version", "max_quality_loss", b"max_quality_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "alias", b"alias", "expected_version", b"expected_version", "model", b"model", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "_max_quality_loss", b"_max_quality_loss", "alias", b"alias", "clear_policy", b"clear_policy", "expected_version", b"expected_version", "max_quality_loss", b"max_quality_loss", "model", b"model", "reason", b"reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    _WhichOneofReturnType__max_quality_loss: _TypeAlias = _typing.Literal["max_quality_loss"]  # noqa: Y015
+    _WhichOneofArgType__max_quality_loss: _TypeAlias = _typing.Literal["_max_quality_loss", b"_max_quality_loss"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_quality_loss) -> _WhichOneofReturnType__max_quality_loss | None: ...
 
 Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
 
@@ -1372,3 +1399,252 @@ class RegistryEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
 Global___RegistryEvent: _TypeAlias = RegistryEvent  # noqa: Y015
+
+@_typing.final
+class OptimizationStep(_message.Message):
+    """One method of an optimization, applied to the result of the step before it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """"int8-dynamic": torch's dynamic quantization of every Linear layer to int8
+    weights; "prune": L1 magnitude pruning of every Linear weight not tied to
+    another layer, made permanent (the zeros are stored xz-compressed).
+    """
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The method's parameters as text: prune takes "sparsity", the fraction of each
+        layer's weights to zero, in (0, 1); int8-dynamic takes none.
+        """
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizationStep: _TypeAlias = OptimizationStep  # noqa: Y015
+
+@_typing.final
+class StartOptimizationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    LATENCY_CALLS_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    """The version to derive from: "name:3", "name@production" or "name" (newest)."""
+    description: _builtins.str
+    """The derived version's description; empty: one naming the methods and parent."""
+    latency_calls: _builtins.int
+    """Calls per latency figure (each of p50/p99 at concurrency 1 and 8, for parent
+    and derived); 0: the registry's --latency-calls. At most 10000.
+    """
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptimizationStep]:
+        """The methods in the order they are applied (1 to 4)."""
+
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+        steps: _abc.Iterable[Global___OptimizationStep] | None = ...,
+        description: _builtins.str = ...,
+        latency_calls: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "latency_calls", b"latency_calls", "ref", b"ref", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartOptimizationRequest: _TypeAlias = StartOptimizationRequest  # noqa: Y015
+
+@_typing.final
+class OptimizationJob(_message.Message):
+    """An optimization job: what it derives from and how, and how far it got. Kept in
+    the registry's database, so it outlives the call that started it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[OptimizationJob._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: OptimizationJob._State.ValueType  # 0
+        QUEUED: OptimizationJob._State.ValueType  # 1
+        """Waiting for the jobs before it (one runs at a time, so their latency
+        figures do not disturb each other).
+        """
+        RUNNING: OptimizationJob._State.ValueType  # 2
+        DONE: OptimizationJob._State.ValueType  # 3
+        """Finished: result_version is the derived version, with its facts."""
+        FAILED: OptimizationJob._State.ValueType  # 4
+        """Stopped: error says why; no version is left behind."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    STATE_UNSPECIFIED: OptimizationJob.State.ValueType  # 0
+    QUEUED: OptimizationJob.State.ValueType  # 1
+    """Waiting for the jobs before it (one runs at a time, so their latency
+    figures do not disturb each other).
+    """
+    RUNNING: OptimizationJob.State.ValueType  # 2
+    DONE: OptimizationJob.State.ValueType  # 3
+    """Finished: result_version is the derived version, with its facts."""
+    FAILED: OptimizationJob.State.ValueType  # 4
+    """Stopped: error says why; no version is left behind."""
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    RESULT_VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id, e.g. "job-3f2a9c0d1e4b"."""
+    model: _builtins.str
+    parent_version: _builtins.int
+    """The parent version, resolved when the job was started."""
+    state: Global___OptimizationJob.State.ValueType
+    stage: _builtins.str
+    """What it is doing now, e.g. "measuring latency (concurrency 8)"."""
+    progress: _builtins.float
+    """0 to 1."""
+    error: _builtins.str
+    """Why it failed (FAILED only)."""
+    result_version: _builtins.int
+    """The derived version (DONE only)."""
+    created_by: _builtins.str
+    """Who started it, as RegistryEvent.actor."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptimizationStep]: ...
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        parent_version: _builtins.int = ...,
+        steps: _abc.Iterable[Global___OptimizationStep] | None = ...,
+        state: Global___OptimizationJob.State.ValueType = ...,
+        stage: _builtins.str = ...,
+        progress: _builtins.float = ...,
+        error: _builtins.str = ...,
+        result_version: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        created_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "error", b"error", "id", b"id", "model", b"model", "parent_version", b"parent_version", "progress", b"progress", "result_version", b"result_version", "stage", b"stage", "state", b"state", "steps", b"steps", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizationJob: _TypeAlias = OptimizationJob  # noqa: Y015
+
+@_typing.final
+class GetOptimizationJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOptimizationJobRequest: _TypeAlias = GetOptimizationJobRequest  # noqa: Y015
+
+@_typing.final
+class ListOptimizationJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Only this model's jobs; empty: every model's."""
+    limit: _builtins.int
+    """1..1000; 0 means 100 (the newest)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOptimizationJobsRequest: _TypeAlias = ListOptimizationJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListOptimizationJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptimizationJob]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___OptimizationJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOptimizationJobsResponse: _TypeAlias = ListOptimizationJobsResponse  # noqa: Y015

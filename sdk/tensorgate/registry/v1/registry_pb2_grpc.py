@@ -134,6 +134,21 @@ class ModelRegistryStub:
                 request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.WatchRequest.SerializeToString,
                 response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
                 _registered_method=True)
+        self.StartOptimization = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/StartOptimization',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.StartOptimizationRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.OptimizationJob.FromString,
+                _registered_method=True)
+        self.GetOptimizationJob = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/GetOptimizationJob',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetOptimizationJobRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.OptimizationJob.FromString,
+                _registered_method=True)
+        self.ListOptimizationJobs = channel.unary_unary(
+                '/tensorgate.registry.v1.ModelRegistry/ListOptimizationJobs',
+                request_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListOptimizationJobsRequest.SerializeToString,
+                response_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListOptimizationJobsResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -286,6 +301,33 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartOptimization(self, request, context):
+        """Starts a job that derives a cheaper version of a model version (dynamic int8
+        quantization, magnitude pruning, or both in order) and measures it beside its
+        parent: artifact size, parameter bytes, latency through Triton on a worker and
+        held-out quality. Returns the job at once (QUEUED); the derived version exists
+        only once the job is DONE, and a job that fails leaves none. Malformed steps are
+        refused here with INVALID_ARGUMENT naming the step; an unknown model or version
+        with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOptimizationJob(self, request, context):
+        """One job by id: its state, stage, progress, and its reason if it failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOptimizationJobs(self, request, context):
+        """Jobs, newest first, optionally only one model's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -388,6 +430,21 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.WatchRequest.FromString,
                     response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.SerializeToString,
+            ),
+            'StartOptimization': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartOptimization,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.StartOptimizationRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.OptimizationJob.SerializeToString,
+            ),
+            'GetOptimizationJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOptimizationJob,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetOptimizationJobRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.OptimizationJob.SerializeToString,
+            ),
+            'ListOptimizationJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOptimizationJobs,
+                    request_deserializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListOptimizationJobsRequest.FromString,
+                    response_serializer=tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListOptimizationJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -930,6 +987,87 @@ class ModelRegistry:
             '/tensorgate.registry.v1.ModelRegistry/Watch',
             tensorgate_dot_registry_dot_v1_dot_registry__pb2.WatchRequest.SerializeToString,
             tensorgate_dot_registry_dot_v1_dot_registry__pb2.RegistryEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartOptimization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/StartOptimization',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.StartOptimizationRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.OptimizationJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOptimizationJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/GetOptimizationJob',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.GetOptimizationJobRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.OptimizationJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOptimizationJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.registry.v1.ModelRegistry/ListOptimizationJobs',
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListOptimizationJobsRequest.SerializeToString,
+            tensorgate_dot_registry_dot_v1_dot_registry__pb2.ListOptimizationJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

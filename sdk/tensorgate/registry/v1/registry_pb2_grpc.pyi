@@ -89,6 +89,19 @@ class ModelRegistryStub:
     none twice, or FAILED_PRECONDITION if the registry's history is not the one it
     followed.
     """
+    StartOptimization: _grpc.UnaryUnaryMultiCallable[_registry_pb2.StartOptimizationRequest, _registry_pb2.OptimizationJob]
+    """Starts a job that derives a cheaper version of a model version (dynamic int8
+    quantization, magnitude pruning, or both in order) and measures it beside its
+    parent: artifact size, parameter bytes, latency through Triton on a worker and
+    held-out quality. Returns the job at once (QUEUED); the derived version exists
+    only once the job is DONE, and a job that fails leaves none. Malformed steps are
+    refused here with INVALID_ARGUMENT naming the step; an unknown model or version
+    with NOT_FOUND.
+    """
+    GetOptimizationJob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetOptimizationJobRequest, _registry_pb2.OptimizationJob]
+    """One job by id: its state, stage, progress, and its reason if it failed."""
+    ListOptimizationJobs: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListOptimizationJobsRequest, _registry_pb2.ListOptimizationJobsResponse]
+    """Jobs, newest first, optionally only one model's."""
 
 @_typing.type_check_only
 class ModelRegistryAsyncStub(ModelRegistryStub):
@@ -147,6 +160,19 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     none twice, or FAILED_PRECONDITION if the registry's history is not the one it
     followed.
     """
+    StartOptimization: _aio.UnaryUnaryMultiCallable[_registry_pb2.StartOptimizationRequest, _registry_pb2.OptimizationJob]  # type: ignore[assignment]
+    """Starts a job that derives a cheaper version of a model version (dynamic int8
+    quantization, magnitude pruning, or both in order) and measures it beside its
+    parent: artifact size, parameter bytes, latency through Triton on a worker and
+    held-out quality. Returns the job at once (QUEUED); the derived version exists
+    only once the job is DONE, and a job that fails leaves none. Malformed steps are
+    refused here with INVALID_ARGUMENT naming the step; an unknown model or version
+    with NOT_FOUND.
+    """
+    GetOptimizationJob: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetOptimizationJobRequest, _registry_pb2.OptimizationJob]  # type: ignore[assignment]
+    """One job by id: its state, stage, progress, and its reason if it failed."""
+    ListOptimizationJobs: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListOptimizationJobsRequest, _registry_pb2.ListOptimizationJobsResponse]  # type: ignore[assignment]
+    """Jobs, newest first, optionally only one model's."""
 
 class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -322,5 +348,36 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         none twice, or FAILED_PRECONDITION if the registry's history is not the one it
         followed.
         """
+
+    @_abc_1.abstractmethod
+    def StartOptimization(
+        self,
+        request: _registry_pb2.StartOptimizationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.OptimizationJob, _abc.Awaitable[_registry_pb2.OptimizationJob]]:
+        """Starts a job that derives a cheaper version of a model version (dynamic int8
+        quantization, magnitude pruning, or both in order) and measures it beside its
+        parent: artifact size, parameter bytes, latency through Triton on a worker and
+        held-out quality. Returns the job at once (QUEUED); the derived version exists
+        only once the job is DONE, and a job that fails leaves none. Malformed steps are
+        refused here with INVALID_ARGUMENT naming the step; an unknown model or version
+        with NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOptimizationJob(
+        self,
+        request: _registry_pb2.GetOptimizationJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.OptimizationJob, _abc.Awaitable[_registry_pb2.OptimizationJob]]:
+        """One job by id: its state, stage, progress, and its reason if it failed."""
+
+    @_abc_1.abstractmethod
+    def ListOptimizationJobs(
+        self,
+        request: _registry_pb2.ListOptimizationJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListOptimizationJobsResponse, _abc.Awaitable[_registry_pb2.ListOptimizationJobsResponse]]:
+        """Jobs, newest first, optionally only one model's."""
 
 def add_ModelRegistryServicer_to_server(servicer: ModelRegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
