@@ -27,7 +27,7 @@ from tensorgate.registry_client import AsyncRegistryClient
 
 from gateway.server import Gateway, start_gateway
 from gateway.settings import GatewaySettings
-from launcher.demo_models import register_demo_models
+from launcher.demo_models import register_demo_model, register_demo_models
 from services.registry.server import Registry, start_registry
 from services.registry.settings import RegistrySettings
 from services.runtime.process import lasting_port
@@ -311,6 +311,35 @@ async def test_a_job_that_fails_midway_leaves_no_version_and_says_why(
     with pytest.raises(InvalidArgumentError, match="unknown method"):
         await registry.start_optimization("digits:1", [("fp4-magic", {})])
     assert len(await registry.list_optimization_jobs("digits")) == len(jobs)
+
+
+async def test_a_job_that_fails_after_registering_its_version_deletes_it(
+    tmp_path: Path,
+) -> None:
+    # A registry whose worker never answers: the job derives and registers its version,
+    # then cannot have it loaded to measure latency.
+    registry = await start_registry(
+        RegistrySettings(
+            data_dir=tmp_path,
+            metrics_port=0,
+            drain_seconds=0.0,
+            workers=(f"127.0.0.1:{lasting_port()}",),
+            load_timeout_seconds=0.5,
+        )
+    )
+    try:
+        async with AsyncRegistryClient(registry.address) as client:
+            await register_demo_model(client, REPO / "models" / "repository" / "digits")
+            job = await client.start_optimization("digits:1", [("int8-dynamic", {})])
+            failed = await finished(client, job)
+            assert failed.state == Job.FAILED
+            assert "waiting for the worker to load digits:1, digits:2" in failed.error
+            assert failed.result_version == 0
+            assert [v.version for v in await client.list_versions("digits")] == [1]
+            deployed = await client.list_deployments()
+            assert [(d.model, d.alias) for d in deployed] == [("digits", "production")]
+    finally:
+        await registry.stop()
 
 
 async def test_compare_prints_both_versions_side_by_side(

@@ -97,24 +97,29 @@ class LatencyProbe:
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         return samples
 
-    async def measure(self, version: pb.ModelVersion, calls: int) -> dict[str, float]:
-        """{"latency_c1_p50_ms": ..., "latency_c1_p99_ms": ..., "latency_c8_...": ...}."""
-        request: Request
+    def _request(self, version: pb.ModelVersion) -> Request:
         if version.config.parameters.get("task") == "generate" or version.config.decoupled:
-            request = inference_pb2.GenerateRequest(
+            return inference_pb2.GenerateRequest(
                 model=f"{version.model}:{version.version}",
                 prompt=PROMPT,
                 max_tokens=GENERATE_TOKENS,
                 temperature=0.0,
                 seed=0,
             )
-        else:
-            request = _infer_request(version)
-        for _ in range(WARM_UP_CALLS):
-            await self._one(request)
-        figures: dict[str, float] = {}
-        for concurrency in CONCURRENCIES:
-            samples = await self._timed(request, calls, concurrency)
-            figures[f"latency_c{concurrency}_p50_ms"] = percentile(samples, 50)
-            figures[f"latency_c{concurrency}_p99_ms"] = percentile(samples, 99)
-        return figures
+        return _infer_request(version)
+
+    async def warm_up(self, versions: list[pb.ModelVersion]) -> None:
+        """A few calls each first: a model's first calls pay for lazy set-up."""
+        for version in versions:
+            for _ in range(WARM_UP_CALLS):
+                await self._one(self._request(version))
+
+    async def measure(
+        self, version: pb.ModelVersion, calls: int, concurrency: int
+    ) -> dict[str, float]:
+        """{"latency_c<concurrency>_p50_ms": ..., "latency_c<concurrency>_p99_ms": ...}."""
+        samples = await self._timed(self._request(version), calls, concurrency)
+        return {
+            f"latency_c{concurrency}_p50_ms": percentile(samples, 50),
+            f"latency_c{concurrency}_p99_ms": percentile(samples, 99),
+        }

@@ -33,7 +33,7 @@ import structlog
 from tensorgate.registry.v1 import registry_pb2 as pb
 
 from services.registry.artifacts import LocalArtifactStore
-from services.registry.optimization.latency import LatencyProbe
+from services.registry.optimization.latency import CONCURRENCIES, LatencyProbe
 from services.registry.optimization.methods import Step, transformation_name
 from services.registry.store import RegistryStore
 from services.runtime.channels import open_channel
@@ -99,7 +99,6 @@ class JobRunner:
                 row.id,
                 state="failed",
                 error="the registry stopped while this job ran; start it again",
-                result_version=0,
             )
 
     async def close(self) -> None:
@@ -159,13 +158,12 @@ class JobRunner:
                 )
                 log.info("optimization done", job=job_id, model=parent.model, version=version)
         except asyncio.CancelledError:
+            # close() cancels once and waits: the clean-up below still runs to its end.
             with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    jobs.update(
-                        job_id,
-                        state="failed",
-                        error="the registry stopped while this job ran; start it again",
-                    )
+                await jobs.update(
+                    job_id,
+                    state="failed",
+                    error="the registry stopped while this job ran; start it again",
                 )
             raise
         except (JobFailed, TensorgateError) as exc:
@@ -240,7 +238,7 @@ class JobRunner:
             latency = await self._measure(job_id, parent, version, calls)
             await self._store.add_facts(parent.model, version.version, latency)
         except BaseException:
-            await asyncio.shield(self._discard(parent.model, version.version, job_id=job_id))
+            await self._discard(parent.model, version.version, job_id=job_id)
             raise
         return version.version
 
@@ -322,28 +320,48 @@ class JobRunner:
             await self._progress(job_id, f"waiting for worker {self._workers[0]} to load", 0.5)
             try:
                 await probe.wait_loaded([parent, version], self._load_timeout)
-            except (TimeoutError, RuntimeError) as exc:
-                raise JobFailed(str(exc)) from None
-            figures: dict[str, float] = {}
+            except (TimeoutError, RuntimeError):
+                raise JobFailed(
+                    f"waiting for the worker to load {model}:{parent.version}, "
+                    f"{model}:{version.version}: worker {self._workers[0]} did not serve them "
+                    f"within {self._load_timeout:g}s (is it running, following this registry?)"
+                ) from None
             try:
-                await self._progress(job_id, f"measuring latency of version {parent.version}", 0.6)
-                parent_figures = await probe.measure(parent, calls)
-                await self._progress(job_id, f"measuring latency of version {version.version}", 0.8)
-                derived_figures = await probe.measure(version, calls)
+                figures = await self._latency(job_id, probe, parent, version, calls)
             except grpc.aio.AioRpcError as exc:
                 raise JobFailed(
                     f"a latency call to worker {self._workers[0]} failed: "
                     f"{exc.code().name} {exc.details()}"
                 ) from None
-            figures.update(derived_figures)
-            figures.update({f"parent.{k}": v for k, v in parent_figures.items()})
             figures["latency_calls"] = float(calls)
             return _with_deltas(figures)
         finally:
             for number in added:
-                await asyncio.shield(
-                    self._store.delete_deployment(model, version=number, alias=None, actor=actor)
-                )
+                await self._store.delete_deployment(model, version=number, alias=None, actor=actor)
+
+    async def _latency(
+        self,
+        job_id: str,
+        probe: LatencyProbe,
+        parent: pb.ModelVersion,
+        version: pb.ModelVersion,
+        calls: int,
+    ) -> dict[str, float]:
+        """Parent and derived alternate, one concurrency at a time, so that a machine that
+        gets busier meanwhile weighs on both alike."""
+        await probe.warm_up([parent, version])
+        figures: dict[str, float] = {}
+        rounds = [
+            (c, prefix, v)
+            for c in CONCURRENCIES
+            for prefix, v in (("parent.", parent), ("", version))
+        ]
+        for done, (concurrency, prefix, measured) in enumerate(rounds):
+            stage = f"measuring latency of version {measured.version} (concurrency {concurrency})"
+            await self._progress(job_id, stage, 0.55 + 0.4 * done / len(rounds))
+            measured_figures = await probe.measure(measured, calls, concurrency)
+            figures.update({prefix + key: value for key, value in measured_figures.items()})
+        return figures
 
     async def _discard(self, model: str, version: int, *, job_id: str) -> None:
         """Deletes a failed job's version (and a deployment of it the job left)."""
@@ -353,4 +371,7 @@ class JobRunner:
         try:
             await self._store.delete_version(model, version, actor=actor)
         except TensorgateError as exc:
+            # Kept in result_version, so the job says which version is left over.
             log.warning("could not delete a failed job's version", job=job_id, reason=str(exc))
+            return
+        await self._store.jobs.update(job_id, result_version=0)
