@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tensorgate import AsyncGatewayClient
-from tensorgate.errors import FailedPreconditionError, InvalidArgumentError
+from tensorgate.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tensorgate.registry.v1 import registry_pb2
 from tensorgate.registry_client import AsyncRegistryClient
 
@@ -310,6 +310,10 @@ async def test_a_job_that_fails_midway_leaves_no_version_and_says_why(
     assert "steps[0].parameters.sparsity" in str(bad.value)
     with pytest.raises(InvalidArgumentError, match="unknown method"):
         await registry.start_optimization("digits:1", [("fp4-magic", {})])
+    with pytest.raises(InvalidArgumentError):
+        await registry.start_optimization("", [("int8-dynamic", {})])
+    with pytest.raises(NotFoundError):
+        await registry.start_optimization("digits:99", [("int8-dynamic", {})])
     assert len(await registry.list_optimization_jobs("digits")) == len(jobs)
 
 
