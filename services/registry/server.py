@@ -45,6 +45,7 @@ async def start_registry(settings: RegistrySettings) -> Registry:
     url = database_url(settings.database_url.get_secret_value(), settings.data_dir, "registry")
     artifacts = LocalArtifactStore(settings.artifacts_path)
     store = await RegistryStore.open(url)
+    runner: JobRunner | None = None
     try:
         # An upload whose version was never committed (a crash between storing the bytes
         # and the database row) left a blob no version names: nothing can see it, and
@@ -84,6 +85,8 @@ async def start_registry(settings: RegistrySettings) -> Registry:
         )
         await service.start()
     except BaseException:
+        if runner is not None:
+            await runner.close()
         await store.close()
         artifacts.close()
         raise

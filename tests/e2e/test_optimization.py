@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate import AsyncGatewayClient
 from tensorgate.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tensorgate.registry.v1 import registry_pb2
@@ -28,9 +30,14 @@ from tensorgate.registry_client import AsyncRegistryClient
 from gateway.server import Gateway, start_gateway
 from gateway.settings import GatewaySettings
 from launcher.demo_models import register_demo_model, register_demo_models
+from services.registry.optimization.jobs import now_us
+from services.registry.optimization.methods import check_steps
+from services.registry.optimization.runner import STALE_S
+from services.registry.schema import optimization_jobs
 from services.registry.server import Registry, start_registry
 from services.registry.settings import RegistrySettings
 from services.runtime.process import lasting_port
+from services.store.database import database_url
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
 
@@ -107,8 +114,8 @@ async def registry(platform: Platform) -> AsyncIterator[AsyncRegistryClient]:
 
 async def finished(client: AsyncRegistryClient, job: registry_pb2.OptimizationJob) -> Job:
     seen = []
-    async for update in client.wait_optimization_job(job.id, interval=0.2):
-        seen.append(update)
+    async for now in client.wait_optimization_job(job.id, interval=0.2):
+        seen.append(now)
     assert seen[-1].state in (Job.DONE, Job.FAILED)
     return seen[-1]
 
@@ -342,6 +349,61 @@ async def test_a_job_that_fails_after_registering_its_version_deletes_it(
             assert [v.version for v in await client.list_versions("digits")] == [1]
             deployed = await client.list_deployments()
             assert [(d.model, d.alias) for d in deployed] == [("digits", "production")]
+    finally:
+        await registry.stop()
+
+
+async def test_a_job_its_registry_abandoned_is_failed_and_its_version_deleted(
+    tmp_path: Path,
+) -> None:
+    settings = RegistrySettings(data_dir=tmp_path, metrics_port=0, drain_seconds=0.0)
+    registry = await start_registry(settings)
+    try:
+        async with AsyncRegistryClient(registry.address) as client:
+            await register_demo_model(client, REPO / "models" / "repository" / "digits")
+            parent = await client.get_version("digits", 1)
+        # What a registry that died while measuring leaves: a running job, its version.
+        store = registry.store
+        job = await store.jobs.create(
+            "digits",
+            1,
+            check_steps([("int8-dynamic", {})]),
+            description="",
+            latency_calls=1,
+            actor="test",
+        )
+        left = await store.create_version(
+            "digits",
+            artifact=parent.artifact,
+            config=parent.config,
+            lineage=registry_pb2.Lineage(parent_version=1),
+            facts={},
+            description="",
+            actor="t",
+        )
+        await store.jobs.update(job.id, state="running", result_version=left.version)
+    finally:
+        await registry.stop()
+    # Touched just now, it would pass for another replica's running job: the test makes
+    # it as old as an abandoned one.
+    engine = create_async_engine(database_url("", tmp_path, "registry"))
+    try:
+        async with engine.begin() as connection:
+            stale = now_us() - int((STALE_S + 1) * 1e6)
+            await connection.execute(
+                update(optimization_jobs)
+                .where(optimization_jobs.c.id == job.id)
+                .values(updated_us=stale)
+            )
+    finally:
+        await engine.dispose()
+    registry = await start_registry(settings)
+    try:
+        async with AsyncRegistryClient(registry.address) as client:
+            failed = await client.get_optimization_job(job.id)
+            assert failed.state == Job.FAILED and "stopped before it finished" in failed.error
+            assert failed.result_version == 0
+            assert [v.version for v in await client.list_versions("digits")] == [1]
     finally:
         await registry.stop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import Row, insert, select, update
@@ -31,7 +32,7 @@ _STATES = {
 MAX_ERROR_CHARS = 2000
 
 
-def _now_us() -> int:
+def now_us() -> int:
     return time.time_ns() // 1000
 
 
@@ -69,7 +70,7 @@ class JobStore:
         latency_calls: int,
         actor: str,
     ) -> pb.OptimizationJob:
-        now = _now_us()
+        now = now_us()
         job_id = f"job-{secrets.token_hex(6)}"
         async with self._database.write() as connection:
             await connection.execute(
@@ -120,7 +121,18 @@ class JobStore:
             await connection.execute(
                 update(optimization_jobs)
                 .where(optimization_jobs.c.id == job_id)
-                .values(updated_us=_now_us(), **values)
+                .values(updated_us=now_us(), **values)
+            )
+
+    async def touch(self, job_ids: Collection[str]) -> None:
+        """Marks jobs as kept alive by a running registry (see runner.STALE_S)."""
+        if not job_ids:
+            return
+        async with self._database.write() as connection:
+            await connection.execute(
+                update(optimization_jobs)
+                .where(optimization_jobs.c.id.in_(list(job_ids)))
+                .values(updated_us=now_us())
             )
 
     async def unfinished(self) -> list[Row[Any]]:

@@ -33,6 +33,7 @@ import structlog
 from tensorgate.registry.v1 import registry_pb2 as pb
 
 from services.registry.artifacts import LocalArtifactStore
+from services.registry.optimization.jobs import now_us
 from services.registry.optimization.latency import CONCURRENCIES, LatencyProbe
 from services.registry.optimization.methods import Step, transformation_name
 from services.registry.store import RegistryStore
@@ -42,6 +43,10 @@ from services.runtime.errors import TensorgateError
 log = structlog.get_logger("tensorgate.registry.optimization")
 
 _CHUNK = 1 << 20
+# A registry touches its unfinished jobs this often; one untouched for STALE_S was
+# abandoned (its registry stopped), and any registry on the database fails it.
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
 
 
 class JobFailed(Exception):
@@ -89,19 +94,45 @@ class JobRunner:
         self._max_bytes = max_bytes
         self._one_at_a_time = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._active: set[str] = set()  # ids of this process's queued and running jobs
+        self._keeper: asyncio.Task[None] | None = None
 
     async def recover(self) -> None:
-        """Fails the jobs a stopped registry left unfinished, deleting their versions."""
+        """Fails the unfinished jobs no registry has kept alive for STALE_S (their registry
+        stopped or crashed), deleting their versions; then keeps this one's jobs alive.
+
+        Jobs of another registry replica sharing the database keep running: it touches
+        them every HEARTBEAT_S, so only abandoned ones look stale."""
+        await self._sweep()
+        self._keeper = asyncio.create_task(self._keep_alive())
+
+    async def _sweep(self) -> None:
+        stale_before = now_us() - int(STALE_S * 1e6)
         for row in await self._store.jobs.unfinished():
+            if row.id in self._active or row.updated_us >= stale_before:
+                continue
             if row.result_version:
                 await self._discard(row.model, row.result_version, job_id=row.id)
             await self._store.jobs.update(
                 row.id,
                 state="failed",
-                error="the registry stopped while this job ran; start it again",
+                error="the registry running this job stopped before it finished; start it again",
             )
+            log.info("abandoned optimization job failed", job=row.id)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._store.jobs.touch(self._active)
+                await self._sweep()
+            except Exception as exc:  # the database is away: next time, then
+                log.warning("could not keep optimization jobs alive", reason=repr(exc))
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.wait([self._keeper])
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -133,7 +164,9 @@ class JobRunner:
         )
         task = asyncio.create_task(self._run(job.id, parent, steps, description, calls, actor))
         self._tasks.add(task)
+        self._active.add(job.id)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._active.discard(job.id))
         return job
 
     async def _progress(self, job_id: str, stage: str, progress: float) -> None:
