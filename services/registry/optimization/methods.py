@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, shown
 
 INT8_DYNAMIC = "int8-dynamic"
 PRUNE = "prune"
@@ -41,9 +41,9 @@ def _sparsity(field: str, value: str | None) -> str:
     try:
         number = float(value)
     except ValueError:
-        raise InvalidArgument(field, f"must be a number, got {value!r}") from None
+        raise InvalidArgument(field, f"must be a number, got {shown(value)}") from None
     if not math.isfinite(number) or not 0.0 < number < 1.0:
-        raise InvalidArgument(field, f"must be in (0, 1), got {value}")
+        raise InvalidArgument(field, f"must be in (0, 1), got {shown(value)}")
     return repr(number)
 
 
@@ -52,14 +52,14 @@ def check_step(index: int, method: str, parameters: Mapping[str, str]) -> Step:
     where = f"steps[{index}]"
     if method not in METHODS:
         raise InvalidArgument(
-            f"{where}.method", f"unknown method {method!r}; known: {', '.join(METHODS)}"
+            f"{where}.method", f"unknown method {shown(method)}; known: {', '.join(METHODS)}"
         )
     known = {PRUNE: {"sparsity"}, INT8_DYNAMIC: set()}[method]
     extra = sorted(set(parameters) - known)
     if extra:
         raise InvalidArgument(
             f"{where}.parameters",
-            f"{method} takes no parameter {extra[0]!r}"
+            f"{method} takes no parameter {shown(extra[0])}"
             + (f" (it takes: {', '.join(sorted(known))})" if known else ""),
         )
     if method == PRUNE:

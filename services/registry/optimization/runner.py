@@ -38,7 +38,7 @@ from services.registry.optimization.latency import CONCURRENCIES, LatencyProbe
 from services.registry.optimization.methods import Step, transformation_name
 from services.registry.store import RegistryStore
 from services.runtime.channels import open_channel
-from services.runtime.errors import TensorgateError
+from services.runtime.errors import ResourceExhausted, TensorgateError
 
 log = structlog.get_logger("tensorgate.registry.optimization")
 
@@ -47,6 +47,8 @@ _CHUNK = 1 << 20
 # abandoned (its registry stopped), and any registry on the database fails it.
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
+# Jobs queued or running in one registry at most; more are refused, never queued unbounded.
+MAX_PENDING = 16
 
 
 class JobFailed(Exception):
@@ -149,6 +151,13 @@ class JobRunner:
         latency_calls: int,
         actor: str,
     ) -> pb.OptimizationJob:
+        if len(self._active) >= MAX_PENDING:
+            raise ResourceExhausted(
+                f"the registry has {MAX_PENDING} optimization jobs queued or running already; "
+                "start this one when one of them has finished",
+                subject="registry:optimization_jobs",
+                retry_after_s=30.0,
+            )
         calls = latency_calls or self.latency_calls
         description = description or (
             f"{transformation_name(steps)} of version {parent.version} "

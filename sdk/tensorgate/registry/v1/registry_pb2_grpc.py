@@ -308,7 +308,7 @@ class ModelRegistryServicer:
         held-out quality. Returns the job at once (QUEUED); the derived version exists
         only once the job is DONE, and a job that fails leaves none. Malformed steps are
         refused here with INVALID_ARGUMENT naming the step; an unknown model or version
-        with NOT_FOUND.
+        with NOT_FOUND; a registry with 16 jobs queued or running with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -96,7 +96,7 @@ class ModelRegistryStub:
     held-out quality. Returns the job at once (QUEUED); the derived version exists
     only once the job is DONE, and a job that fails leaves none. Malformed steps are
     refused here with INVALID_ARGUMENT naming the step; an unknown model or version
-    with NOT_FOUND.
+    with NOT_FOUND; a registry with 16 jobs queued or running with RESOURCE_EXHAUSTED.
     """
     GetOptimizationJob: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetOptimizationJobRequest, _registry_pb2.OptimizationJob]
     """One job by id: its state, stage, progress, and its reason if it failed."""
@@ -167,7 +167,7 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     held-out quality. Returns the job at once (QUEUED); the derived version exists
     only once the job is DONE, and a job that fails leaves none. Malformed steps are
     refused here with INVALID_ARGUMENT naming the step; an unknown model or version
-    with NOT_FOUND.
+    with NOT_FOUND; a registry with 16 jobs queued or running with RESOURCE_EXHAUSTED.
     """
     GetOptimizationJob: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetOptimizationJobRequest, _registry_pb2.OptimizationJob]  # type: ignore[assignment]
     """One job by id: its state, stage, progress, and its reason if it failed."""
@@ -361,7 +361,7 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         held-out quality. Returns the job at once (QUEUED); the derived version exists
         only once the job is DONE, and a job that fails leaves none. Malformed steps are
         refused here with INVALID_ARGUMENT naming the step; an unknown model or version
-        with NOT_FOUND.
+        with NOT_FOUND; a registry with 16 jobs queued or running with RESOURCE_EXHAUSTED.
         """
 
     @_abc_1.abstractmethod
