@@ -155,6 +155,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     with tarfile.open(spec["parent_artifact"], "r:") as tar:
         tar.extractall(parent_dir, filter="data")
     kind, arch = _import_arch(parent_dir)
+    if kind not in EVALUATORS:
+        raise OptimizationError(
+            f"no held-out evaluation set for a {kind} model: the optimizer knows "
+            f"{', '.join(sorted(EVALUATORS))}"
+        )
     weights = parent_dir / f"{kind}.pt"
     if not weights.is_file():
         raise OptimizationError(f"the parent artifact has no {weights.name} beside {kind}_arch.py")
@@ -182,8 +187,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     pack(derived_dir, artifact)
     # The derived folder must load as a worker would load it: through the arch's own loader.
     served = arch.load_checkpoint(derived_dir / weights.name)
-    if kind not in EVALUATORS:
-        raise OptimizationError(f"no held-out evaluation set for model kind {kind!r}")
     quality, evaluate, evaluation_set = EVALUATORS[kind]
     data_dir = Path(spec["evaluation_dir"])
     emit(stage="evaluating the parent", progress=0.2)
