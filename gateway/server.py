@@ -9,10 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from gateway.aliases import AliasRouting
 from gateway.control_plane import ControlPlane
 from gateway.discovery import ConsulDiscovery, StaticDiscovery
+from gateway.kserve_quota import KServeQuota
+from gateway.kserve_servicer import KServeGatewayServicer
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingPolicy
 from gateway.servicer import InferenceGatewayServicer
@@ -85,8 +88,12 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
         servicer = InferenceGatewayServicer(
             pool, metrics, upstream_timeout=settings.upstream_timeout
         )
+        kserve = KServeGatewayServicer(
+            pool, metrics, upstream_timeout=settings.upstream_timeout, quota=control.quota
+        )
         bindings = [
             ServiceBinding.of(gateway_pb2_grpc.add_InferenceGatewayServicer_to_server, servicer),
+            ServiceBinding.of(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, kserve),
             *control.bindings,
         ]
         service = build_server(
@@ -95,7 +102,8 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
             name="gateway",
             metrics=metrics,
             authenticator=control.authenticator,
-            quota=control.quota,
+            # ModelInfer is metered as the Infer it stands for.
+            quota=KServeQuota(control.quota) if control.quota is not None else None,
         )
         await service.start()
     except BaseException:

@@ -373,6 +373,10 @@ class WorkerPool:
             }
         )
 
+    def serving_workers(self) -> list[WorkerEndpoint]:
+        """The workers whose health says SERVING (ejected ones included)."""
+        return [w for w in self._workers.values() if w.serving]
+
     def models(self) -> list[inference_pb2.ModelInfo]:
         now = time.monotonic()
         seen: dict[tuple[str, int], inference_pb2.ModelInfo] = {}

@@ -108,6 +108,12 @@ class Cancelled(TensorgateError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(TensorgateError):
+    """A call this service deliberately does not offer; the message says what to use."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 @dataclass(frozen=True)
 class FieldViolation:
     field: str

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 from tensorgate.worker.v1 import worker_pb2, worker_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from services.runtime.main import run_service
 from services.runtime.metrics import ServiceMetrics
@@ -23,6 +24,7 @@ from services.runtime.tls import channel_credentials
 from services.runtime.upstreams import open_upstream
 from services.worker.catalog import LoadedModel, ModelCatalog, loaded_model
 from services.worker.deployments import DeploymentSync
+from services.worker.kserve_servicer import TritonPassthroughServicer
 from services.worker.servicer import InferenceWorkerServicer
 from services.worker.settings import REGISTRY_SERVICE, WorkerSettings
 from services.worker.triton_client import TritonConnection
@@ -137,7 +139,14 @@ async def start_worker(settings: WorkerSettings) -> Worker:
         )
         service = build_server(
             settings,
-            [ServiceBinding.of(worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer)],
+            [
+                ServiceBinding.of(worker_pb2_grpc.add_InferenceWorkerServicer_to_server, servicer),
+                # The gateway's KServe v2 calls, passed through to this Triton.
+                ServiceBinding.of(
+                    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                    TritonPassthroughServicer(catalog, triton),
+                ),
+            ],
             name="worker",
             metrics=metrics,
         )

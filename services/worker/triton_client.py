@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -26,6 +27,7 @@ log = structlog.get_logger("tensorgate.triton")
 _IN_USE = frozenset({"READY", "UNLOADING", "LOADING"})
 # Calls in flight finish before an unload does: a long generation may hold it this long.
 _UNLOAD_TIMEOUT_S = 330.0
+_KSERVE = "/" + service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 class TritonConnection:
@@ -36,6 +38,17 @@ class TritonConnection:
         self._control = triton_aio.InferenceServerClient(url)
         self._channel = open_channel(url)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # The KServe passthrough (kserve_servicer.py) leaves Triton's responses as bytes.
+        self._infer_bytes = self._channel.unary_unary(
+            f"{_KSERVE}/ModelInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=None,
+        )
+        self._stream_bytes = self._channel.stream_stream(
+            f"{_KSERVE}/ModelStreamInfer",
+            request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=None,
+        )
 
     async def close(self) -> None:
         await self._control.close()
@@ -115,6 +128,33 @@ class TritonConnection:
         except grpc.aio.AioRpcError as exc:
             raise upstream_error(exc, f"model {_label(request)}") from exc
         return response
+
+    async def infer_bytes(
+        self, request: service_pb2.ModelInferRequest, timeout: float | None
+    ) -> bytes:
+        """ModelInfer with Triton's response left as it came (its tensors not parsed)."""
+        try:
+            response: bytes = await self._infer_bytes(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(exc, f"model {_label(request)}") from exc
+        return response
+
+    def open_stream(self, timeout: float | None) -> grpc.aio.StreamStreamCall[Any, bytes]:
+        """A ModelStreamInfer call to write requests to (`write`, `done_writing`) and read
+        Triton's responses from as bytes; the caller maps its errors and cancels it."""
+        # No request iterator: the caller writes the requests itself.
+        call: grpc.aio.StreamStreamCall[Any, bytes] = self._stream_bytes(  # type: ignore[call-arg]
+            timeout=timeout
+        )
+        return call
+
+    async def describe(self, method: str, request: Any, timeout: float | None) -> Any:
+        """One of Triton's model description calls (ModelMetadata, ModelConfig,
+        ModelStatistics), its errors mapped."""
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(exc, f"Triton's {method}") from exc
 
     async def stream(
         self, request: service_pb2.ModelInferRequest, timeout: float | None

@@ -1,0 +1,161 @@
+"""Quota for the KServe v2 calls: metered as the platform's own Infer and Generate are.
+
+The quota stage (gateway/quota.py) knows the platform's requests. A KServe ModelInfer
+is metered as the Infer it stands for (one request, the key's model scope checked
+first); `KServeQuota` wraps the gate the pipeline runs, so that happens before the
+handler, as for Infer. A ModelStreamInfer stream's requests arrive after the stage ran
+(a client stream): its handler reserves each one as it comes (`StreamMeter`), as the
+Generate it stands for: one request, a stream slot, and for a model with the generate
+contract's inputs (`prompt`, `max_tokens`: models/README.md) the same bound on its
+tokens; each is settled with what its final response counted.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Any
+
+from tensorgate.inference.v1 import inference_pb2
+from tensorgate.key_shape import redact_keys
+from tritonclient.grpc import service_pb2
+
+from gateway.quota import QuotaGate, QuotaReservation
+from services.runtime import calls
+from services.runtime.calls import Call, Usage
+from services.runtime.kserve import model_ref
+
+_MODEL_INFER = service_pb2.ModelInferRequest
+_INT32 = struct.Struct("<i")
+
+
+def note_model(name: str) -> None:
+    """The model a KServe call names, on its log line: bounded and never a key's secret."""
+    calls.note(model=redact_keys(name[:256])[:128])
+
+
+class KServeQuota:
+    """The pipeline's quota stage for a gateway that also serves KServe v2."""
+
+    def __init__(self, gate: QuotaGate) -> None:
+        self.gate = gate
+
+    async def reserve(self, call: Call, request: Any) -> QuotaReservation | None:
+        if type(request) is _MODEL_INFER:
+            note_model(request.model_name)
+            request = inference_pb2.InferRequest(
+                model=model_ref(request.model_name, request.model_version)
+            )
+        return await self.gate.reserve(call, request)
+
+
+def _input(request: service_pb2.ModelInferRequest, name: str) -> tuple[int, bytes | None]:
+    """The index of input `name` and its raw bytes (None: sent as typed contents)."""
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name == name:
+            raw = request.raw_input_contents
+            return index, raw[index] if index < len(raw) else None
+    return -1, None
+
+
+def generate_bound(
+    request: service_pb2.ModelInferRequest, ref: str
+) -> inference_pb2.GenerateRequest:
+    """The Generate a stream request stands for, as the quota gate bounds it: only the
+    prompt's UTF-8 length counts there, so a stand-in of that length is given, not the
+    prompt (which is not decoded). No generate inputs: a stream slot and no tokens."""
+    bound = inference_pb2.GenerateRequest(model=ref)
+    index, raw = _input(request, "prompt")
+    if index >= 0:
+        if raw is not None:
+            # BYTES elements, each after its 4-byte length: the prompt's bytes.
+            count = 1
+            for size in request.inputs[index].shape:
+                count *= max(size, 0)
+            prompt_bytes = max(len(raw) - 4 * count, 0)
+        else:
+            prompt_bytes = sum(len(b) for b in request.inputs[index].contents.bytes_contents)
+        bound.prompt = "x" * prompt_bytes
+    index, raw = _input(request, "max_tokens")
+    if index >= 0:
+        if raw is not None and len(raw) >= 4:
+            bound.max_tokens = max(_INT32.unpack_from(raw)[0], 0)
+        elif raw is None and request.inputs[index].contents.int_contents:
+            bound.max_tokens = max(request.inputs[index].contents.int_contents[0], 0)
+    return bound
+
+
+def response_usage(response: service_pb2.ModelInferResponse) -> Usage | None:
+    """The generate contract's token counts in a response, if it carries them."""
+    usage: Usage | None = None
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=False):
+        if output.name in ("prompt_tokens", "completion_tokens") and len(raw) >= 4:
+            usage = usage or Usage()
+            setattr(usage, output.name, _INT32.unpack_from(raw)[0])
+    return usage
+
+
+class _Pending:
+    __slots__ = ("id", "reservation", "usage")
+
+    def __init__(self, request_id: str, reservation: QuotaReservation | None) -> None:
+        self.id = request_id
+        self.reservation = reservation
+        self.usage: Usage | None = None
+
+
+class StreamMeter:
+    """The reservations of one stream's requests, each settled by its final response
+    (matched by the request's `id`; with none, or an unknown one, the oldest)."""
+
+    def __init__(self, gate: QuotaGate | None, call: Call | None) -> None:
+        self._gate = gate
+        self._call = call
+        self._pending: deque[_Pending] = deque()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    async def reserve(self, request: service_pb2.ModelInferRequest, ref: str) -> None:
+        """Reserves what `request` may use; raises ResourceExhausted when over a quota."""
+        reservation = None
+        if self._gate is not None and self._call is not None:
+            reservation = await self._gate.reserve(self._call, generate_bound(request, ref))
+        self._pending.append(_Pending(request.id, reservation))
+
+    def _find(self, request_id: str) -> _Pending | None:
+        for pending in self._pending:
+            if pending.id == request_id:
+                return pending
+        return self._pending[0] if self._pending else None
+
+    async def responded(self, response: service_pb2.ModelStreamInferResponse) -> bool:
+        """Takes one streamed response; True when it was a request's final one."""
+        infer = response.infer_response
+        pending = self._find(infer.id)
+        if pending is None:
+            return False
+        usage = response_usage(infer)
+        if usage is not None:
+            pending.usage = usage
+        # A decoupled model flags its last response; any other answers each request once.
+        flag = infer.parameters.get("triton_final_response")
+        if flag is not None and not flag.bool_param and not response.error_message:
+            return False
+        self._pending.remove(pending)
+        used = pending.usage or Usage()
+        self.prompt_tokens += used.prompt_tokens
+        self.completion_tokens += used.completion_tokens
+        if pending.reservation is not None:
+            await pending.reservation.settle(used)
+        return True
+
+    async def release(self) -> None:
+        """The stream ended: what its unanswered requests reserved is given back (the
+        tokens they had produced, counted)."""
+        while self._pending:
+            pending = self._pending.popleft()
+            if pending.reservation is not None:
+                if pending.usage is not None:
+                    await pending.reservation.settle(pending.usage)
+                else:
+                    await pending.reservation.release()

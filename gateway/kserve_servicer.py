@@ -1,0 +1,337 @@
+"""The KServe v2 front door: `inference.GRPCInferenceService` as Triton serves it, so
+tritonclient and perf_analyzer work unchanged, with an API key as a header.
+
+Every call runs in the same pipeline as Generate and Infer (request id, key, quota,
+error mapping, the canonical log line, metrics). A call names its model the KServe way;
+`model_name` may carry an alias (`digits@production`) and `model_version` picks a
+version as in Triton (services/runtime/kserve.py). The gateway routes as for Infer and
+Generate, asks the worker's passthrough (services/worker/kserve_servicer.py), and passes
+the answer on as bytes: tensors are never decoded here. ModelInfer is retried once on
+another worker when the first could not take it; a stream is not retried.
+
+The server-level calls are the gateway's own: live while it runs, ready while some
+worker serves. Repository and shared-memory calls are refused (RefusedCalls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeAlias
+
+import grpc
+import structlog
+from tensorgate.model_ref import ModelRef
+from tritonclient.grpc import service_pb2
+
+from gateway.authentication import check_model_scope
+from gateway.kserve_quota import StreamMeter, note_model
+from gateway.kserve_upstream import KServeUpstreams
+from gateway.metrics import GatewayMetrics
+from gateway.quota import QuotaGate
+from gateway.worker_pool import WorkerEndpoint, WorkerPool
+from services.runtime import calls
+from services.runtime.api_keys import allows
+from services.runtime.errors import (
+    InvalidArgument,
+    NotFound,
+    TensorgateError,
+    Unavailable,
+    UpstreamError,
+    upstream_error,
+)
+from services.runtime.kserve import RefusedCalls, model_ref
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Request: TypeAlias = service_pb2.ModelInferRequest
+
+log = structlog.get_logger("tensorgate.gateway.kserve")
+
+parse_ref = lru_cache(maxsize=4096)(ModelRef.parse)
+_parse_stream_response = service_pb2.ModelStreamInferResponse.FromString
+# As for Infer: the call never ran on that worker, so another may take it.
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
+# What the gateway offers of the KServe extensions.
+_EXTENSIONS = ("model_configuration", "statistics", "parameters")
+
+
+def _server_version() -> str:
+    try:
+        return version("tensorgate-platform")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class KServeGatewayServicer(RefusedCalls):
+    def __init__(
+        self,
+        pool: WorkerPool,
+        metrics: GatewayMetrics,
+        *,
+        upstream_timeout: float,
+        quota: QuotaGate | None = None,
+    ) -> None:
+        """`quota` meters ModelStreamInfer's requests as they arrive (KServeQuota meters
+        the unary calls in the pipeline)."""
+        self._pool = pool
+        self._metrics = metrics
+        self._upstream_timeout = upstream_timeout
+        self._quota = quota
+        self._upstreams = KServeUpstreams()
+        self._metadata = service_pb2.ServerMetadataResponse(
+            name="tensorgate", version=_server_version(), extensions=_EXTENSIONS
+        )
+
+    # -- the gateway's own answers ------------------------------------------------
+
+    async def ServerLive(
+        self, request: service_pb2.ServerLiveRequest, context: Context
+    ) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: service_pb2.ServerReadyRequest, context: Context
+    ) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=bool(self._pool.serving_workers()))
+
+    async def ServerMetadata(
+        self, request: service_pb2.ServerMetadataRequest, context: Context
+    ) -> service_pb2.ServerMetadataResponse:
+        return self._metadata
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _timeout(self) -> float:
+        remaining = calls.remaining()
+        return self._upstream_timeout if remaining is None else remaining
+
+    @staticmethod
+    def _ref(name: str, version: str, field: str) -> ModelRef:
+        """The model a call names, after the key's scope is checked."""
+        note_model(name)
+        text = model_ref(name, version, field)
+        principal = calls.principal()
+        if principal is not None:
+            check_model_scope(principal, text)  # PERMISSION_DENIED names the model
+        return parse_ref(text)
+
+    def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str) -> Exception:
+        """What the caller hears of a failed forward; the pool counts it against the worker."""
+        error = upstream_error(exc, f"model {model}")
+        self._pool.failed(worker, exc.code(), own=isinstance(error, UpstreamError))
+        return error
+
+    async def _forward(self, ref: ModelRef, method: str, make: Any) -> Any:
+        """A unary call on a worker that has `ref`, retried once on another when the
+        first could not take it; `make(info)` is the request for the version routed."""
+        exclude: WorkerEndpoint | None = None
+        for attempt in (1, 2):
+            worker, info, slots = await self._pool.route(ref, exclude=exclude)
+            resolved = f"{info.name}:{info.version}"
+            calls.note(resolved=resolved, worker=worker.address)
+            call = getattr(self._upstreams.of(worker), method)
+            try:
+                response = await call(
+                    make(info), timeout=self._timeout(), metadata=calls.outgoing_metadata()
+                )
+            except grpc.aio.AioRpcError as exc:
+                error = self._failed(worker, exc, resolved)
+                if attempt == 2 or exc.code() not in _RETRIED:
+                    raise error from exc
+            else:
+                worker.answered()
+                return response
+            finally:
+                slots.release(worker)
+                if worker.on_trial:  # its trial ended with no verdict (a cancel)
+                    worker.end_trial()
+            log.warning("retrying on another worker", worker=worker.address)
+            self._metrics.retries.labels(method).inc()
+            exclude = worker
+        raise AssertionError("unreachable")
+
+    # -- models -------------------------------------------------------------------
+
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: Context
+    ) -> service_pb2.ModelReadyResponse:
+        ref = self._ref(request.name, request.version, "name")
+        try:
+            worker, _, slots = await self._pool.route(ref)
+        except (NotFound, Unavailable):
+            return service_pb2.ModelReadyResponse(ready=False)
+        slots.release(worker)
+        if worker.on_trial:
+            worker.end_trial()
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(
+        self, request: service_pb2.ModelMetadataRequest, context: Context
+    ) -> Any:
+        ref = self._ref(request.name, request.version, "name")
+        return await self._forward(
+            ref,
+            "metadata",
+            lambda info: service_pb2.ModelMetadataRequest(
+                name=info.name, version=str(info.version)
+            ),
+        )
+
+    async def ModelConfig(self, request: service_pb2.ModelConfigRequest, context: Context) -> Any:
+        ref = self._ref(request.name, request.version, "name")
+        return await self._forward(
+            ref,
+            "config",
+            lambda info: service_pb2.ModelConfigRequest(name=info.name, version=str(info.version)),
+        )
+
+    async def ModelStatistics(
+        self, request: service_pb2.ModelStatisticsRequest, context: Context
+    ) -> Any:
+        """A model version's statistics, from a worker serving it; with no name, those of
+        every model the key may call, each from the first worker that has it."""
+        if request.name:
+            ref = self._ref(request.name, request.version, "name")
+            return await self._forward(
+                ref,
+                "statistics",
+                lambda info: service_pb2.ModelStatisticsRequest(
+                    name=info.name, version=str(info.version)
+                ),
+            )
+        if request.version:
+            raise InvalidArgument("version", "needs a model name")
+        workers = self._pool.serving_workers()
+        answers = await asyncio.gather(
+            *(
+                self._upstreams.of(w).statistics(
+                    request, timeout=self._timeout(), metadata=calls.outgoing_metadata()
+                )
+                for w in workers
+            ),
+            return_exceptions=True,
+        )
+        principal = calls.principal()
+        merged = service_pb2.ModelStatisticsResponse()
+        seen: set[tuple[str, str]] = set()
+        for worker, answer in zip(workers, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning("statistics not read", worker=worker.address, error=repr(answer))
+                continue
+            for stats in answer.model_stats:
+                key = (stats.name, stats.version)
+                if key in seen or (principal is not None and not allows(principal, stats.name)):
+                    continue
+                seen.add(key)
+                merged.model_stats.add().CopyFrom(stats)
+        return merged
+
+    # -- inference ----------------------------------------------------------------
+
+    async def ModelInfer(self, request: Request, context: Context) -> Any:
+        ref = self._ref(request.model_name, request.model_version, "model_name")
+
+        def routed(info: Any) -> Request:
+            # The request is ours to change: forwarded renamed, its tensors not copied.
+            request.model_name, request.model_version = info.name, str(info.version)
+            return request
+
+        return await self._forward(ref, "infer", routed)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Request], context: Context
+    ) -> AsyncIterator[Any]:
+        """One model per stream, the one its first request names (the worker behind was
+        chosen for it); each request is metered as it comes (gateway/kserve_quota.py)."""
+        started = time.perf_counter()
+        requests = aiter(requests)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        asked = (first.model_name, first.model_version)
+        ref = self._ref(*asked, "model_name")
+        meter = StreamMeter(self._quota, calls.current())
+        worker: WorkerEndpoint | None = None
+        try:
+            await meter.reserve(first, str(ref))
+            worker, info, slots = await self._pool.route(ref)
+            resolved = f"{info.name}:{info.version}"
+            calls.note(resolved=resolved, worker=worker.address)
+            routed = (info.name, str(info.version))
+            # No request iterator: the pump writes the requests itself.
+            upstream = self._upstreams.of(worker).stream(  # type: ignore[call-arg]
+                timeout=self._timeout(), metadata=calls.outgoing_metadata()
+            )
+            refusal: list[Exception] = []
+            pump = asyncio.ensure_future(
+                _pump(first, requests, asked, routed, str(ref), meter, upstream, refusal)
+            )
+            responses = 0
+            try:
+                async for raw in upstream:
+                    if not responses:
+                        self._metrics.time_to_first_token.labels(info.name).observe(
+                            time.perf_counter() - started
+                        )
+                    responses += 1
+                    await meter.responded(_parse_stream_response(raw))
+                    yield raw
+                worker.answered()
+            except grpc.aio.AioRpcError as exc:
+                if refusal:
+                    raise refusal[0] from None
+                raise self._failed(worker, exc, resolved) from exc
+            finally:
+                pump.cancel()
+                slots.release(worker)
+                if worker.on_trial:
+                    worker.end_trial()
+                if not upstream.done():
+                    upstream.cancel()  # the caller went away: so do its requests in Triton
+            if refusal:
+                raise refusal[0]
+        finally:
+            await meter.release()
+            if meter.completion_tokens:
+                self._metrics.completion_tokens.labels(ref.name).inc(meter.completion_tokens)
+            calls.note(prompt_tokens=meter.prompt_tokens, completion_tokens=meter.completion_tokens)
+
+
+async def _pump(
+    first: Request,
+    requests: AsyncIterator[Request],
+    asked: tuple[str, str],
+    routed: tuple[str, str],
+    ref: str,
+    meter: StreamMeter,
+    upstream: Any,
+    refusal: list[Exception],
+) -> None:
+    """Writes the caller's requests to the worker, each metered and renamed, until they
+    end or one is refused; then half-closes, so the stream ends once the requests sent
+    have been answered (and then with the refusal's status)."""
+    try:
+        request: Request | None = first
+        while request is not None:
+            request.model_name, request.model_version = routed
+            await upstream.write(request)
+            request = await anext(requests, None)
+            if request is None:
+                break
+            if (request.model_name, request.model_version) != asked:
+                raise InvalidArgument(
+                    "model_name",
+                    f"this stream serves {ref}, the model its first request named; "
+                    "open another stream for another model",
+                )
+            await meter.reserve(request, ref)
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        return  # the stream ended upstream: its status says why
+    except TensorgateError as exc:
+        refusal.append(exc)
+    with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        await upstream.done_writing()

@@ -1,0 +1,303 @@
+"""tritonclient (sync and asyncio) against the gateway's KServe v2 front door, with a key.
+
+One gateway for the module, in front of the registry-driven worker (whose Triton names
+each version `name__vN`, so the renaming on the way is exercised), checking keys with the
+session's auth service and resolving aliases with its registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_sync
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from gateway.server import Gateway
+from tests.auth_helpers import admin_at, bearer, digits_image, quota
+from tests.conftest import AuthStack, RegistryStack, start_auth_gateway
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "ROMEO:"
+
+
+@dataclass
+class Front:
+    gateway: Gateway
+    key: str
+    headers: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.gateway.address
+
+
+@pytest.fixture(scope="module")
+async def front(auth_stack: AuthStack, registry_stack: RegistryStack) -> AsyncIterator[Front]:
+    gateway = await start_auth_gateway(
+        auth_stack.auth.address,
+        registry_stack.worker,
+        registry=registry_stack.registry.address,
+    )
+    try:
+        async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
+            tenant = await admin.tenant("kserve")
+            key = (await admin.new_key(tenant)).secret
+        yield Front(gateway, key, {"authorization": f"Bearer {key}"})
+    finally:
+        await gateway.stop()
+
+
+def digits_inputs(module: Any) -> list[Any]:
+    image = digits_image()
+    tensor = module.InferInput("image", list(image.shape), "FP32")
+    tensor.set_data_from_numpy(image)
+    return [tensor]
+
+
+def tinylm_inputs(module: Any, prompt: str = PROMPT, max_tokens: int = 8) -> list[Any]:
+    values: list[tuple[str, str, Any]] = [
+        ("prompt", "BYTES", np.array([prompt.encode()], dtype=np.object_)),
+        ("max_tokens", "INT32", np.array([max_tokens], dtype=np.int32)),
+        ("temperature", "FP32", np.array([0.0], dtype=np.float32)),
+        ("top_p", "FP32", np.array([1.0], dtype=np.float32)),
+        ("top_k", "INT32", np.array([0], dtype=np.int32)),
+    ]
+    inputs = []
+    for name, datatype, array in values:
+        tensor = module.InferInput(name, [1], datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.fixture
+async def client(front: Front) -> AsyncIterator[triton_aio.InferenceServerClient]:
+    connected = triton_aio.InferenceServerClient(front.url)
+    try:
+        yield connected
+    finally:
+        await connected.close()
+
+
+async def test_server_calls(front: Front, client: triton_aio.InferenceServerClient) -> None:
+    assert await client.is_server_live(headers=front.headers)
+    assert await client.is_server_ready(headers=front.headers)
+    metadata = await client.get_server_metadata(headers=front.headers, as_json=True)
+    assert metadata["name"] == "tensorgate"
+    assert await client.is_model_ready("digits", headers=front.headers)
+    assert await client.is_model_ready("digits", "1", headers=front.headers)
+    assert not await client.is_model_ready("digits", "99", headers=front.headers)
+
+
+async def test_model_metadata_and_config(
+    front: Front, client: triton_aio.InferenceServerClient
+) -> None:
+    metadata = await client.get_model_metadata("digits@production", headers=front.headers)
+    # Named as callers know it, not as the worker's Triton does (digits__v1).
+    assert metadata.name == "digits"
+    assert list(metadata.versions) == ["1"]
+    assert [t.name for t in metadata.inputs] == ["image"]
+    assert {t.name for t in metadata.outputs} == {"probabilities", "label"}
+    config = (await client.get_model_config("digits", "1", headers=front.headers)).config
+    assert config.name == "digits"
+    assert config.max_batch_size == 64
+    tinylm = (await client.get_model_config("tinylm", headers=front.headers)).config
+    assert tinylm.model_transaction_policy.decoupled
+
+
+@pytest.mark.parametrize(
+    ("name", "version"), [("digits", ""), ("digits", "1"), ("digits@production", "")]
+)
+async def test_model_infer_asyncio(
+    front: Front, client: triton_aio.InferenceServerClient, name: str, version: str
+) -> None:
+    result = await client.infer(
+        name, digits_inputs(triton_aio), model_version=version, headers=front.headers
+    )
+    assert result.as_numpy("label").reshape(-1).tolist() == [0, 1, 2, 3]
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (4, 10)
+    response = result.get_response()
+    assert (response.model_name, response.model_version) == ("digits", "1")
+
+
+async def test_model_infer_sync(front: Front) -> None:
+    def call() -> tuple[list[int], str, list[str]]:
+        with triton_sync.InferenceServerClient(front.url) as client:
+            assert client.is_server_live(headers=front.headers)
+            result = client.infer(
+                "digits", digits_inputs(triton_sync), model_version="1", headers=front.headers
+            )
+            versions = client.get_model_metadata("digits@production", headers=front.headers)
+            return (
+                result.as_numpy("label").reshape(-1).tolist(),
+                result.get_response().model_name,
+                list(versions.versions),
+            )
+
+    labels, name, versions = await asyncio.to_thread(call)
+    assert (labels, name, versions) == ([0, 1, 2, 3], "digits", ["1"])
+
+
+async def test_stream_infer_asyncio(front: Front, client: triton_aio.InferenceServerClient) -> None:
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {
+            "model_name": "tinylm@production",
+            "inputs": tinylm_inputs(triton_aio, max_tokens=8),
+            "request_id": "r1",
+        }
+
+    tokens: list[int] = []
+    finals = []
+    responses = client.stream_infer(requests(), headers=front.headers)
+    async for result, error in responses:
+        assert error is None, error
+        response = result.get_response()
+        assert response.model_name == "tinylm"
+        tokens.extend(result.as_numpy("token_ids").tolist())
+        final = response.parameters["triton_final_response"].bool_param
+        finals.append(final)
+        if final:
+            completion = int(result.as_numpy("completion_tokens")[0])
+            prompt_tokens = int(result.as_numpy("prompt_tokens")[0])
+            break
+    assert finals[-1] and not any(finals[:-1])
+    assert completion == len(tokens) and 1 <= completion <= 8
+    assert prompt_tokens == len(PROMPT)
+
+
+async def test_stream_infer_sync(front: Front) -> None:
+    def call() -> list[tuple[int, bool]]:
+        received: list[tuple[int, bool]] = []
+        done = __import__("threading").Event()
+
+        def callback(result: Any, error: Any) -> None:
+            if error is not None:
+                received.append((-1, True))
+                done.set()
+                return
+            response = result.get_response()
+            final = response.parameters["triton_final_response"].bool_param
+            received.append((len(result.as_numpy("token_ids")), final))
+            if final:
+                done.set()
+
+        with triton_sync.InferenceServerClient(front.url) as client:
+            client.start_stream(callback, headers=front.headers)
+            client.async_stream_infer("tinylm", tinylm_inputs(triton_sync, max_tokens=5))
+            assert done.wait(60)
+            client.stop_stream()
+        return received
+
+    received = await asyncio.to_thread(call)
+    assert received[-1][1] and all(n >= 0 for n, _ in received)
+    assert 1 <= sum(n for n, _ in received) <= 5
+
+
+async def test_model_statistics(front: Front, client: triton_aio.InferenceServerClient) -> None:
+    await client.infer("digits", digits_inputs(triton_aio), headers=front.headers)
+    stats = await client.get_inference_statistics("digits", headers=front.headers)
+    (entry,) = stats.model_stats
+    assert (entry.name, entry.version) == ("digits", "1")
+    assert entry.inference_count >= 1
+    every = await client.get_inference_statistics(headers=front.headers)
+    assert {"digits", "tinylm"} <= {s.name for s in every.model_stats}
+
+
+async def test_refused_without_a_key(front: Front, client: triton_aio.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as refused:
+        await client.infer("digits", digits_inputs(triton_aio))
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException) as refused:
+        await client.is_server_live(headers={"authorization": "Bearer tg_not-a-key"})
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+async def test_unknown_model_and_bad_version(
+    front: Front, client: triton_aio.InferenceServerClient
+) -> None:
+    with pytest.raises(InferenceServerException) as refused:
+        await client.infer("nosuchmodel", digits_inputs(triton_aio), headers=front.headers)
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+    assert "nosuchmodel" in str(refused.value)
+    with pytest.raises(InferenceServerException) as refused:
+        await client.get_model_metadata("digits", "x", headers=front.headers)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    # A decoupled model over unary ModelInfer: told to stream.
+    with pytest.raises(InferenceServerException) as refused:
+        await client.infer("tinylm", tinylm_inputs(triton_aio), headers=front.headers)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "ModelStreamInfer" in str(refused.value)
+
+
+async def test_over_quota(front: Front, auth_stack: AuthStack) -> None:
+    async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
+        tenant = await admin.tenant("kserve-q")
+        created = await admin.new_key(tenant, limits=quota(requests_per_minute=2))
+    headers = {"authorization": f"Bearer {created.secret}"}
+    client = triton_aio.InferenceServerClient(front.url)
+    try:
+        for _ in range(2):
+            await client.infer("digits", digits_inputs(triton_aio), headers=headers)
+        with pytest.raises(InferenceServerException) as refused:
+            await client.infer("digits", digits_inputs(triton_aio), headers=headers)
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert "requests" in str(refused.value)
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": "tinylm", "inputs": tinylm_inputs(triton_aio)}
+
+        # tritonclient's asyncio stream raises the stream's status as grpc's own error.
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for _, error in client.stream_infer(requests(), headers=headers):
+                raise AssertionError(f"the stream over quota was answered: {error}")
+        assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await client.close()
+
+
+async def test_key_scope_is_checked(front: Front, auth_stack: AuthStack) -> None:
+    async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
+        tenant = await admin.tenant("kserve-scope")
+        created = await admin.new_key(tenant, models=("tinylm",))
+    headers = {"authorization": f"Bearer {created.secret}"}
+    client = triton_aio.InferenceServerClient(front.url)
+    try:
+        for call in (
+            client.infer("digits", digits_inputs(triton_aio), headers=headers),
+            client.get_model_metadata("digits", headers=headers),
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                await call
+            assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+        every = await client.get_inference_statistics(headers=headers)
+        assert {s.name for s in every.model_stats} == {"tinylm"}
+    finally:
+        await client.close()
+
+
+async def test_repository_and_shared_memory_refused(front: Front) -> None:
+    async with grpc.aio.insecure_channel(front.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        calls: list[tuple[Any, Any]] = [
+            (stub.RepositoryIndex, service_pb2.RepositoryIndexRequest()),
+            (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="x")),
+            (stub.RepositoryModelUnload, service_pb2.RepositoryModelUnloadRequest(model_name="x")),
+            (stub.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest()),
+            (stub.SystemSharedMemoryRegister, service_pb2.SystemSharedMemoryRegisterRequest()),
+            (stub.CudaSharedMemoryRegister, service_pb2.CudaSharedMemoryRegisterRequest()),
+        ]
+        for method, request in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await method(request, metadata=bearer(front.key), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "not offered" in (refused.value.details() or "")
