@@ -5,7 +5,8 @@ bare pass-through hops (bench/bare_hop.py), each in its own process, and drives:
 - unary: digits, batch 1, at concurrency 1 and 16, direct to Triton, through one
   bare hop, through two bare hops in a chain, through gateway -> worker, and through
   a second gateway that checks an API key and meters its quotas (every limit set,
-  in-process counters) in front of the same worker;
+  in-process counters) in front of the same worker, and through the first gateway's
+  KServe v2 front door (ModelInfer, not Infer);
 - streaming: the bench's no-compute model (bench/models/nocompute), one stream and
   16 concurrent, direct, through two bare hops and through the gateway;
 - streaming: tinylm, greedy, one generation at a time, direct and through the gateway.
@@ -41,6 +42,7 @@ from bench.measure import (
     HOP_B,
     KEYED_CHAIN,
     KEYED_GATEWAY,
+    KSERVE_CHAIN,
     ONE_HOP,
     STUBS,
     TRITON,
@@ -106,6 +108,7 @@ async def bench_unary(meter: CpuMeter, targets: Targets, options: Options) -> li
     paths = {path: calls.kserve_infer(targets.kserve(path)) for path in (DIRECT, ONE_HOP, TWO_HOPS)}
     paths[CHAIN] = calls.gateway_infer(targets.gateway, targets.gateway_metadata)
     paths[KEYED_CHAIN] = calls.gateway_infer(targets.channels[KEYED_CHAIN], targets.keyed_metadata)
+    paths[KSERVE_CHAIN] = calls.kserve_infer(targets.gateway, targets.gateway_metadata)
     for call in paths.values():
         await warm_unary(call)
     seconds = options.seconds / options.rounds

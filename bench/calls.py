@@ -37,13 +37,14 @@ def digits_image() -> np.ndarray[Any, np.dtype[np.float32]]:
     return np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)
 
 
-def kserve_infer(channel: grpc.aio.Channel) -> UnaryCall:
-    """digits through KServe v2 ModelInfer (Triton itself, or a bare hop in front of it)."""
+def kserve_infer(channel: grpc.aio.Channel, metadata: Metadata = ()) -> UnaryCall:
+    """digits through KServe v2 ModelInfer (Triton itself, a bare hop in front of it, or
+    the gateway's KServe front door)."""
     request = service_pb2.ModelInferRequest(model_name="digits", model_version="1")
     request.inputs.add(name="image", datatype="FP32", shape=[1, 64])
     request.raw_input_contents.append(digits_image().tobytes())
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    return lambda: stub.ModelInfer(request)
+    return lambda: stub.ModelInfer(request, metadata=metadata)
 
 
 def gateway_infer(channel: grpc.aio.Channel, metadata: Metadata) -> UnaryCall:

@@ -21,12 +21,15 @@ ROLES = (CLIENT, HOP_A, HOP_B, GATEWAY, KEYED_GATEWAY, WORKER, TRITON, STUBS)
 # Paths a call can take, and the processes on each (the client is on all of them).
 DIRECT, ONE_HOP, TWO_HOPS, CHAIN = "direct", "1 bare hop", "2 bare hops", "gateway"
 KEYED_CHAIN = "gateway, keys+quota"
+# The same gateway and worker as CHAIN, called through KServe v2 ModelInfer, not Infer.
+KSERVE_CHAIN = "gateway, KServe"
 PATH_ROLES: dict[str, tuple[str, ...]] = {
     DIRECT: (CLIENT, TRITON, STUBS),
     ONE_HOP: (CLIENT, HOP_B, TRITON, STUBS),
     TWO_HOPS: (CLIENT, HOP_A, HOP_B, TRITON, STUBS),
     CHAIN: (CLIENT, GATEWAY, WORKER, TRITON, STUBS),
     KEYED_CHAIN: (CLIENT, KEYED_GATEWAY, WORKER, TRITON, STUBS),
+    KSERVE_CHAIN: (CLIENT, GATEWAY, WORKER, TRITON, STUBS),
 }
 
 R = TypeVar("R", UnaryResult, StreamResult)

@@ -17,6 +17,7 @@ from bench.measure import (
     HOP_B,
     KEYED_CHAIN,
     KEYED_GATEWAY,
+    KSERVE_CHAIN,
     ONE_HOP,
     ROLES,
     STUBS,
@@ -36,6 +37,8 @@ STREAM_SHARE = 0.90  # 16 no-compute streams through the gateway, share of direc
 TTFT_EXTRA_MS = 1.5  # time to first token, over direct
 BUSY = 16  # the concurrency the throughput budgets are judged at
 ACCESS_CPU_US = 50.0  # authentication and quota together, per call (in-process counters)
+# The KServe front door adds no more than Infer (the bar); the rest is noise room.
+KSERVE_CPU_FACTOR = 1.1
 
 ROLE_TITLES = {
     CLIENT: "client",
@@ -119,6 +122,20 @@ def budgets(unary: Sequence[Unary], nocompute: Sequence[Streamed]) -> list[Budge
             "in-process counters; key cached; every limit set",
         )
     )
+    kserve = _find(unary, KSERVE_CHAIN, BUSY)
+    infer_us = _us(chain, GATEWAY) + _us(chain, WORKER)
+    kserve_us = _us(kserve, GATEWAY) + _us(kserve, WORKER)
+    kserve_added = _find(unary, KSERVE_CHAIN, 1).result.p50_ms - direct_p50
+    out.append(
+        Budget(
+            f"CPU per unary call, gateway + worker, KServe ModelInfer (concurrency {BUSY})",
+            f"{kserve_us:.0f} us = {kserve_us / infer_us:.2f}x Infer's {infer_us:.0f} us; "
+            f"p50 added at concurrency 1: {kserve_added:.2f} ms (Infer {added:.2f} ms)",
+            f"<= {KSERVE_CPU_FACTOR}x {infer_us:.0f} = {KSERVE_CPU_FACTOR * infer_us:.0f} us",
+            kserve_us <= KSERVE_CPU_FACTOR * infer_us,
+            "same gateway and worker, the platform's Infer",
+        )
+    )
     streams = _find(nocompute, CHAIN, BUSY)
     bare_streams = _find(nocompute, TWO_HOPS, BUSY)
     per_hop = f"A {_us(bare_streams, HOP_A):.0f} us, B {_us(bare_streams, HOP_B):.0f} us"
@@ -197,7 +214,9 @@ def report(
         "- Paths: direct = client -> Triton (KServe v2); 1 bare hop = client -> hop B -> "
         "Triton; 2 bare hops = client -> hop A -> hop B -> Triton; gateway = client -> "
         "gateway -> worker -> Triton; 'gateway, keys+quota' = the same through a second "
-        "gateway that checks an API key and meters every quota of it (in-process counters). "
+        "gateway that checks an API key and meters every quota of it (in-process counters); "
+        "'gateway, KServe' = client -> gateway -> worker -> Triton through the gateway's "
+        "KServe v2 ModelInfer instead of Infer. "
         "A bare hop is a grpc.aio generic handler that forwards "
         "bytes (bench/bare_hop.py).",
         "- CPU columns: utime + stime from /proc, per call or per token, by process. Triton "
