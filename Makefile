@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sdk/pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo up test lint typecheck protos check-protos bench models clean
+.PHONY: setup demo up test lint typecheck protos api-docs check-protos bench models clean
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ lint: setup
 	$(VENV)/bin/mypy services gateway launcher sdk/tensorgate tools bench tests models/training
 	$(VENV)/bin/lint-imports
 
+# The generated code and the API reference (docs/api.md) both come from protos/.
 protos: setup
 	$(PY) tools/gen_protos.py
+	$(PY) tools/gen_api_docs.py
+
+api-docs: setup
+	$(PY) tools/gen_api_docs.py
 
 bench: setup
 	$(PY) -m bench $(ARGS)

@@ -38,9 +38,15 @@ class Quota(_message.Message):
     TOKENS_PER_DAY_FIELD_NUMBER: _builtins.int
     CONCURRENT_STREAMS_FIELD_NUMBER: _builtins.int
     requests_per_minute: _builtins.int
+    """Calls admitted per rolling minute."""
     tokens_per_minute: _builtins.int
+    """Prompt plus completion tokens per rolling minute (reserved at the call's bound,
+    settled with what it used).
+    """
     tokens_per_day: _builtins.int
+    """Prompt plus completion tokens per UTC day."""
     concurrent_streams: _builtins.int
+    """Generate (and KServe ModelStreamInfer) requests streaming at once."""
     def __init__(
         self,
         *,
@@ -59,6 +65,8 @@ Global___Quota: _TypeAlias = Quota  # noqa: Y015
 
 @_typing.final
 class Tenant(_message.Message):
+    """A team that owns API keys and is billed for what they use."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -69,12 +77,17 @@ class Tenant(_message.Message):
     id: _builtins.str
     """Letters, digits, '_', '.' and '-'; chosen at creation."""
     description: _builtins.str
+    """Free text for people."""
     monthly_spend_cap: _builtins.float
     """Monthly spend cap in the price currency's units (e.g. USD); 0 means none."""
     @_builtins.property
-    def quota(self) -> Global___Quota: ...
+    def quota(self) -> Global___Quota:
+        """Limits shared by all of the tenant's keys together."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the tenant was created."""
+
     def __init__(
         self,
         *,
@@ -94,6 +107,8 @@ Global___Tenant: _TypeAlias = Tenant  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):
+    """An API key as stored and listed: never its secret."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
@@ -109,7 +124,9 @@ class ApiKey(_message.Message):
     key_id: _builtins.str
     """The public part of the key ("tg_<key_id>_..."), safe to log and show."""
     tenant_id: _builtins.str
+    """The tenant the key belongs to and bills to."""
     name: _builtins.str
+    """A name for people ("ci", "backend-prod")."""
     admin: _builtins.bool
     """May call the admin RPCs (tenants, keys, quotas, prices, every tenant's usage)
     and change the model registry.
@@ -123,9 +140,13 @@ class ApiKey(_message.Message):
         """
 
     @_builtins.property
-    def quota(self) -> Global___Quota: ...
+    def quota(self) -> Global___Quota:
+        """The key's own limits, enforced besides its tenant's."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key was created."""
+
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Unset: never expires."""
@@ -158,6 +179,8 @@ Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
 
 @_typing.final
 class Price(_message.Message):
+    """What a model's use costs, in one currency."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -165,9 +188,13 @@ class Price(_message.Message):
     PER_1K_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     PER_COMPUTE_SECOND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model name (every version of it)."""
     per_1k_prompt_tokens: _builtins.float
+    """Per 1,000 prompt tokens."""
     per_1k_completion_tokens: _builtins.float
+    """Per 1,000 completion tokens."""
     per_compute_second: _builtins.float
+    """Per second a call runs (its wall time at the gateway)."""
     def __init__(
         self,
         *,
@@ -205,9 +232,13 @@ class Principal(_message.Message):
     TENANT_DAY_TOKENS_FIELD_NUMBER: _builtins.int
     USAGE_DAY_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key's public id."""
     tenant_id: _builtins.str
+    """The key's tenant."""
     admin: _builtins.bool
+    """Whether the key may call the admin RPCs."""
     monthly_spend_cap: _builtins.float
+    """The tenant's monthly spend cap; 0 means none."""
     month_spend: _builtins.float
     """What the tenant has spent this month according to the ledger, so a gateway
     whose counters start empty starts from it.
@@ -227,13 +258,21 @@ class Principal(_message.Message):
     restart) starts from them rather than from zero.
     """
     tenant_day_tokens: _builtins.int
+    """As lineage_day_tokens, for the whole tenant."""
     usage_day: _builtins.str
+    """The UTC day (YYYY-MM-DD) the two day counts are for."""
     @_builtins.property
-    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Model patterns the key may call."""
+
     @_builtins.property
-    def key_quota(self) -> Global___Quota: ...
+    def key_quota(self) -> Global___Quota:
+        """The key's own limits."""
+
     @_builtins.property
-    def tenant_quota(self) -> Global___Quota: ...
+    def tenant_quota(self) -> Global___Quota:
+        """The tenant's limits, shared by its keys."""
+
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """The key stops working at this time (expiry, or the end of a rotation grace)."""
@@ -266,11 +305,15 @@ Global___Principal: _TypeAlias = Principal  # noqa: Y015
 
 @_typing.final
 class CreateTenantRequest(_message.Message):
+    """CreateTenant's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tenant(self) -> Global___Tenant: ...
+    def tenant(self) -> Global___Tenant:
+        """The tenant to create; id is required, create_time is set by the service."""
+
     def __init__(
         self,
         *,
@@ -286,10 +329,13 @@ Global___CreateTenantRequest: _TypeAlias = CreateTenantRequest  # noqa: Y015
 
 @_typing.final
 class GetTenantRequest(_message.Message):
+    """GetTenant's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The tenant's id."""
     def __init__(
         self,
         *,
@@ -305,6 +351,8 @@ Global___GetTenantRequest: _TypeAlias = GetTenantRequest  # noqa: Y015
 
 @_typing.final
 class ListTenantsRequest(_message.Message):
+    """ListTenants' request (no filters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -320,11 +368,15 @@ Global___ListTenantsRequest: _TypeAlias = ListTenantsRequest  # noqa: Y015
 
 @_typing.final
 class ListTenantsResponse(_message.Message):
+    """ListTenants' response."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tenant]: ...
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tenant]:
+        """Every tenant, by id."""
+
     def __init__(
         self,
         *,
@@ -340,6 +392,8 @@ Global___ListTenantsResponse: _TypeAlias = ListTenantsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateTenantRequest(_message.Message):
+    """UpdateTenant's request: each field that is set replaces the stored one."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
@@ -350,12 +404,19 @@ class UpdateTenantRequest(_message.Message):
     MONTHLY_SPEND_CAP_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The tenant to change."""
     requests_per_minute: _builtins.int
+    """New Quota.requests_per_minute (0: no limit)."""
     tokens_per_minute: _builtins.int
+    """New Quota.tokens_per_minute (0: no limit)."""
     tokens_per_day: _builtins.int
+    """New Quota.tokens_per_day (0: no limit)."""
     concurrent_streams: _builtins.int
+    """New Quota.concurrent_streams (0: no limit)."""
     monthly_spend_cap: _builtins.float
+    """New monthly spend cap (0: none)."""
     description: _builtins.str
+    """New description."""
     def __init__(
         self,
         *,
@@ -400,6 +461,8 @@ Global___UpdateTenantRequest: _TypeAlias = UpdateTenantRequest  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):
+    """CreateApiKey's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
@@ -409,8 +472,11 @@ class CreateApiKeyRequest(_message.Message):
     QUOTA_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The tenant the key belongs to; it must exist."""
     name: _builtins.str
+    """A name for people."""
     admin: _builtins.bool
+    """Whether the key may call the admin RPCs."""
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Model patterns the key may call, at least one: '*' matches any run of characters,
@@ -419,7 +485,9 @@ class CreateApiKeyRequest(_message.Message):
         """
 
     @_builtins.property
-    def quota(self) -> Global___Quota: ...
+    def quota(self) -> Global___Quota:
+        """The key's own limits (unset: none beyond its tenant's)."""
+
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Unset: never expires."""
@@ -444,6 +512,8 @@ Global___CreateApiKeyRequest: _TypeAlias = CreateApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyResponse(_message.Message):
+    """A new key: stored as a hash, its secret returned this once."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
@@ -451,7 +521,9 @@ class CreateApiKeyResponse(_message.Message):
     secret: _builtins.str
     """"tg_<key id>_<secret>_<checksum>": shown this once, never again."""
     @_builtins.property
-    def key(self) -> Global___ApiKey: ...
+    def key(self) -> Global___ApiKey:
+        """The key as stored."""
+
     def __init__(
         self,
         *,
@@ -468,6 +540,8 @@ Global___CreateApiKeyResponse: _TypeAlias = CreateApiKeyResponse  # noqa: Y015
 
 @_typing.final
 class ListApiKeysRequest(_message.Message):
+    """ListApiKeys' request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
@@ -488,11 +562,15 @@ Global___ListApiKeysRequest: _TypeAlias = ListApiKeysRequest  # noqa: Y015
 
 @_typing.final
 class ListApiKeysResponse(_message.Message):
+    """ListApiKeys' response."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]: ...
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]:
+        """The keys, without secrets."""
+
     def __init__(
         self,
         *,
@@ -508,10 +586,13 @@ Global___ListApiKeysResponse: _TypeAlias = ListApiKeysResponse  # noqa: Y015
 
 @_typing.final
 class RevokeApiKeyRequest(_message.Message):
+    """RevokeApiKey's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key to revoke."""
     def __init__(
         self,
         *,
@@ -527,11 +608,14 @@ Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class RotateApiKeyRequest(_message.Message):
+    """RotateApiKey's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key to replace."""
     grace_seconds: _builtins.int
     """How long the old key keeps working; 0 ends it at once."""
     def __init__(
@@ -550,6 +634,8 @@ Global___RotateApiKeyRequest: _TypeAlias = RotateApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class UpdateApiKeyRequest(_message.Message):
+    """UpdateApiKey's request: each field that is set replaces the stored one."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
@@ -558,10 +644,15 @@ class UpdateApiKeyRequest(_message.Message):
     TOKENS_PER_DAY_FIELD_NUMBER: _builtins.int
     CONCURRENT_STREAMS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key to change."""
     requests_per_minute: _builtins.int
+    """New Quota.requests_per_minute (0: no limit)."""
     tokens_per_minute: _builtins.int
+    """New Quota.tokens_per_minute (0: no limit)."""
     tokens_per_day: _builtins.int
+    """New Quota.tokens_per_day (0: no limit)."""
     concurrent_streams: _builtins.int
+    """New Quota.concurrent_streams (0: no limit)."""
     def __init__(
         self,
         *,
@@ -596,11 +687,15 @@ Global___UpdateApiKeyRequest: _TypeAlias = UpdateApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class SetPriceRequest(_message.Message):
+    """SetPrice's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PRICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def price(self) -> Global___Price: ...
+    def price(self) -> Global___Price:
+        """The model's new price; replaces any it had."""
+
     def __init__(
         self,
         *,
@@ -616,6 +711,8 @@ Global___SetPriceRequest: _TypeAlias = SetPriceRequest  # noqa: Y015
 
 @_typing.final
 class ListPricesRequest(_message.Message):
+    """ListPrices' request (no filters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -631,11 +728,15 @@ Global___ListPricesRequest: _TypeAlias = ListPricesRequest  # noqa: Y015
 
 @_typing.final
 class ListPricesResponse(_message.Message):
+    """ListPrices' response."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PRICES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]: ...
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """Every priced model; a model with none is free."""
+
     def __init__(
         self,
         *,
@@ -651,6 +752,8 @@ Global___ListPricesResponse: _TypeAlias = ListPricesResponse  # noqa: Y015
 
 @_typing.final
 class AuthenticateRequest(_message.Message):
+    """Authenticate's request (gateways only)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
@@ -686,16 +789,25 @@ class UsageRecord(_message.Message):
     COMPUTE_MICROS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
+    """The tenant billed."""
     key_id: _builtins.str
+    """The key that called."""
     model: _builtins.str
+    """The model name the call resolved to ("(unresolved)" when it was refused first)."""
     day: _builtins.str
     """UTC day, YYYY-MM-DD."""
     requests: _builtins.int
+    """Calls counted."""
     errors: _builtins.int
+    """Of those, calls that failed or were cancelled."""
     prompt_tokens: _builtins.int
+    """Prompt tokens used."""
     completion_tokens: _builtins.int
+    """Completion tokens produced."""
     compute_micros: _builtins.int
+    """Wall time of the calls at the gateway, in microseconds."""
     cost: _builtins.float
+    """What the calls cost at the model's price then."""
     def __init__(
         self,
         *,
@@ -720,6 +832,8 @@ Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
 
 @_typing.final
 class RecordUsageRequest(_message.Message):
+    """RecordUsage's request (gateways only)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
@@ -727,7 +841,9 @@ class RecordUsageRequest(_message.Message):
     batch_id: _builtins.str
     """Unique per batch: the same batch sent twice counts once."""
     @_builtins.property
-    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]: ...
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]:
+        """The calls of the batch."""
+
     def __init__(
         self,
         *,
@@ -744,6 +860,8 @@ Global___RecordUsageRequest: _TypeAlias = RecordUsageRequest  # noqa: Y015
 
 @_typing.final
 class RecordUsageResponse(_message.Message):
+    """RecordUsage's response (empty: the batch is counted)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -759,6 +877,8 @@ Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
 
 @_typing.final
 class WatchKeysRequest(_message.Message):
+    """WatchKeys' request (gateways only; no filters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -781,7 +901,9 @@ class KeyChanged(_message.Message):
     KEY_ID_FIELD_NUMBER: _builtins.int
     TENANT_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    """The key whose cached answer is stale; empty with tenant_id."""
     tenant_id: _builtins.str
+    """The tenant whose keys' cached answers are stale; empty with key_id."""
     def __init__(
         self,
         *,
@@ -798,6 +920,8 @@ Global___KeyChanged: _TypeAlias = KeyChanged  # noqa: Y015
 
 @_typing.final
 class GetUsageRequest(_message.Message):
+    """GetUsage's request: filters, all optional, and the page."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
@@ -810,10 +934,13 @@ class GetUsageRequest(_message.Message):
     tenant_id: _builtins.str
     """Empty: the caller's own tenant (an admin: every tenant)."""
     key_id: _builtins.str
+    """One key's usage; empty: every key's."""
     model: _builtins.str
+    """One model's usage; empty: every model's."""
     start_day: _builtins.str
     """Inclusive UTC days, YYYY-MM-DD; empty means unbounded."""
     end_day: _builtins.str
+    """Last day included; see start_day."""
     page_size: _builtins.int
     """1..1000; 0 means 100."""
     page_token: _builtins.str
@@ -841,6 +968,8 @@ Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):
+    """GetUsage's response: one page of ledger rows."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int

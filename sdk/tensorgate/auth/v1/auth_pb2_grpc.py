@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class AuthServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Tenants, API keys, quotas, prices and the usage ledger. Callers reach it through
+    the gateway, which forwards these calls with the caller's key.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -112,22 +114,27 @@ class AuthServiceStub:
 
 
 class AuthServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Tenants, API keys, quotas, prices and the usage ledger. Callers reach it through
+    the gateway, which forwards these calls with the caller's key.
+    """
 
     def CreateTenant(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates a tenant with its quotas; ALREADY_EXISTS when the id is taken.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTenant(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One tenant by id; NOT_FOUND when there is none.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTenants(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every tenant, by id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -147,7 +154,9 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListApiKeys(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Keys without their secrets (which are never stored), oldest first per tenant,
+        revoked ones included.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -182,7 +191,8 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListPrices(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every model price; gateways read these to meter spend.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -306,7 +316,9 @@ def add_AuthServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuthService:
-    """Missing associated documentation comment in .proto file."""
+    """Tenants, API keys, quotas, prices and the usage ledger. Callers reach it through
+    the gateway, which forwards these calls with the caller's key.
+    """
 
     @staticmethod
     def CreateTenant(request,

@@ -35,18 +35,28 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AuthServiceStub:
+    """Tenants, API keys, quotas, prices and the usage ledger. Callers reach it through
+    the gateway, which forwards these calls with the caller's key.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     CreateTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateTenantRequest, _auth_pb2.Tenant]
+    """Creates a tenant with its quotas; ALREADY_EXISTS when the id is taken."""
     GetTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetTenantRequest, _auth_pb2.Tenant]
+    """One tenant by id; NOT_FOUND when there is none."""
     ListTenants: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListTenantsRequest, _auth_pb2.ListTenantsResponse]
+    """Every tenant, by id."""
     UpdateTenant: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UpdateTenantRequest, _auth_pb2.Tenant]
     """Sets a tenant's quotas and monthly spend cap (fields left unset are kept)."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateApiKeyRequest, _auth_pb2.CreateApiKeyResponse]
     """Creates a key; its secret is in the response, once, and stored only as a hash."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]
+    """Keys without their secrets (which are never stored), oldest first per tenant,
+    revoked ones included.
+    """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.ApiKey]
     """Revokes a key at once (gateways notice within their cache time)."""
     RotateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RotateApiKeyRequest, _auth_pb2.CreateApiKeyResponse]
@@ -58,6 +68,7 @@ class AuthServiceStub:
     SetPrice: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetPriceRequest, _auth_pb2.Price]
     """The price of a model's usage, for the ledger's cost and the spend cap."""
     ListPrices: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListPricesRequest, _auth_pb2.ListPricesResponse]
+    """Every model price; gateways read these to meter spend."""
     Authenticate: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AuthenticateRequest, _auth_pb2.Principal]
     """For gateways: who a presented key is, with everything needed to enforce its
     scopes and quotas. UNAUTHENTICATED whatever the reason (never says which).
@@ -76,15 +87,25 @@ class AuthServiceStub:
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
+    """Tenants, API keys, quotas, prices and the usage ledger. Callers reach it through
+    the gateway, which forwards these calls with the caller's key.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateTenantRequest, _auth_pb2.Tenant]  # type: ignore[assignment]
+    """Creates a tenant with its quotas; ALREADY_EXISTS when the id is taken."""
     GetTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetTenantRequest, _auth_pb2.Tenant]  # type: ignore[assignment]
+    """One tenant by id; NOT_FOUND when there is none."""
     ListTenants: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListTenantsRequest, _auth_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """Every tenant, by id."""
     UpdateTenant: _aio.UnaryUnaryMultiCallable[_auth_pb2.UpdateTenantRequest, _auth_pb2.Tenant]  # type: ignore[assignment]
     """Sets a tenant's quotas and monthly spend cap (fields left unset are kept)."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateApiKeyRequest, _auth_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates a key; its secret is in the response, once, and stored only as a hash."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """Keys without their secrets (which are never stored), oldest first per tenant,
+    revoked ones included.
+    """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key at once (gateways notice within their cache time)."""
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RotateApiKeyRequest, _auth_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
@@ -96,6 +117,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
     SetPrice: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetPriceRequest, _auth_pb2.Price]  # type: ignore[assignment]
     """The price of a model's usage, for the ledger's cost and the spend cap."""
     ListPrices: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListPricesRequest, _auth_pb2.ListPricesResponse]  # type: ignore[assignment]
+    """Every model price; gateways read these to meter spend."""
     Authenticate: _aio.UnaryUnaryMultiCallable[_auth_pb2.AuthenticateRequest, _auth_pb2.Principal]  # type: ignore[assignment]
     """For gateways: who a presented key is, with everything needed to enforce its
     scopes and quotas. UNAUTHENTICATED whatever the reason (never says which).
@@ -113,26 +135,33 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """The ledger, summed per tenant, key, model and day in a date range, a page at a time."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Tenants, API keys, quotas, prices and the usage ledger. Callers reach it through
+    the gateway, which forwards these calls with the caller's key.
+    """
+
     @_abc_1.abstractmethod
     def CreateTenant(
         self,
         request: _auth_pb2.CreateTenantRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_auth_pb2.Tenant, _abc.Awaitable[_auth_pb2.Tenant]]: ...
+    ) -> _typing.Union[_auth_pb2.Tenant, _abc.Awaitable[_auth_pb2.Tenant]]:
+        """Creates a tenant with its quotas; ALREADY_EXISTS when the id is taken."""
 
     @_abc_1.abstractmethod
     def GetTenant(
         self,
         request: _auth_pb2.GetTenantRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_auth_pb2.Tenant, _abc.Awaitable[_auth_pb2.Tenant]]: ...
+    ) -> _typing.Union[_auth_pb2.Tenant, _abc.Awaitable[_auth_pb2.Tenant]]:
+        """One tenant by id; NOT_FOUND when there is none."""
 
     @_abc_1.abstractmethod
     def ListTenants(
         self,
         request: _auth_pb2.ListTenantsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_auth_pb2.ListTenantsResponse, _abc.Awaitable[_auth_pb2.ListTenantsResponse]]: ...
+    ) -> _typing.Union[_auth_pb2.ListTenantsResponse, _abc.Awaitable[_auth_pb2.ListTenantsResponse]]:
+        """Every tenant, by id."""
 
     @_abc_1.abstractmethod
     def UpdateTenant(
@@ -155,7 +184,10 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _auth_pb2.ListApiKeysRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_auth_pb2.ListApiKeysResponse, _abc.Awaitable[_auth_pb2.ListApiKeysResponse]]: ...
+    ) -> _typing.Union[_auth_pb2.ListApiKeysResponse, _abc.Awaitable[_auth_pb2.ListApiKeysResponse]]:
+        """Keys without their secrets (which are never stored), oldest first per tenant,
+        revoked ones included.
+        """
 
     @_abc_1.abstractmethod
     def RevokeApiKey(
@@ -196,7 +228,8 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _auth_pb2.ListPricesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_auth_pb2.ListPricesResponse, _abc.Awaitable[_auth_pb2.ListPricesResponse]]: ...
+    ) -> _typing.Union[_auth_pb2.ListPricesResponse, _abc.Awaitable[_auth_pb2.ListPricesResponse]]:
+        """Every model price; gateways read these to meter spend."""
 
     @_abc_1.abstractmethod
     def Authenticate(

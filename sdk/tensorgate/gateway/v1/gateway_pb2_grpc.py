@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class InferenceGatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Inference for callers: token streaming, tensor calls and the model listing. Each
+    call is authenticated, metered against its key's and tenant's quotas, and routed to
+    a worker that has the model loaded.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +55,10 @@ class InferenceGatewayStub:
 
 
 class InferenceGatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Inference for callers: token streaming, tensor calls and the model listing. Each
+    call is authenticated, metered against its key's and tenant's quotas, and routed to
+    a worker that has the model loaded.
+    """
 
     def Generate(self, request, context):
         """Streams the generated text as it is produced. The last chunk carries the
@@ -103,7 +109,10 @@ def add_InferenceGatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceGateway:
-    """Missing associated documentation comment in .proto file."""
+    """Inference for callers: token streaming, tensor calls and the model listing. Each
+    call is authenticated, metered against its key's and tenant's quotas, and routed to
+    a worker that has the model loaded.
+    """
 
     @staticmethod
     def Generate(request,

@@ -30,6 +30,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceGatewayStub:
+    """Inference for callers: token streaming, tensor calls and the model listing. Each
+    call is authenticated, metered against its key's and tenant's quotas, and routed to
+    a worker that has the model loaded.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -45,6 +50,11 @@ class InferenceGatewayStub:
 
 @_typing.type_check_only
 class InferenceGatewayAsyncStub(InferenceGatewayStub):
+    """Inference for callers: token streaming, tensor calls and the model listing. Each
+    call is authenticated, metered against its key's and tenant's quotas, and routed to
+    a worker that has the model loaded.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateChunk]  # type: ignore[assignment]
     """Streams the generated text as it is produced. The last chunk carries the
@@ -56,6 +66,11 @@ class InferenceGatewayAsyncStub(InferenceGatewayStub):
     """The models that some healthy worker has loaded."""
 
 class InferenceGatewayServicer(metaclass=_abc_1.ABCMeta):
+    """Inference for callers: token streaming, tensor calls and the model listing. Each
+    call is authenticated, metered against its key's and tenant's quotas, and routed to
+    a worker that has the model loaded.
+    """
+
     @_abc_1.abstractmethod
     def Generate(
         self,

@@ -29,6 +29,7 @@ class _FinishReason:
 class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    """Not the last chunk: the generation goes on."""
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 1
     """max_tokens reached."""
     FINISH_REASON_STOP: _FinishReason.ValueType  # 2
@@ -38,9 +39,11 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 4
     """The generation was cancelled before it finished."""
 
-class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper): ...
+class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
+    """Why a generation ended (on its last chunk)."""
 
 FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+"""Not the last chunk: the generation goes on."""
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 1
 """max_tokens reached."""
 FINISH_REASON_STOP: FinishReason.ValueType  # 2
@@ -62,6 +65,7 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     RAW_CONTENTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The model input or output it is."""
     datatype: _builtins.str
     """KServe v2 datatype: BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32,
     INT64, FP16, FP32, FP64 or BYTES.
@@ -71,7 +75,9 @@ class Tensor(_message.Message):
     with their length as a 4-byte little-endian unsigned integer (as in Triton).
     """
     @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Dimensions, batch first for a model that batches (ModelInfo.max_batch_size > 0)."""
+
     def __init__(
         self,
         *,
@@ -99,10 +105,15 @@ class TensorSpec(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     OPTIONAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The input or output name."""
     datatype: _builtins.str
+    """KServe v2 datatype (as Tensor.datatype)."""
     optional: _builtins.bool
+    """An input that may be left out."""
     @_builtins.property
-    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Dimensions without the batch dimension; -1 marks a variable one."""
+
     def __init__(
         self,
         *,
@@ -121,6 +132,8 @@ Global___TensorSpec: _TypeAlias = TensorSpec  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
+    """A text generation: the model, the prompt and the sampling settings."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -134,6 +147,9 @@ class GenerateRequest(_message.Message):
     model: _builtins.str
     """Model reference: "name" (newest loaded version), "name:3" or "name@alias"."""
     prompt: _builtins.str
+    """The text to continue; not empty. Its tokens plus max_tokens must fit the model's
+    context (ModelInfo.context_length).
+    """
     max_tokens: _builtins.int
     """Tokens to generate; 1 .. the model's context length minus the prompt."""
     temperature: _builtins.float
@@ -183,12 +199,16 @@ Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
+    """Tokens a generation used: what quotas and the ledger count."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """Tokens of the prompt, as the model counted them."""
     completion_tokens: _builtins.int
+    """Tokens generated."""
     def __init__(
         self,
         *,
@@ -219,13 +239,21 @@ class GenerateChunk(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """The text produced since the previous chunk (UTF-8; a character split across
+    tokens comes whole in the chunk that completes it).
+    """
     finish_reason: Global___FinishReason.ValueType
+    """Set on the last chunk only."""
     model: _builtins.str
     """The resolved model, "name:version"."""
     @_builtins.property
-    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The token ids behind `text`."""
+
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """Set on the last chunk only."""
+
     def __init__(
         self,
         *,
@@ -245,6 +273,8 @@ Global___GenerateChunk: _TypeAlias = GenerateChunk  # noqa: Y015
 
 @_typing.final
 class InferRequest(_message.Message):
+    """One tensor call: the model, its inputs and the outputs wanted."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -253,7 +283,9 @@ class InferRequest(_message.Message):
     model: _builtins.str
     """Model reference: "name", "name:3" or "name@alias"."""
     @_builtins.property
-    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """Every input the model needs (ModelInfo.inputs), each once."""
+
     @_builtins.property
     def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the outputs to return; empty means all of them."""
@@ -275,6 +307,8 @@ Global___InferRequest: _TypeAlias = InferRequest  # noqa: Y015
 
 @_typing.final
 class InferResponse(_message.Message):
+    """The outputs of a tensor call."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -282,7 +316,9 @@ class InferResponse(_message.Message):
     model: _builtins.str
     """The resolved model, "name:version"."""
     @_builtins.property
-    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
+        """The outputs asked for (all, when none were named)."""
+
     def __init__(
         self,
         *,
@@ -312,18 +348,25 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """The loaded version's number."""
     task: _builtins.str
     """What the model does: "generate" (Generate) or "infer" (Infer)."""
     description: _builtins.str
+    """What it is, for people."""
     max_batch_size: _builtins.int
     """0: the model takes no batch dimension."""
     context_length: _builtins.int
     """Generate models: prompt plus completion tokens may not exceed this."""
     @_builtins.property
-    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
+        """Inputs an Infer call sends (Generate models take the prompt instead)."""
+
     @_builtins.property
-    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
+        """Outputs an Infer call gets back."""
+
     def __init__(
         self,
         *,
@@ -346,6 +389,8 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
+    """ListModels' request (no filters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -361,11 +406,15 @@ Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):
+    """The model versions loaded and ready, by name and version."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """One entry per loaded version."""
+
     def __init__(
         self,
         *,

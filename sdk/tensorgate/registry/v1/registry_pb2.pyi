@@ -27,6 +27,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Model(_message.Message):
+    """A registered model: a name with numbered versions under it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -62,15 +64,23 @@ class Model(_message.Message):
     task: _builtins.str
     """What the model does: "generate" (streamed tokens) or "infer" (tensors), ..."""
     description: _builtins.str
+    """Free text for people."""
     owner_tenant: _builtins.str
+    """The tenant that registered it."""
     latest_version: _builtins.int
     """The newest version's number; 0 while it has none."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels to find models by (team, domain, ...)."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its description or labels last changed."""
+
     def __init__(
         self,
         *,
@@ -105,6 +115,7 @@ class Artifact(_message.Message):
     sha256: _builtins.str
     """Hex sha256 of the bytes; the store is addressed by it."""
     size_bytes: _builtins.int
+    """Size of the archive in bytes."""
     format: _builtins.str
     """"triton-python" (a Python-backend model folder), "torchscript", "onnx", ..."""
     def __init__(
@@ -159,17 +170,25 @@ class TritonConfig(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     PBTXT_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
+    """Triton backend ("python", "pytorch", "onnxruntime", ...)."""
     max_batch_size: _builtins.int
+    """0: the model takes no batch dimension."""
     dynamic_batching: _builtins.bool
+    """Whether Triton batches concurrent requests together."""
     decoupled: _builtins.bool
+    """Whether the model streams its responses (a generate model)."""
     pbtxt: _builtins.str
     """The whole config as registered, in Triton's text format. Workers write it
     with the model name they load it under.
     """
     @_builtins.property
-    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TensorSpec]: ...
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TensorSpec]:
+        """The model's inputs, as Triton checks them."""
+
     @_builtins.property
-    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TensorSpec]: ...
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.TensorSpec]:
+        """The model's outputs."""
+
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The config's string parameters (task, context_length, ...)."""
@@ -248,6 +267,8 @@ Global___Lineage: _TypeAlias = Lineage  # noqa: Y015
 
 @_typing.final
 class ModelVersion(_message.Message):
+    """One immutable version of a model."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -280,22 +301,33 @@ class ModelVersion(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """Its number: 1, 2, ... in registration order, never reused."""
     description: _builtins.str
+    """Free text for people."""
     created_by: _builtins.str
     """Who registered it."""
     @_builtins.property
-    def artifact(self) -> Global___Artifact: ...
+    def artifact(self) -> Global___Artifact:
+        """The stored artifact."""
+
     @_builtins.property
-    def config(self) -> Global___TritonConfig: ...
+    def config(self) -> Global___TritonConfig:
+        """The Triton config it is served with."""
+
     @_builtins.property
-    def lineage(self) -> Global___Lineage: ...
+    def lineage(self) -> Global___Lineage:
+        """Where it came from, if derived from another version."""
+
     @_builtins.property
     def facts(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Facts measured by the registry, e.g. artifact_bytes; more come with optimization."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered."""
+
     def __init__(
         self,
         *,
@@ -319,6 +351,8 @@ Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
 
 @_typing.final
 class Alias(_message.Message):
+    """A named pointer at one version of a model ("production")."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -331,10 +365,15 @@ class Alias(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
     MAX_QUALITY_LOSS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     name: _builtins.str
+    """The alias's name."""
     version: _builtins.int
+    """The version it points at."""
     updated_by: _builtins.str
+    """Who moved it last (see RegistryEvent.actor)."""
     reason: _builtins.str
+    """Why, as given with the last move."""
     revision: _builtins.int
     """The feed revision of the last move."""
     previous_version: _builtins.int
@@ -344,7 +383,9 @@ class Alias(_message.Message):
     against its parent (SetAliasRequest.max_quality_loss). Unset: no policy.
     """
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last moved."""
+
     def __init__(
         self,
         *,
@@ -384,18 +425,25 @@ class AliasMove(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     ROLLBACK_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The alias's name."""
     from_version: _builtins.int
     """0 when the alias was created by this move."""
     to_version: _builtins.int
     """0 when the alias was deleted by this move."""
     actor: _builtins.str
+    """Who moved it (see RegistryEvent.actor)."""
     reason: _builtins.str
+    """Why, as given."""
     revision: _builtins.int
+    """The feed revision of the move."""
     rollback: _builtins.bool
     """Whether this move was a rollback."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it moved."""
+
     def __init__(
         self,
         *,
@@ -431,6 +479,7 @@ class Deployment(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
     """A fixed version."""
     alias: _builtins.str
@@ -442,8 +491,11 @@ class Deployment(_message.Message):
     resolved_version: _builtins.int
     """The version the target means now."""
     revision: _builtins.int
+    """The feed revision of the last change."""
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last set."""
+
     def __init__(
         self,
         *,
@@ -467,11 +519,15 @@ Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
 
 @_typing.final
 class CreateModelRequest(_message.Message):
+    """CreateModel's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model(self) -> Global___Model: ...
+    def model(self) -> Global___Model:
+        """The model: name and task required; times and latest_version are set by the registry."""
+
     def __init__(
         self,
         *,
@@ -487,10 +543,13 @@ Global___CreateModelRequest: _TypeAlias = CreateModelRequest  # noqa: Y015
 
 @_typing.final
 class GetModelRequest(_message.Message):
+    """GetModel's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The model's name."""
     def __init__(
         self,
         *,
@@ -506,6 +565,8 @@ Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
+    """ListModels' request: the page and optional filters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -560,6 +621,8 @@ Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):
+    """ListModels' response: one page."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
@@ -567,7 +630,9 @@ class ListModelsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]:
+        """Models in name order."""
+
     def __init__(
         self,
         *,
@@ -584,6 +649,8 @@ Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateModelRequest(_message.Message):
+    """UpdateModel's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -611,9 +678,11 @@ class UpdateModelRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     REPLACE_LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The model to change."""
     description: _builtins.str
     """Replaces the description when set."""
     replace_labels: _builtins.bool
+    """Whether labels replaces the model's labels (false: labels are left as they are)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Replaces all labels when replace_labels is true."""
@@ -638,10 +707,14 @@ Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
 
 @_typing.final
 class UploadVersionRequest(_message.Message):
+    """One message of an UploadVersion stream: the header first, then chunks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
     class Header(_message.Message):
+        """What the upload registers, sent first."""
+
         DESCRIPTOR: _descriptor.Descriptor
 
         MODEL_FIELD_NUMBER: _builtins.int
@@ -652,15 +725,21 @@ class UploadVersionRequest(_message.Message):
         LINEAGE_FIELD_NUMBER: _builtins.int
         DESCRIPTION_FIELD_NUMBER: _builtins.int
         model: _builtins.str
+        """The model the version is for; it must exist."""
         sha256: _builtins.str
         """Hex sha256 of the whole artifact; the upload fails unless the bytes match."""
         size_bytes: _builtins.int
+        """Size of the whole artifact in bytes."""
         format: _builtins.str
+        """The artifact's format (Artifact.format)."""
         config_pbtxt: _builtins.str
         """The Triton model config, config.pbtxt text."""
         description: _builtins.str
+        """Free text for people."""
         @_builtins.property
-        def lineage(self) -> Global___Lineage: ...
+        def lineage(self) -> Global___Lineage:
+            """Where it came from, if derived from another version."""
+
         def __init__(
             self,
             *,
@@ -681,8 +760,11 @@ class UploadVersionRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """The artifact's next bytes (every message after the first)."""
     @_builtins.property
-    def header(self) -> Global___UploadVersionRequest.Header: ...
+    def header(self) -> Global___UploadVersionRequest.Header:
+        """The first message."""
+
     def __init__(
         self,
         *,
@@ -701,12 +783,16 @@ Global___UploadVersionRequest: _TypeAlias = UploadVersionRequest  # noqa: Y015
 
 @_typing.final
 class GetVersionRequest(_message.Message):
+    """GetVersion's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """The version's number."""
     def __init__(
         self,
         *,
@@ -723,12 +809,15 @@ Global___GetVersionRequest: _TypeAlias = GetVersionRequest  # noqa: Y015
 
 @_typing.final
 class ListVersionsRequest(_message.Message):
+    """ListVersions' request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     page_size: _builtins.int
     """1..1000; 0 means 100. A page also ends before 4 MiB of versions (a version's
     config may be large), so it may hold fewer.
@@ -752,6 +841,8 @@ Global___ListVersionsRequest: _TypeAlias = ListVersionsRequest  # noqa: Y015
 
 @_typing.final
 class ListVersionsResponse(_message.Message):
+    """ListVersions' response: one page."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSIONS_FIELD_NUMBER: _builtins.int
@@ -778,12 +869,16 @@ Global___ListVersionsResponse: _TypeAlias = ListVersionsResponse  # noqa: Y015
 
 @_typing.final
 class DownloadVersionRequest(_message.Message):
+    """DownloadVersion's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """The version's number."""
     def __init__(
         self,
         *,
@@ -800,11 +895,14 @@ Global___DownloadVersionRequest: _TypeAlias = DownloadVersionRequest  # noqa: Y0
 
 @_typing.final
 class DownloadVersionResponse(_message.Message):
+    """One message of a DownloadVersion stream: the version first, then chunks."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """The artifact's next bytes (every message after the first)."""
     @_builtins.property
     def version(self) -> Global___ModelVersion:
         """First message: the version, with its artifact's sha256 and size."""
@@ -827,12 +925,16 @@ Global___DownloadVersionResponse: _TypeAlias = DownloadVersionResponse  # noqa: 
 
 @_typing.final
 class DeleteVersionRequest(_message.Message):
+    """DeleteVersion's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """The version's number."""
     def __init__(
         self,
         *,
@@ -849,6 +951,8 @@ Global___DeleteVersionRequest: _TypeAlias = DeleteVersionRequest  # noqa: Y015
 
 @_typing.final
 class DeleteVersionResponse(_message.Message):
+    """DeleteVersion's response (empty: deleted)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -864,6 +968,8 @@ Global___DeleteVersionResponse: _TypeAlias = DeleteVersionResponse  # noqa: Y015
 
 @_typing.final
 class SetAliasRequest(_message.Message):
+    """SetAlias' request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -874,8 +980,11 @@ class SetAliasRequest(_message.Message):
     MAX_QUALITY_LOSS_FIELD_NUMBER: _builtins.int
     CLEAR_POLICY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The alias's name; created if it does not exist."""
     version: _builtins.int
+    """The version to point at; it must exist."""
     expected_version: _builtins.int
     """Compare-and-set: when set, the move happens only if the alias points at this
     version now (0: only if the alias does not exist yet); otherwise
@@ -920,6 +1029,8 @@ Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
 
 @_typing.final
 class RollbackAliasRequest(_message.Message):
+    """RollbackAlias' request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -927,8 +1038,11 @@ class RollbackAliasRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The alias to point back."""
     reason: _builtins.str
+    """Why, recorded with the move."""
     expected_version: _builtins.int
     """Compare-and-set: when set, the rollback happens only if the alias points at this
     version now, so two operators rolling back at once do not undo each other.
@@ -953,14 +1067,19 @@ Global___RollbackAliasRequest: _TypeAlias = RollbackAliasRequest  # noqa: Y015
 
 @_typing.final
 class DeleteAliasRequest(_message.Message):
+    """DeleteAlias' request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The alias to delete."""
     reason: _builtins.str
+    """Why, recorded with the move."""
     def __init__(
         self,
         *,
@@ -978,6 +1097,8 @@ Global___DeleteAliasRequest: _TypeAlias = DeleteAliasRequest  # noqa: Y015
 
 @_typing.final
 class DeleteAliasResponse(_message.Message):
+    """DeleteAlias' response (empty: deleted)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -993,6 +1114,8 @@ Global___DeleteAliasResponse: _TypeAlias = DeleteAliasResponse  # noqa: Y015
 
 @_typing.final
 class ListAliasesRequest(_message.Message):
+    """ListAliases' request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -1013,6 +1136,8 @@ Global___ListAliasesRequest: _TypeAlias = ListAliasesRequest  # noqa: Y015
 
 @_typing.final
 class ListAliasesResponse(_message.Message):
+    """ListAliases' response."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ALIASES_FIELD_NUMBER: _builtins.int
@@ -1023,7 +1148,9 @@ class ListAliasesResponse(_message.Message):
     to follow the aliases without replaying the whole feed.
     """
     @_builtins.property
-    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alias]: ...
+    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alias]:
+        """The aliases, by model and name."""
+
     @_builtins.property
     def revision_time(self) -> _timestamp_pb2.Timestamp:
         """The time of the change at `revision` (unset at revision 0): pass it to Watch as
@@ -1047,12 +1174,16 @@ Global___ListAliasesResponse: _TypeAlias = ListAliasesResponse  # noqa: Y015
 
 @_typing.final
 class GetAliasHistoryRequest(_message.Message):
+    """GetAliasHistory's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The alias's name."""
     def __init__(
         self,
         *,
@@ -1069,11 +1200,15 @@ Global___GetAliasHistoryRequest: _TypeAlias = GetAliasHistoryRequest  # noqa: Y0
 
 @_typing.final
 class GetAliasHistoryResponse(_message.Message):
+    """GetAliasHistory's response."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MOVES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def moves(self) -> _containers.RepeatedCompositeFieldContainer[Global___AliasMove]: ...
+    def moves(self) -> _containers.RepeatedCompositeFieldContainer[Global___AliasMove]:
+        """Every move, oldest first."""
+
     def __init__(
         self,
         *,
@@ -1089,15 +1224,21 @@ Global___GetAliasHistoryResponse: _TypeAlias = GetAliasHistoryResponse  # noqa: 
 
 @_typing.final
 class GetAliasAtRequest(_message.Message):
+    """GetAliasAt's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The alias's name."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """The moment asked about; the answer is the last move at or before it."""
+
     def __init__(
         self,
         *,
@@ -1115,10 +1256,13 @@ Global___GetAliasAtRequest: _TypeAlias = GetAliasAtRequest  # noqa: Y015
 
 @_typing.final
 class ResolveModelRefRequest(_message.Message):
+    """ResolveModelRef's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REF_FIELD_NUMBER: _builtins.int
     ref: _builtins.str
+    """"name", "name:3" or "name@alias"."""
     def __init__(
         self,
         *,
@@ -1134,11 +1278,15 @@ Global___ResolveModelRefRequest: _TypeAlias = ResolveModelRefRequest  # noqa: Y0
 
 @_typing.final
 class SetDeploymentRequest(_message.Message):
+    """SetDeployment's request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def deployment(self) -> Global___Deployment: ...
+    def deployment(self) -> Global___Deployment:
+        """The deployment: model and target required; instances 0 means 1."""
+
     def __init__(
         self,
         *,
@@ -1154,14 +1302,19 @@ Global___SetDeploymentRequest: _TypeAlias = SetDeploymentRequest  # noqa: Y015
 
 @_typing.final
 class DeleteDeploymentRequest(_message.Message):
+    """DeleteDeployment's request: the deployment, by model and target."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """A deployment of a fixed version."""
     alias: _builtins.str
+    """A deployment that follows an alias."""
     def __init__(
         self,
         *,
@@ -1181,6 +1334,8 @@ Global___DeleteDeploymentRequest: _TypeAlias = DeleteDeploymentRequest  # noqa: 
 
 @_typing.final
 class DeleteDeploymentResponse(_message.Message):
+    """DeleteDeployment's response (empty: deleted)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -1196,6 +1351,8 @@ Global___DeleteDeploymentResponse: _TypeAlias = DeleteDeploymentResponse  # noqa
 
 @_typing.final
 class ListDeploymentsRequest(_message.Message):
+    """ListDeployments' request (no filters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -1211,11 +1368,15 @@ Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y0
 
 @_typing.final
 class ListDeploymentsResponse(_message.Message):
+    """ListDeployments' response."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]: ...
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]:
+        """Every deployment, by model."""
+
     def __init__(
         self,
         *,
@@ -1231,6 +1392,8 @@ Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: 
 
 @_typing.final
 class WatchRequest(_message.Message):
+    """Watch's request: where to start the feed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SINCE_REVISION_FIELD_NUMBER: _builtins.int
@@ -1272,12 +1435,16 @@ Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
 class VersionDeleted(_message.Message):
+    """A version was deleted."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """The deleted version's number."""
     def __init__(
         self,
         *,
@@ -1294,12 +1461,16 @@ Global___VersionDeleted: _TypeAlias = VersionDeleted  # noqa: Y015
 
 @_typing.final
 class AliasDeleted(_message.Message):
+    """An alias was deleted."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     alias: _builtins.str
+    """The deleted alias's name."""
     def __init__(
         self,
         *,
@@ -1316,14 +1487,19 @@ Global___AliasDeleted: _TypeAlias = AliasDeleted  # noqa: Y015
 
 @_typing.final
 class DeploymentDeleted(_message.Message):
+    """A deployment was deleted."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    """The model's name."""
     version: _builtins.int
+    """It was a deployment of this fixed version."""
     alias: _builtins.str
+    """It followed this alias."""
     def __init__(
         self,
         *,
@@ -1343,6 +1519,8 @@ Global___DeploymentDeleted: _TypeAlias = DeploymentDeleted  # noqa: Y015
 
 @_typing.final
 class RegistryEvent(_message.Message):
+    """One change in the registry, as the Watch feed sends it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REVISION_FIELD_NUMBER: _builtins.int
@@ -1356,26 +1534,43 @@ class RegistryEvent(_message.Message):
     DEPLOYMENT_DELETED_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
+    """Its revision: increasing, in the order the changes happened."""
     actor: _builtins.str
     """Who made the change: "key:<id>" through a gateway that checks API keys, else the
     name the client gave (x-tensorgate-actor), else "anonymous".
     """
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened (pass with since_revision to resume: WatchRequest.since_time)."""
+
     @_builtins.property
-    def model_changed(self) -> Global___Model: ...
+    def model_changed(self) -> Global___Model:
+        """A model was created or updated."""
+
     @_builtins.property
-    def version_created(self) -> Global___ModelVersion: ...
+    def version_created(self) -> Global___ModelVersion:
+        """A version was registered."""
+
     @_builtins.property
-    def version_deleted(self) -> Global___VersionDeleted: ...
+    def version_deleted(self) -> Global___VersionDeleted:
+        """A version was deleted."""
+
     @_builtins.property
-    def alias_moved(self) -> Global___Alias: ...
+    def alias_moved(self) -> Global___Alias:
+        """An alias was created, moved or rolled back."""
+
     @_builtins.property
-    def alias_deleted(self) -> Global___AliasDeleted: ...
+    def alias_deleted(self) -> Global___AliasDeleted:
+        """An alias was deleted."""
+
     @_builtins.property
-    def deployment_set(self) -> Global___Deployment: ...
+    def deployment_set(self) -> Global___Deployment:
+        """A deployment was set or changed."""
+
     @_builtins.property
-    def deployment_deleted(self) -> Global___DeploymentDeleted: ...
+    def deployment_deleted(self) -> Global___DeploymentDeleted:
+        """A deployment was deleted."""
+
     def __init__(
         self,
         *,

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class ModelRegistryStub:
-    """Missing associated documentation comment in .proto file."""
+    """Models, their versions, aliases and deployments, and the change feed. Reached
+    through the gateway, which forwards these calls with the caller's key (an admin key).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -152,7 +154,9 @@ class ModelRegistryStub:
 
 
 class ModelRegistryServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Models, their versions, aliases and deployments, and the change feed. Reached
+    through the gateway, which forwards these calls with the caller's key (an admin key).
+    """
 
     def CreateModel(self, request, context):
         """Registers a model name. ALREADY_EXISTS if the name is taken.
@@ -162,7 +166,8 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One model by name; NOT_FOUND when there is none.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -193,7 +198,8 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetVersion(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One version, with its artifact facts, config and lineage.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,13 +243,16 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAlias(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes an alias (recorded as a move to version 0); a deployment that
+        follows it must be deleted first (FAILED_PRECONDITION).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListAliases(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every alias (of one model, or all), with the feed revision the list is at.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -279,13 +288,15 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDeployment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops requiring a deployment; workers let go of the version once unused.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDeployments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every deployment, with the version each target means now.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -455,7 +466,9 @@ def add_ModelRegistryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelRegistry:
-    """Missing associated documentation comment in .proto file."""
+    """Models, their versions, aliases and deployments, and the change feed. Reached
+    through the gateway, which forwards these calls with the caller's key (an admin key).
+    """
 
     @staticmethod
     def CreateModel(request,

@@ -31,6 +31,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ModelRegistryStub:
+    """Models, their versions, aliases and deployments, and the change feed. Reached
+    through the gateway, which forwards these calls with the caller's key (an admin key).
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -38,6 +42,7 @@ class ModelRegistryStub:
     CreateModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateModelRequest, _registry_pb2.Model]
     """Registers a model name. ALREADY_EXISTS if the name is taken."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelRequest, _registry_pb2.Model]
+    """One model by name; NOT_FOUND when there is none."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListModelsRequest, _registry_pb2.ListModelsResponse]
     """Models in name order, a page at a time, optionally filtered by task and labels."""
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelRequest, _registry_pb2.Model]
@@ -50,6 +55,7 @@ class ModelRegistryStub:
     or abandoned upload leaves nothing behind.
     """
     GetVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetVersionRequest, _registry_pb2.ModelVersion]
+    """One version, with its artifact facts, config and lineage."""
     ListVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]
     """A model's versions, newest first."""
     DownloadVersion: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadVersionRequest, _registry_pb2.DownloadVersionResponse]
@@ -67,7 +73,11 @@ class ModelRegistryStub:
     RollbackAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RollbackAliasRequest, _registry_pb2.Alias]
     """Points an alias back at the version it pointed at before its last move."""
     DeleteAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteAliasRequest, _registry_pb2.DeleteAliasResponse]
+    """Deletes an alias (recorded as a move to version 0); a deployment that
+    follows it must be deleted first (FAILED_PRECONDITION).
+    """
     ListAliases: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAliasesRequest, _registry_pb2.ListAliasesResponse]
+    """Every alias (of one model, or all), with the feed revision the list is at."""
     GetAliasHistory: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetAliasHistoryRequest, _registry_pb2.GetAliasHistoryResponse]
     """Every move of an alias, oldest first."""
     GetAliasAt: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetAliasAtRequest, _registry_pb2.AliasMove]
@@ -81,7 +91,9 @@ class ModelRegistryStub:
     served, and by how many Triton instances per worker.
     """
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteDeploymentRequest, _registry_pb2.DeleteDeploymentResponse]
+    """Stops requiring a deployment; workers let go of the version once unused."""
     ListDeployments: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListDeploymentsRequest, _registry_pb2.ListDeploymentsResponse]
+    """Every deployment, with the version each target means now."""
     Watch: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.RegistryEvent]
     """The change feed: every event after `since_revision` in revision order, then
     live events as they happen. A client that reconnects with the last revision
@@ -105,10 +117,15 @@ class ModelRegistryStub:
 
 @_typing.type_check_only
 class ModelRegistryAsyncStub(ModelRegistryStub):
+    """Models, their versions, aliases and deployments, and the change feed. Reached
+    through the gateway, which forwards these calls with the caller's key (an admin key).
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateModelRequest, _registry_pb2.Model]  # type: ignore[assignment]
     """Registers a model name. ALREADY_EXISTS if the name is taken."""
     GetModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelRequest, _registry_pb2.Model]  # type: ignore[assignment]
+    """One model by name; NOT_FOUND when there is none."""
     ListModels: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListModelsRequest, _registry_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Models in name order, a page at a time, optionally filtered by task and labels."""
     UpdateModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateModelRequest, _registry_pb2.Model]  # type: ignore[assignment]
@@ -121,6 +138,7 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     or abandoned upload leaves nothing behind.
     """
     GetVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetVersionRequest, _registry_pb2.ModelVersion]  # type: ignore[assignment]
+    """One version, with its artifact facts, config and lineage."""
     ListVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListVersionsRequest, _registry_pb2.ListVersionsResponse]  # type: ignore[assignment]
     """A model's versions, newest first."""
     DownloadVersion: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadVersionRequest, _registry_pb2.DownloadVersionResponse]  # type: ignore[assignment]
@@ -138,7 +156,11 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     RollbackAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.RollbackAliasRequest, _registry_pb2.Alias]  # type: ignore[assignment]
     """Points an alias back at the version it pointed at before its last move."""
     DeleteAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteAliasRequest, _registry_pb2.DeleteAliasResponse]  # type: ignore[assignment]
+    """Deletes an alias (recorded as a move to version 0); a deployment that
+    follows it must be deleted first (FAILED_PRECONDITION).
+    """
     ListAliases: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAliasesRequest, _registry_pb2.ListAliasesResponse]  # type: ignore[assignment]
+    """Every alias (of one model, or all), with the feed revision the list is at."""
     GetAliasHistory: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetAliasHistoryRequest, _registry_pb2.GetAliasHistoryResponse]  # type: ignore[assignment]
     """Every move of an alias, oldest first."""
     GetAliasAt: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetAliasAtRequest, _registry_pb2.AliasMove]  # type: ignore[assignment]
@@ -152,7 +174,9 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     served, and by how many Triton instances per worker.
     """
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteDeploymentRequest, _registry_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
+    """Stops requiring a deployment; workers let go of the version once unused."""
     ListDeployments: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListDeploymentsRequest, _registry_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    """Every deployment, with the version each target means now."""
     Watch: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRequest, _registry_pb2.RegistryEvent]  # type: ignore[assignment]
     """The change feed: every event after `since_revision` in revision order, then
     live events as they happen. A client that reconnects with the last revision
@@ -175,6 +199,10 @@ class ModelRegistryAsyncStub(ModelRegistryStub):
     """Jobs, newest first, optionally only one model's."""
 
 class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
+    """Models, their versions, aliases and deployments, and the change feed. Reached
+    through the gateway, which forwards these calls with the caller's key (an admin key).
+    """
+
     @_abc_1.abstractmethod
     def CreateModel(
         self,
@@ -188,7 +216,8 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _registry_pb2.GetModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.Model, _abc.Awaitable[_registry_pb2.Model]]: ...
+    ) -> _typing.Union[_registry_pb2.Model, _abc.Awaitable[_registry_pb2.Model]]:
+        """One model by name; NOT_FOUND when there is none."""
 
     @_abc_1.abstractmethod
     def ListModels(
@@ -224,7 +253,8 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _registry_pb2.GetVersionRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.ModelVersion, _abc.Awaitable[_registry_pb2.ModelVersion]]: ...
+    ) -> _typing.Union[_registry_pb2.ModelVersion, _abc.Awaitable[_registry_pb2.ModelVersion]]:
+        """One version, with its artifact facts, config and lineage."""
 
     @_abc_1.abstractmethod
     def ListVersions(
@@ -277,14 +307,18 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _registry_pb2.DeleteAliasRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.DeleteAliasResponse, _abc.Awaitable[_registry_pb2.DeleteAliasResponse]]: ...
+    ) -> _typing.Union[_registry_pb2.DeleteAliasResponse, _abc.Awaitable[_registry_pb2.DeleteAliasResponse]]:
+        """Deletes an alias (recorded as a move to version 0); a deployment that
+        follows it must be deleted first (FAILED_PRECONDITION).
+        """
 
     @_abc_1.abstractmethod
     def ListAliases(
         self,
         request: _registry_pb2.ListAliasesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.ListAliasesResponse, _abc.Awaitable[_registry_pb2.ListAliasesResponse]]: ...
+    ) -> _typing.Union[_registry_pb2.ListAliasesResponse, _abc.Awaitable[_registry_pb2.ListAliasesResponse]]:
+        """Every alias (of one model, or all), with the feed revision the list is at."""
 
     @_abc_1.abstractmethod
     def GetAliasHistory(
@@ -327,14 +361,16 @@ class ModelRegistryServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _registry_pb2.DeleteDeploymentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.DeleteDeploymentResponse, _abc.Awaitable[_registry_pb2.DeleteDeploymentResponse]]: ...
+    ) -> _typing.Union[_registry_pb2.DeleteDeploymentResponse, _abc.Awaitable[_registry_pb2.DeleteDeploymentResponse]]:
+        """Stops requiring a deployment; workers let go of the version once unused."""
 
     @_abc_1.abstractmethod
     def ListDeployments(
         self,
         request: _registry_pb2.ListDeploymentsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.ListDeploymentsResponse, _abc.Awaitable[_registry_pb2.ListDeploymentsResponse]]: ...
+    ) -> _typing.Union[_registry_pb2.ListDeploymentsResponse, _abc.Awaitable[_registry_pb2.ListDeploymentsResponse]]:
+        """Every deployment, with the version each target means now."""
 
     @_abc_1.abstractmethod
     def Watch(

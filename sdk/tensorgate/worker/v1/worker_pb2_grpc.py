@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class InferenceWorkerStub:
-    """Missing associated documentation comment in .proto file."""
+    """What a worker offers the gateways (not callers): the data plane to its Triton, and
+    what it has loaded. Its KServe v2 passthrough (inference.GRPCInferenceService,
+    Triton's own protocol) serves the gateway's KServe calls.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -57,7 +60,10 @@ class InferenceWorkerStub:
 
 
 class InferenceWorkerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """What a worker offers the gateways (not callers): the data plane to its Triton, and
+    what it has loaded. Its KServe v2 passthrough (inference.GRPCInferenceService,
+    Triton's own protocol) serves the gateway's KServe calls.
+    """
 
     def Generate(self, request, context):
         """Streams a generation from a decoupled Triton model. Cancelling the call
@@ -68,7 +74,8 @@ class InferenceWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One tensor call on a model version this worker has loaded.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -120,7 +127,10 @@ def add_InferenceWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceWorker:
-    """Missing associated documentation comment in .proto file."""
+    """What a worker offers the gateways (not callers): the data plane to its Triton, and
+    what it has loaded. Its KServe v2 passthrough (inference.GRPCInferenceService,
+    Triton's own protocol) serves the gateway's KServe calls.
+    """
 
     @staticmethod
     def Generate(request,

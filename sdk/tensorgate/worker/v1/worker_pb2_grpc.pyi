@@ -30,6 +30,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class InferenceWorkerStub:
+    """What a worker offers the gateways (not callers): the data plane to its Triton, and
+    what it has loaded. Its KServe v2 passthrough (inference.GRPCInferenceService,
+    Triton's own protocol) serves the gateway's KServe calls.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -39,6 +44,7 @@ class InferenceWorkerStub:
     cancels the generation inside Triton.
     """
     Infer: _grpc.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]
+    """One tensor call on a model version this worker has loaded."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """The model versions this worker's Triton has loaded and ready."""
     WatchModels: _grpc.UnaryStreamMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
@@ -48,12 +54,18 @@ class InferenceWorkerStub:
 
 @_typing.type_check_only
 class InferenceWorkerAsyncStub(InferenceWorkerStub):
+    """What a worker offers the gateways (not callers): the data plane to its Triton, and
+    what it has loaded. Its KServe v2 passthrough (inference.GRPCInferenceService,
+    Triton's own protocol) serves the gateway's KServe calls.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateChunk]  # type: ignore[assignment]
     """Streams a generation from a decoupled Triton model. Cancelling the call
     cancels the generation inside Triton.
     """
     Infer: _aio.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]  # type: ignore[assignment]
+    """One tensor call on a model version this worker has loaded."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model versions this worker's Triton has loaded and ready."""
     WatchModels: _aio.UnaryStreamMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
@@ -62,6 +74,11 @@ class InferenceWorkerAsyncStub(InferenceWorkerStub):
     """
 
 class InferenceWorkerServicer(metaclass=_abc_1.ABCMeta):
+    """What a worker offers the gateways (not callers): the data plane to its Triton, and
+    what it has loaded. Its KServe v2 passthrough (inference.GRPCInferenceService,
+    Triton's own protocol) serves the gateway's KServe calls.
+    """
+
     @_abc_1.abstractmethod
     def Generate(
         self,
@@ -77,7 +94,8 @@ class InferenceWorkerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _inference_pb2.InferRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_inference_pb2.InferResponse, _abc.Awaitable[_inference_pb2.InferResponse]]: ...
+    ) -> _typing.Union[_inference_pb2.InferResponse, _abc.Awaitable[_inference_pb2.InferResponse]]:
+        """One tensor call on a model version this worker has loaded."""
 
     @_abc_1.abstractmethod
     def ListModels(
