@@ -213,7 +213,9 @@ async def test_model_statistics(front: Front, client: triton_aio.InferenceServer
     assert {"digits", "tinylm"} <= {s.name for s in every.model_stats}
 
 
-async def test_refused_without_a_key(front: Front, client: triton_aio.InferenceServerClient) -> None:
+async def test_refused_without_a_key(
+    front: Front, client: triton_aio.InferenceServerClient
+) -> None:
     with pytest.raises(InferenceServerException) as refused:
         await client.infer("digits", digits_inputs(triton_aio))
     assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
