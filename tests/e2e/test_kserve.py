@@ -8,6 +8,7 @@ session's auth service and resolving aliases with its registry.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -303,3 +304,97 @@ async def test_repository_and_shared_memory_refused(front: Front) -> None:
                 await method(request, metadata=bearer(front.key), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
             assert "not offered" in (refused.value.details() or "")
+
+
+async def test_stream_tokens_count_against_the_quota(front: Front, auth_stack: AuthStack) -> None:
+    # Each stream request reserves its prompt (6) plus max_tokens (8), and settles with what
+    # it used (at most that): a second such request does not fit 20 tokens a minute.
+    async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
+        tenant = await admin.tenant("kserve-tokens")
+        created = await admin.new_key(tenant, limits=quota(tokens_per_minute=20))
+    headers = {"authorization": f"Bearer {created.secret}"}
+    client = triton_aio.InferenceServerClient(front.url)
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {"model_name": "tinylm", "inputs": tinylm_inputs(triton_aio, max_tokens=8)}
+
+    try:
+        async for result, error in client.stream_infer(requests(), headers=headers):
+            assert error is None, error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for _, error in client.stream_infer(requests(), headers=headers):
+                raise AssertionError(f"the stream over its token quota was answered: {error}")
+        assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tokens" in (cut.value.details() or "")
+    finally:
+        await client.close()
+
+
+def _stream_request(model: str, *, prompt: str = PROMPT, max_tokens: int = 4) -> Any:
+    """A greedy tinylm request as raw KServe v2 (BYTES: each element after its length)."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    raw = {
+        "prompt": ("BYTES", struct.pack("<I", len(prompt.encode())) + prompt.encode()),
+        "max_tokens": ("INT32", struct.pack("<i", max_tokens)),
+        "temperature": ("FP32", struct.pack("<f", 0.0)),
+        "top_p": ("FP32", struct.pack("<f", 1.0)),
+        "top_k": ("INT32", struct.pack("<i", 0)),
+    }
+    for name, (datatype, contents) in raw.items():
+        request.inputs.add(name=name, datatype=datatype, shape=[1])
+        request.raw_input_contents.append(contents)
+    return request
+
+
+async def test_a_stream_serves_one_model(front: Front) -> None:
+    async with grpc.aio.insecure_channel(front.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelStreamInfer(metadata=bearer(front.key), timeout=60)
+        await call.write(_stream_request("tinylm"))
+        await call.write(_stream_request("digits"))
+        await call.done_writing()
+        finals = 0
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for message in call:
+                assert not message.error_message
+                finals += message.infer_response.parameters["triton_final_response"].bool_param
+        # The request before the refused one was answered in full first.
+        assert finals == 1
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tinylm" in (refused.value.details() or "")
+
+
+async def test_bad_requests_are_refused(front: Front) -> None:
+    async with grpc.aio.insecure_channel(front.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", None, None)
+        bad: list[Any] = [
+            garbage(b"\xff\xff\xff", metadata=bearer(front.key), timeout=10),
+            stub.ModelInfer(
+                service_pb2.ModelInferRequest(model_name="digits", model_version="0"),
+                metadata=bearer(front.key),
+                timeout=10,
+            ),
+            stub.ModelInfer(
+                service_pb2.ModelInferRequest(model_name="digits@production", model_version="1"),
+                metadata=bearer(front.key),
+                timeout=10,
+            ),
+            # No inputs: Triton's own words on what is missing come back.
+            stub.ModelInfer(
+                service_pb2.ModelInferRequest(model_name="digits"),
+                metadata=bearer(front.key),
+                timeout=10,
+            ),
+        ]
+        for call in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        # The gateway still serves.
+        ready = await stub.ServerReady(
+            service_pb2.ServerReadyRequest(), metadata=bearer(front.key), timeout=10
+        )
+        assert ready.ready
