@@ -1,0 +1,114 @@
+"""KServe v2 requests as the gateway reads them: model references, what a stream request
+reserves, what a response counted, and the renaming of a response's bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2
+
+from gateway.kserve_quota import generate_bound, response_usage
+from services.runtime.calls import Usage
+from services.runtime.errors import InvalidArgument
+from services.runtime.kserve import ResponseNames, model_ref
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "ref"),
+    [
+        ("digits", "", "digits"),
+        ("digits", "3", "digits:3"),
+        ("digits@production", "", "digits@production"),
+    ],
+)
+def test_model_refs(name: str, version: str, ref: str) -> None:
+    assert model_ref(name, version) == ref
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "field"),
+    [
+        ("", "", "model_name"),
+        ("digits", "0", "model_version"),
+        ("digits", "x", "model_version"),
+        ("digits", "-1", "model_version"),
+        ("digits", "1" * 19, "model_version"),
+        ("digits@production", "2", "model_version"),
+        ("digits:2", "2", "model_version"),
+    ],
+)
+def test_bad_model_refs(name: str, version: str, field: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        model_ref(name, version)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.violations[0].field == field
+
+
+def _generate(prompt: bytes, max_tokens: int) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="tinylm")
+    request.inputs.add(name="prompt", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(struct.pack("<I", len(prompt)) + prompt)
+    request.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    request.raw_input_contents.append(struct.pack("<i", max_tokens))
+    return request
+
+
+def test_a_generate_request_reserves_its_prompt_bytes_and_max_tokens() -> None:
+    bound = generate_bound(_generate("héllo".encode(), 40), "tinylm@production")
+    assert bound.model == "tinylm@production"
+    assert len(bound.prompt.encode()) == len("héllo".encode())  # 6 bytes, 5 characters
+    assert bound.max_tokens == 40
+
+
+def test_typed_contents_are_read_too() -> None:
+    request = service_pb2.ModelInferRequest(model_name="tinylm")
+    prompt = request.inputs.add(name="prompt", datatype="BYTES", shape=[2])
+    prompt.contents.bytes_contents.extend([b"abc", b"de"])
+    limit = request.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    limit.contents.int_contents.append(7)
+    bound = generate_bound(request, "tinylm")
+    assert (len(bound.prompt), bound.max_tokens) == (5, 7)
+
+
+def test_other_models_reserve_a_stream_and_no_tokens() -> None:
+    request = service_pb2.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="x", datatype="FP32", shape=[1])
+    request.raw_input_contents.append(struct.pack("<f", 1.0))
+    bound = generate_bound(request, "echo")
+    assert (bound.prompt, bound.max_tokens) == ("", 0)
+
+
+def test_negative_max_tokens_reserve_none() -> None:
+    assert generate_bound(_generate(b"x", -5), "tinylm").max_tokens == 0
+
+
+def test_usage_is_read_from_the_generate_outputs() -> None:
+    response = service_pb2.ModelInferResponse()
+    for name, value in (("token_ids", 9), ("prompt_tokens", 6), ("completion_tokens", 12)):
+        response.outputs.add(name=name, datatype="INT32", shape=[1])
+        response.raw_output_contents.append(struct.pack("<i", value))
+    assert response_usage(response) == Usage(prompt_tokens=6, completion_tokens=12)
+    assert response_usage(service_pb2.ModelInferResponse()) is None
+
+
+def test_appended_names_replace_the_response_names() -> None:
+    triton = service_pb2.ModelInferResponse(model_name="digits__v3", model_version="1", id="r1")
+    triton.outputs.add(name="label", datatype="INT64", shape=[1])
+    triton.raw_output_contents.append(struct.pack("<q", 7))
+    names = ResponseNames("digits", "3")
+    renamed = service_pb2.ModelInferResponse.FromString(triton.SerializeToString() + names.infer)
+    assert (renamed.model_name, renamed.model_version, renamed.id) == ("digits", "3", "r1")
+    assert renamed.raw_output_contents == triton.raw_output_contents
+
+    streamed = service_pb2.ModelStreamInferResponse(infer_response=triton)
+    parsed = service_pb2.ModelStreamInferResponse.FromString(
+        streamed.SerializeToString() + names.stream
+    )
+    assert (parsed.infer_response.model_name, parsed.infer_response.model_version) == (
+        "digits",
+        "3",
+    )
+    assert parsed.infer_response.outputs[0].name == "label"
+    assert parsed.infer_response.raw_output_contents == triton.raw_output_contents
