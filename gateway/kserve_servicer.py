@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2
 
 from gateway.authentication import check_model_scope
 from gateway.kserve_quota import StreamMeter, note_model
+from gateway.kserve_statistics import merged
 from gateway.kserve_upstream import KServeUpstreams
 from gateway.metrics import GatewayMetrics
 from gateway.quota import QuotaGate
@@ -191,44 +192,51 @@ class KServeGatewayServicer(RefusedCalls):
 
     async def ModelStatistics(
         self, request: service_pb2.ModelStatisticsRequest, context: Context
-    ) -> Any:
-        """A model version's statistics, from a worker serving it; with no name, those of
-        every model the key may call, each from the first worker that has it."""
+    ) -> service_pb2.ModelStatisticsResponse:
+        """A model version's statistics (with no name, every model's the key may call),
+        added up over the workers serving it (gateway/kserve_statistics.py)."""
+        asked = service_pb2.ModelStatisticsRequest()
         if request.name:
             ref = self._ref(request.name, request.version, "name")
-            return await self._forward(
-                ref,
-                "statistics",
-                lambda info: service_pb2.ModelStatisticsRequest(
-                    name=info.name, version=str(info.version)
-                ),
-            )
-        if request.version:
+            worker, info, slots = await self._pool.route(ref)  # the version `ref` means
+            slots.release(worker)
+            if worker.on_trial:
+                worker.end_trial()
+            calls.note(resolved=f"{info.name}:{info.version}")
+            asked.name, asked.version = info.name, str(info.version)
+            workers = self._pool.serving_workers(info.name, info.version) or [worker]
+        elif request.version:
             raise InvalidArgument("version", "needs a model name")
-        workers = self._pool.serving_workers()
+        else:
+            workers = self._pool.serving_workers()
         answers = await asyncio.gather(
             *(
                 self._upstreams.of(w).statistics(
-                    request, timeout=self._timeout(), metadata=calls.outgoing_metadata()
+                    asked, timeout=self._timeout(), metadata=calls.outgoing_metadata()
                 )
                 for w in workers
             ),
             return_exceptions=True,
         )
-        principal = calls.principal()
-        merged = service_pb2.ModelStatisticsResponse()
-        seen: set[tuple[str, str]] = set()
+        read = []
         for worker, answer in zip(workers, answers, strict=True):
-            if isinstance(answer, BaseException):
-                log.warning("statistics not read", worker=worker.address, error=repr(answer))
-                continue
-            for stats in answer.model_stats:
-                key = (stats.name, stats.version)
-                if key in seen or (principal is not None and not allows(principal, stats.name)):
-                    continue
-                seen.add(key)
-                merged.model_stats.add().CopyFrom(stats)
-        return merged
+            if isinstance(answer, grpc.aio.AioRpcError):
+                # One worker's figures missing is better than none; said in the log.
+                log.warning("statistics not read", worker=worker.address, error=answer.code().name)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                read.append(answer)
+        if not read and workers:
+            raise Unavailable("no worker could be asked for statistics right now; retry shortly")
+        total = merged(read)
+        principal = calls.principal()
+        if principal is not None and not request.name:
+            # A key sees the models it may call, not every team's.
+            allowed = [s for s in total.model_stats if allows(principal, s.name)]
+            del total.model_stats[:]
+            total.model_stats.extend(allowed)
+        return total
 
     # -- inference ----------------------------------------------------------------
 

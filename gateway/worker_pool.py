@@ -373,8 +373,11 @@ class WorkerPool:
             }
         )
 
-    def serving_workers(self) -> list[WorkerEndpoint]:
-        """The workers whose health says SERVING (ejected ones included)."""
+    def serving_workers(self, name: str = "", version: int = 0) -> list[WorkerEndpoint]:
+        """The workers whose health says SERVING (ejected ones included); with a model
+        version, those of them that have it loaded."""
+        if name:
+            return [w for w in self._index.get(name, {}).get(version, ()) if w.serving]
         return [w for w in self._workers.values() if w.serving]
 
     def models(self) -> list[inference_pb2.ModelInfo]:

@@ -10,6 +10,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from gateway.kserve_quota import generate_bound, response_usage
+from gateway.kserve_statistics import merged
 from services.runtime.calls import Usage
 from services.runtime.errors import InvalidArgument
 from services.runtime.kserve import ResponseNames, model_ref
@@ -112,3 +113,32 @@ def test_appended_names_replace_the_response_names() -> None:
     )
     assert parsed.infer_response.outputs[0].name == "label"
     assert parsed.infer_response.raw_output_contents == triton.raw_output_contents
+
+
+def _stats(name: str, version: str, count: int, ns: int, last: int) -> service_pb2.ModelStatistics:
+    stats = service_pb2.ModelStatistics(
+        name=name, version=version, inference_count=count, execution_count=count
+    )
+    stats.last_inference = last
+    stats.inference_stats.success.count = count
+    stats.inference_stats.success.ns = ns
+    batch = stats.batch_stats.add(batch_size=1)
+    batch.compute_infer.count = count
+    stats.response_stats["0"].success.count = count
+    return stats
+
+
+def test_statistics_add_up_over_workers() -> None:
+    one = service_pb2.ModelStatisticsResponse(
+        model_stats=[_stats("digits", "1", 3, 300, 10), _stats("tinylm", "1", 1, 5, 7)]
+    )
+    two = service_pb2.ModelStatisticsResponse(model_stats=[_stats("digits", "1", 2, 50, 4)])
+    total = merged([one, two])
+    by_name = {s.name: s for s in total.model_stats}
+    digits = by_name["digits"]
+    assert (digits.version, digits.inference_count, digits.execution_count) == ("1", 5, 5)
+    assert (digits.inference_stats.success.count, digits.inference_stats.success.ns) == (5, 350)
+    assert digits.last_inference == 10  # the latest, not a sum
+    assert [(b.batch_size, b.compute_infer.count) for b in digits.batch_stats] == [(1, 5)]
+    assert digits.response_stats["0"].success.count == 5
+    assert by_name["tinylm"].inference_count == 1
