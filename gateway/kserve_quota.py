@@ -142,20 +142,21 @@ class StreamMeter:
         if flag is not None and not flag.bool_param and not response.error_message:
             return False
         self._pending.remove(pending)
-        used = pending.usage or Usage()
+        await self._settle(pending, pending.usage or Usage())
+        return True
+
+    async def _settle(self, pending: _Pending, used: Usage) -> None:
         self.prompt_tokens += used.prompt_tokens
         self.completion_tokens += used.completion_tokens
         if pending.reservation is not None:
             await pending.reservation.settle(used)
-        return True
 
     async def release(self) -> None:
-        """The stream ended: what its unanswered requests reserved is given back (the
-        tokens they had produced, counted)."""
+        """The stream ended: what its unanswered requests reserved is given back, and
+        the tokens they had produced (a cancelled generation's) are counted."""
         while self._pending:
             pending = self._pending.popleft()
-            if pending.reservation is not None:
-                if pending.usage is not None:
-                    await pending.reservation.settle(pending.usage)
-                else:
-                    await pending.reservation.release()
+            if pending.usage is not None:
+                await self._settle(pending, pending.usage)
+            elif pending.reservation is not None:
+                await pending.reservation.release()

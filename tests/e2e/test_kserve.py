@@ -8,6 +8,7 @@ session's auth service and resolving aliases with its registry.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.server import Gateway
+from services.runtime.logging import flush_logs
 from tests.auth_helpers import admin_at, bearer, digits_image, quota
 from tests.conftest import AuthStack, RegistryStack, start_auth_gateway
+from tests.helpers import metric_value, scrape
 
 pytestmark = pytest.mark.integration
 
@@ -398,3 +401,56 @@ async def test_bad_requests_are_refused(front: Front) -> None:
             service_pb2.ServerReadyRequest(), metadata=bearer(front.key), timeout=10
         )
         assert ready.ready
+
+
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+async def test_cancelled_stream_stops_in_triton_and_is_logged_and_counted(
+    front: Front, registry_stack: RegistryStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundled = registry_stack.worker.bundled
+    endpoint = front.gateway.service.metrics_endpoint
+    assert bundled is not None and endpoint is not None
+    gateway_metrics = f"http://127.0.0.1:{endpoint.port}/metrics"
+
+    async def counts() -> tuple[float, float]:
+        triton = await scrape(bundled.metrics_url)
+        gateway = await scrape(gateway_metrics)
+        return (
+            metric_value(triton, "tinylm_requests_finished_total", finish_reason="cancelled"),
+            metric_value(gateway, "tensorgate_rpc_requests_total", method=STREAM, code="CANCELLED"),
+        )
+
+    triton_before, gateway_before = await counts()
+    capsys.readouterr()
+    async with grpc.aio.insecure_channel(front.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelStreamInfer(metadata=bearer(front.key), timeout=60)
+        await call.write(_stream_request("tinylm", max_tokens=240))
+        received = 0
+        async for _ in call:
+            received += 1
+            if received == 3:
+                break
+        call.cancel()
+
+    # The model polls for cancellation between tokens: wait until it has seen it.
+    for _ in range(100):
+        triton_after, gateway_after = await counts()
+        if triton_after > triton_before and gateway_after > gateway_before:
+            break
+        await asyncio.sleep(0.1)
+    assert (triton_after, gateway_after) == (triton_before + 1, gateway_before + 1)
+
+    flush_logs()
+    out = capsys.readouterr().out
+    assert front.key not in out
+    logs = [json.loads(line) for line in out.splitlines() if line[:1] == "{"]
+    lines = [e for e in logs if e.get("event") == "rpc" and e.get("method") == STREAM]
+    # The gateway's line, then the worker's (the same request id travels).
+    gateway_line = next(e for e in lines if "key_id" in e)
+    assert gateway_line["status"] == "CANCELLED"
+    assert (gateway_line["model"], gateway_line["resolved"]) == ("tinylm", "tinylm:1")
+    assert gateway_line["completion_tokens"] >= 3
+    assert any(e["request_id"] == gateway_line["request_id"] and "key_id" not in e for e in lines)

@@ -1,15 +1,17 @@
-"""KServe v2 requests as the gateway reads them: model references, what a stream request
-reserves, what a response counted, and the renaming of a response's bytes."""
+"""KServe v2 calls as the gateway reads them: model references, what a stream request
+reserves and what its responses counted, the renaming of a response's bytes, and
+statistics added up over workers."""
 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import grpc
 import pytest
 from tritonclient.grpc import service_pb2
 
-from gateway.kserve_quota import generate_bound, response_usage
+from gateway.kserve_quota import StreamMeter, generate_bound, response_usage
 from gateway.kserve_statistics import merged
 from services.runtime.calls import Usage
 from services.runtime.errors import InvalidArgument
@@ -142,3 +144,28 @@ def test_statistics_add_up_over_workers() -> None:
     assert [(b.batch_size, b.compute_infer.count) for b in digits.batch_stats] == [(1, 5)]
     assert digits.response_stats["0"].success.count == 5
     assert by_name["tinylm"].inference_count == 1
+
+
+def _streamed(request_id: str, *, final: bool, prompt: int, completion: int) -> Any:
+    message = service_pb2.ModelStreamInferResponse()
+    response = message.infer_response
+    response.id = request_id
+    response.parameters["triton_final_response"].bool_param = final
+    for name, value in (("prompt_tokens", prompt), ("completion_tokens", completion)):
+        response.outputs.add(name=name, datatype="INT32", shape=[1])
+        response.raw_output_contents.append(struct.pack("<i", value))
+    return message
+
+
+async def test_a_stream_meter_counts_finished_and_cut_requests() -> None:
+    meter = StreamMeter(None, None)
+    for request_id in ("a", "b"):
+        request = _generate(b"ROMEO:", 8)
+        request.id = request_id
+        await meter.reserve(request, "tinylm")
+    # Responses name their request: b's first token, then a's last response.
+    assert not await meter.responded(_streamed("b", final=False, prompt=6, completion=1))
+    assert await meter.responded(_streamed("a", final=True, prompt=6, completion=8))
+    assert (meter.prompt_tokens, meter.completion_tokens) == (6, 8)
+    await meter.release()  # the stream was cut: b's one token counts
+    assert (meter.prompt_tokens, meter.completion_tokens) == (12, 9)
