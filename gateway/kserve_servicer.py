@@ -111,12 +111,13 @@ class KServeGatewayServicer(RefusedCalls):
         return self._upstream_timeout if remaining is None else remaining
 
     @staticmethod
-    def _ref(name: str, version: str, field: str) -> ModelRef:
-        """The model a call names, after the key's scope is checked."""
+    def _ref(name: str, version: str, field: str, *, check_scope: bool = True) -> ModelRef:
+        """The model a call names, after the key's scope is checked (`check_scope` False:
+        the quota stage checked it already, as it does for ModelInfer)."""
         note_model(name)
         text = model_ref(name, version, field)
         principal = calls.principal()
-        if principal is not None:
+        if check_scope and principal is not None:
             check_model_scope(principal, text)  # PERMISSION_DENIED names the model
         return parse_ref(text)
 
@@ -241,7 +242,12 @@ class KServeGatewayServicer(RefusedCalls):
     # -- inference ----------------------------------------------------------------
 
     async def ModelInfer(self, request: Request, context: Context) -> Any:
-        ref = self._ref(request.model_name, request.model_version, "model_name")
+        ref = self._ref(
+            request.model_name,
+            request.model_version,
+            "model_name",
+            check_scope=self._quota is None,  # else KServeQuota had it checked
+        )
 
         def routed(info: Any) -> Request:
             # The request is ours to change: forwarded renamed, its tensors not copied.
