@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.server import Gateway
 from services.runtime.logging import flush_logs
-from tests.auth_helpers import admin_at, bearer, digits_image, quota
+from tests.auth_helpers import admin_at, bearer, digits_image, quota, settled_usage
 from tests.conftest import AuthStack, RegistryStack, start_auth_gateway
 from tests.helpers import metric_value, scrape
 
@@ -454,3 +454,34 @@ async def test_cancelled_stream_stops_in_triton_and_is_logged_and_counted(
     assert (gateway_line["model"], gateway_line["resolved"]) == ("tinylm", "tinylm:1")
     assert gateway_line["completion_tokens"] >= 3
     assert any(e["request_id"] == gateway_line["request_id"] and "key_id" not in e for e in lines)
+
+
+async def test_kserve_calls_reach_the_usage_ledger(front: Front, auth_stack: AuthStack) -> None:
+    async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
+        tenant = await admin.tenant("kserve-usage")
+        key = (await admin.new_key(tenant)).secret
+        headers = {"authorization": f"Bearer {key}"}
+        client = triton_aio.InferenceServerClient(front.url)
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            for max_tokens in (3, 5):  # two generations on one stream
+                yield {
+                    "model_name": "tinylm",
+                    "inputs": tinylm_inputs(triton_aio, PROMPT, max_tokens),
+                }
+
+        try:
+            await client.infer("digits@production", digits_inputs(triton_aio), headers=headers)
+            finals = 0
+            async for result, error in client.stream_infer(requests(), headers=headers):
+                assert error is None, error
+                finals += result.get_response().parameters["triton_final_response"].bool_param
+                if finals == 2:
+                    break
+        finally:
+            await client.close()
+        usage = await settled_usage(admin, tenant, {"digits": 1, "tinylm": 2})
+    assert usage["digits"].errors == 0
+    tinylm = usage["tinylm"]
+    assert tinylm.prompt_tokens == 2 * len(PROMPT)
+    assert 2 <= tinylm.completion_tokens <= 8
