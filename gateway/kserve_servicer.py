@@ -40,7 +40,6 @@ from services.runtime.api_keys import allows
 from services.runtime.errors import (
     InvalidArgument,
     NotFound,
-    TensorgateError,
     Unavailable,
     UpstreamError,
     upstream_error,
@@ -269,7 +268,6 @@ class KServeGatewayServicer(RefusedCalls):
         asked = (first.model_name, first.model_version)
         ref = self._ref(*asked, "model_name")
         meter = StreamMeter(self._quota, calls.current())
-        worker: WorkerEndpoint | None = None
         try:
             await meter.reserve(first, str(ref))
             worker, info, slots = await self._pool.route(ref)
@@ -345,7 +343,7 @@ async def _pump(
             await meter.reserve(request, ref)
     except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
         return  # the stream ended upstream: its status says why
-    except TensorgateError as exc:
+    except Exception as exc:  # a refusal, or a bug: the call ends with it either way
         refusal.append(exc)
     with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
         await upstream.done_writing()

@@ -23,7 +23,7 @@ import grpc
 from tritonclient.grpc import service_pb2
 
 from services.runtime import calls
-from services.runtime.errors import InvalidArgument, NotFound, TensorgateError, upstream_error
+from services.runtime.errors import InvalidArgument, NotFound, upstream_error
 from services.runtime.kserve import RefusedCalls, ResponseNames, model_ref
 from services.worker.catalog import LoadedModel, ModelCatalog
 from services.worker.triton_client import TritonConnection
@@ -140,7 +140,7 @@ class TritonPassthroughServicer(RefusedCalls):
                 request = await anext(requests, None)
         except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
             return  # the stream ended upstream: its status says why
-        except TensorgateError as exc:
+        except Exception as exc:  # a refusal, or a bug: the call ends with it either way
             refusal.append(exc)
         with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
             await upstream.done_writing()
