@@ -1650,6 +1650,10 @@ Global___OptimizationStep: _TypeAlias = OptimizationStep  # noqa: Y015
 
 @_typing.final
 class StartOptimizationRequest(_message.Message):
+    """Starts a job that derives a cheaper version of a model and measures it beside its
+    parent (StartOptimization).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REF_FIELD_NUMBER: _builtins.int
@@ -1699,23 +1703,29 @@ class OptimizationJob(_message.Message):
     class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[OptimizationJob._State.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         STATE_UNSPECIFIED: OptimizationJob._State.ValueType  # 0
+        """Never set by the registry."""
         QUEUED: OptimizationJob._State.ValueType  # 1
         """Waiting for the jobs before it (one runs at a time, so their latency
         figures do not disturb each other).
         """
         RUNNING: OptimizationJob._State.ValueType  # 2
+        """Deriving, evaluating or measuring: `stage` and `progress` say which and how far."""
         DONE: OptimizationJob._State.ValueType  # 3
         """Finished: result_version is the derived version, with its facts."""
         FAILED: OptimizationJob._State.ValueType  # 4
         """Stopped: error says why; no version is left behind."""
 
-    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Where a job is in its life."""
+
     STATE_UNSPECIFIED: OptimizationJob.State.ValueType  # 0
+    """Never set by the registry."""
     QUEUED: OptimizationJob.State.ValueType  # 1
     """Waiting for the jobs before it (one runs at a time, so their latency
     figures do not disturb each other).
     """
     RUNNING: OptimizationJob.State.ValueType  # 2
+    """Deriving, evaluating or measuring: `stage` and `progress` say which and how far."""
     DONE: OptimizationJob.State.ValueType  # 3
     """Finished: result_version is the derived version, with its facts."""
     FAILED: OptimizationJob.State.ValueType  # 4
@@ -1736,9 +1746,11 @@ class OptimizationJob(_message.Message):
     id: _builtins.str
     """The job's id, e.g. "job-3f2a9c0d1e4b"."""
     model: _builtins.str
+    """The model the job derives a version of."""
     parent_version: _builtins.int
     """The parent version, resolved when the job was started."""
     state: Global___OptimizationJob.State.ValueType
+    """Queued, running, done or failed."""
     stage: _builtins.str
     """What it is doing now, e.g. "measuring latency (concurrency 8)"."""
     progress: _builtins.float
@@ -1750,11 +1762,17 @@ class OptimizationJob(_message.Message):
     created_by: _builtins.str
     """Who started it, as RegistryEvent.actor."""
     @_builtins.property
-    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptimizationStep]: ...
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptimizationStep]:
+        """The methods applied, in order."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job was started."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job last changed (state, stage or progress)."""
+
     def __init__(
         self,
         *,
@@ -1781,10 +1799,13 @@ Global___OptimizationJob: _TypeAlias = OptimizationJob  # noqa: Y015
 
 @_typing.final
 class GetOptimizationJobRequest(_message.Message):
+    """Asks for one optimization job (GetOptimizationJob)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The job's id, as StartOptimization returned it."""
     def __init__(
         self,
         *,
@@ -1800,6 +1821,8 @@ Global___GetOptimizationJobRequest: _TypeAlias = GetOptimizationJobRequest  # no
 
 @_typing.final
 class ListOptimizationJobsRequest(_message.Message):
+    """Asks for the newest optimization jobs, of one model or all (ListOptimizationJobs)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -1824,6 +1847,8 @@ Global___ListOptimizationJobsRequest: _TypeAlias = ListOptimizationJobsRequest  
 
 @_typing.final
 class ListOptimizationJobsResponse(_message.Message):
+    """The jobs ListOptimizationJobs found."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
