@@ -10,7 +10,9 @@ No Consul server can run on these machines (ENVIRONMENT.md), so tests talk to th
 
 It runs the registered gRPC checks itself, as an agent does: every check interval it
 calls grpc.health.v1 Check on the registered GRPC address (TLS when GRPCUseTLS, verified
-against `tls_ca`), so "passing" is the service's real health. A check's initial
+against `tls_ca`, presenting `tls_client` (key, certificate chain) to services that ask
+for one, as an agent with its own TLS configuration does), so "passing" is the
+service's real health. It listens on 127.0.0.1 unless given another `host`. A check's initial
 `Status` is honoured until the first probe. DeregisterCriticalServiceAfter is recorded
 but not acted on: services here leave by deregistering, and the real agent's 1 minute
 minimum is too long for a test.
@@ -66,9 +68,17 @@ class Registration:
 class ConsulDouble:
     """A fake Consul agent on 127.0.0.1; `await start()`, `address`, `await stop()`."""
 
-    def __init__(self, *, tls_ca: bytes | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tls_ca: bytes | None = None,
+        tls_client: tuple[bytes, bytes] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.port = 0
+        self.host = host
         self._tls_ca = tls_ca
+        self._tls_client = tls_client
         self._runner: web.AppRunner | None = None
         self._reset()
         self.requests: list[tuple[str, str]] = []  # (method, path), for tests to look at
@@ -85,7 +95,7 @@ class ConsulDouble:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
         app = web.Application()
@@ -96,7 +106,7 @@ class ConsulDouble:
         app.middlewares.append(self._record)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         # aiohttp has no public way to read the port it bound.
         server = site._server
@@ -220,9 +230,11 @@ class ConsulDouble:
         timeout = go_duration(check.get("timeout", "10s"))
         target, _, service = str(check["grpc"]).partition("/")
         if check.get("grpcusetls"):
-            channel = grpc.aio.secure_channel(
-                target, grpc.ssl_channel_credentials(root_certificates=self._tls_ca)
+            key, chain = self._tls_client or (None, None)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self._tls_ca, private_key=key, certificate_chain=chain
             )
+            channel = grpc.aio.secure_channel(target, credentials)
         else:
             channel = grpc.aio.insecure_channel(target)
         stub = health_pb2_grpc.HealthStub(channel)
