@@ -6,6 +6,7 @@ calls the gateways over TLS, as a user's backend would, driven line by line by t
 Reads one command per line on stdin and answers each with one JSON line on stdout:
 - `setup`: registers and deploys the demo models through gateway 1 (the registry API
   it forwards), makes a tenant and a key allowed QUOTA requests a minute;
+- `ready`: waits until both gateways list the deployed models;
 - `quota`: QUOTA + 2 Infer calls with that key, alternating between the gateways:
   the status of each;
 - `load`: Generate loops and Infer loops through gateway 2 with the admin key, in the
@@ -87,6 +88,17 @@ class Client:
                 tenant, quota=auth_pb2.Quota(requests_per_minute=QUOTA)
             )
         return {"deployed": [f"{name}@{ALIAS}" for name in DEMO_MODELS], "quota": QUOTA}
+
+    async def ready(self) -> dict[str, Any]:
+        """Both gateways list the deployed models (they follow the workers in Consul)."""
+        for client in self.admin:
+            for _ in range(600):
+                if set(DEMO_MODELS) <= {m.name for m in await client.list_models()}:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"{client.address} does not list {DEMO_MODELS}")
+        return {"ready": True}
 
     async def quota(self) -> dict[str, Any]:
         codes = []
@@ -178,6 +190,7 @@ async def main(gateways: list[str], ca: bytes, admin_key: str) -> None:
     client = Client(gateways, ca, admin_key)
     commands = {
         "setup": client.setup,
+        "ready": client.ready,
         "quota": client.quota,
         "load": client.load,
         "retry": client.retry,

@@ -49,7 +49,8 @@ class Host:
     address: str
     veth: str  # the root end, on the bridge
     is_cut: bool = False
-    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    # Each process with the signal that stops it at the end.
+    processes: list[tuple[asyncio.subprocess.Process, signal.Signals]] = field(default_factory=list)
 
     async def start(
         self,
@@ -60,8 +61,10 @@ class Host:
         user: str | None = None,
         stdin: int | None = asyncio.subprocess.DEVNULL,
         stdout: int | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> asyncio.subprocess.Process:
-        """`command` run inside this host; its output (stdout unless piped) goes to `log`."""
+        """`command` run inside this host; its output (stdout unless piped) goes to `log`.
+        `close()` stops it with `stop_signal` (SIGKILL after 5 s)."""
         prefix = ["ip", "netns", "exec", self.name]
         if user is not None:
             prefix += ["runuser", "-u", user, "--"]
@@ -75,7 +78,7 @@ class Host:
                 env=dict(env) if env is not None else None,
                 start_new_session=True,  # its own process group, signalled as one
             )
-        self.processes.append(process)
+        self.processes.append((process, stop_signal))
         return process
 
     def cut(self) -> None:
@@ -133,15 +136,15 @@ class Network:
         return self.hosts[name]
 
     async def close(self) -> None:
-        """Stops every process in the hosts (SIGTERM, then SIGKILL; at once on a host that
-        was cut off, whose processes would wait out timeouts on what they can no longer
-        reach), then removes it all."""
+        """Stops every process in the hosts (its stop signal, then SIGKILL; at once on a
+        host that was cut off, whose processes would wait out timeouts on what they can
+        no longer reach), then removes it all."""
         for host in self.hosts.values():
-            for process in host.processes:
+            for process, stop in host.processes:
                 if process.returncode is None:
-                    _signal_group(process.pid, signal.SIGKILL if host.is_cut else signal.SIGTERM)
+                    _signal_group(process.pid, signal.SIGKILL if host.is_cut else stop)
         for host in self.hosts.values():
-            for process in host.processes:
+            for process, _ in host.processes:
                 try:
                     await asyncio.wait_for(process.wait(), 5)
                 except TimeoutError:
