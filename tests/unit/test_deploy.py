@@ -195,12 +195,8 @@ def test_secrets_are_referenced_and_never_inlined(overlay: tuple[str, list[Resou
         assert {"tensorgate-database", "tensorgate-redis"} <= secrets.keys()
 
 
-def test_prod_has_tls_on_the_gateway_and_mutual_tls_between_services(
-    overlay: tuple[str, list[Resource]],
-) -> None:
-    name, resources = overlay
-    if name != "prod":
-        pytest.skip("TLS is on in prod only")
+def test_prod_has_tls_on_the_gateway_and_mutual_tls_between_services() -> None:
+    resources = render(DEPLOY / "kubernetes" / "overlays" / "prod")
     deployments = _of_kind(resources, "Deployment")
     for service in SERVICES:
         env = {e["name"] for e in _service_container(deployments[f"tensorgate-{service}"])["env"]}
@@ -337,3 +333,41 @@ def test_every_command_names_a_runnable_service() -> None:
         assert module in SETTINGS
         # `python -m` runs the package's __main__, which hands the settings class to main
         assert importlib.util.find_spec(f"{module}.__main__") is not None, module
+
+
+def test_the_renderer_merges_as_strategic_merge_patches_do(tmp_path: Path) -> None:
+    base, overlay = tmp_path / "base", tmp_path / "overlay"
+    base.mkdir()
+    overlay.mkdir()
+    (base / "kustomization.yaml").write_text("resources: [app.yaml]\n")
+    (base / "app.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n"
+        "  template:\n    spec:\n      containers:\n"
+        "        - {name: a, image: 'img:1', env: [{name: X, value: '1'}, {name: Y, value: '2'}],"
+        " readinessProbe: {grpc: {port: 1}}}\n"
+        "        - {name: b, image: other}\n"
+    )
+    (overlay / "kustomization.yaml").write_text(
+        "namespace: ns\nresources: [../base]\npatches: [{path: p.yaml}]\n"
+        "images: [{name: img, newName: r/img, newTag: '2'}]\n"
+        "replicas: [{name: app, count: 3}]\n"
+    )
+    (overlay / "p.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n"
+        "  template:\n    spec:\n      containers:\n"
+        "        - {name: a, env: [{name: Y, value: '3'}, {name: Z, value: '4'}],"
+        " readinessProbe: {grpc: null, exec: {command: [probe]}}}\n"
+    )
+    (app,) = render(overlay)
+    a, b = app["spec"]["template"]["spec"]["containers"]
+    assert a["env"] == [
+        {"name": "X", "value": "1"},
+        {"name": "Y", "value": "3"},
+        {"name": "Z", "value": "4"},
+    ]
+    assert a["readinessProbe"] == {"exec": {"command": ["probe"]}}
+    assert (a["image"], b["image"]) == ("r/img:2", "other")
+    assert app["metadata"]["namespace"] == "ns" and app["spec"]["replicas"] == 3
+    (overlay / "kustomization.yaml").write_text("resources: [../base]\ncomponents: [x]\n")
+    with pytest.raises(ValueError, match="not supported"):
+        render(overlay)
