@@ -111,17 +111,22 @@ class Network:
         return None
 
     def create(self, names: Sequence[str]) -> None:
+        """The bridge and one host per name (NetworkUnavailable where the kernel or the
+        container refuses; `close()` removes what was made before that)."""
         try:
-            _ip("link", "add", self.bridge, "type", "bridge")
+            self._create(names)
         except RuntimeError as exc:
-            raise NetworkUnavailable(f"cannot make a bridge here: {exc}") from None
+            raise NetworkUnavailable(f"cannot make network namespaces here: {exc}") from None
+
+    def _create(self, names: Sequence[str]) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway_address}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for number, name in enumerate(names, start=2):
             namespace, veth = f"{self._prefix}-{name}", f"{self._prefix}v{number}"
-            _ip("netns", "add", namespace)
             host = Host(namespace, f"{self.subnet}.{number}", veth)
-            self.hosts[name] = host
+            self.hosts[name] = host  # before it exists: close() removes a half-made host
+            _ip("netns", "add", namespace)
             peer = f"{veth}p"
             _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
             _ip("link", "set", peer, "netns", namespace)
