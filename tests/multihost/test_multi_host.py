@@ -17,6 +17,9 @@ cut off (its veth down): every Infer succeeds, the streams that were on worker 1
 UNAVAILABLE after tokens and the others finish; gateway 1's host is cut off and the
 client's retry on gateway 2 succeeds.
 
+Each process logs to a file in the test's directory; TENSORGATE_KEEP_MULTIHOST=1 keeps
+that directory (its path is in the test's output) to read after a failure.
+
 Needs root for `ip netns`; elsewhere it skips saying why. PostgreSQL's binaries and
 redis-server come from Debian's packages (postgresql, redis-server): CI must have them
 and fails without; elsewhere their absence skips.
@@ -106,41 +109,20 @@ async def _start_databases(network: Network, directory: Path) -> tuple[str, str]
     """Private PostgreSQL and Redis on the db host; their URLs."""
     db = network.host("db")
     data = _postgres_directory(directory)
-    initdb = await db.start(
-        [
-            str(POSTGRES_BIN / "initdb"),
-            "-D",
-            str(data / "db"),
-            "-A",
-            "trust",
-            "-U",
-            "tensorgate",
-            "--no-sync",
-        ],
-        log=directory / "initdb.log",
-        user="postgres",
-    )
-    redis = [
-        "redis-server",
-        "--bind",
-        db.address,
-        "--port",
-        "6379",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-    ]
-    await db.start(redis, log=directory / "redis.log")
-    assert await initdb.wait() == 0, (directory / "initdb.log").read_text()
+    initdb = f"{POSTGRES_BIN / 'initdb'} -D {data / 'db'} -A trust -U tensorgate --no-sync"
+    initdb_done = await db.start(initdb.split(), log=directory / "initdb.log", user="postgres")
+    redis = f"redis-server --bind {db.address} --port 6379 --appendonly no --protected-mode no"
+    await db.start([*redis.split(), "--save", ""], log=directory / "redis.log")
+    assert await initdb_done.wait() == 0, (directory / "initdb.log").read_text()
     # initdb's own entries are for local and loopback connections only.
     with (data / "db" / "pg_hba.conf").open("a") as hba:
         hba.write(f"host all all {network.subnet}.0/24 trust\n")
-    options = f"-c listen_addresses={db.address} -c unix_socket_directories={data} -c fsync=off"
+    postgres = (
+        f"{POSTGRES_BIN / 'postgres'} -D {data / 'db'} -c listen_addresses={db.address} "
+        f"-c unix_socket_directories={data} -c fsync=off"
+    )
     await db.start(
-        [str(POSTGRES_BIN / "postgres"), "-D", str(data / "db"), *options.split()],
+        postgres.split(),
         log=directory / "postgres.log",
         user="postgres",
         stop_signal=signal.SIGINT,  # fast shutdown: it does not wait for clients
@@ -153,13 +135,12 @@ async def _start_databases(network: Network, directory: Path) -> tuple[str, str]
         except (OSError, asyncpg.PostgresError):
             await asyncio.sleep(0.1)
     else:
-        raise AssertionError(
-            "PostgreSQL did not start: " + (directory / "postgres.log").read_text()
-        )
+        log = (directory / "postgres.log").read_text()
+        raise AssertionError(f"PostgreSQL did not start: {log}")
     return url, f"redis://{db.address}:6379/0"
 
 
-def _service_env(directory: Path) -> dict[str, str]:
+def _service_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORGATE_")}
     env["PYTHONPATH"] = str(REPO)
     return env
@@ -168,117 +149,62 @@ def _service_env(directory: Path) -> dict[str, str]:
 async def _start_services(
     p: Platform, database_url: str, redis_url: str, ca: CertificateAuthority
 ) -> None:
-    net, consul = p.network, p.double.address
-    common = [
-        "--consul",
-        consul,
-        "--consul-check-interval",
-        f"{CHECK_S}s",
-        "--metrics-port",
-        "-1",
-        "--drain-seconds",
-        "0",
-        "--grace-seconds",
-        "2",
-        "--log-format",
-        "json",
-    ]
-    upstream = ["--upstream-ca-file", str(ca.cert_file)]
-
-    def tls(host: str, *, mutual: bool) -> list[str]:
-        cert = ca.server(host, (net.host(host).address,))
-        client = ca.client(f"{host}-client")
-        flags = ["--tls-cert-file", str(cert.cert_file), "--tls-key-file", str(cert.key_file)]
-        if mutual:
-            flags += ["--tls-client-ca-file", str(ca.cert_file)]
-        return [
-            *flags,
-            *upstream,
-            "--upstream-cert-file",
-            str(client.cert_file),
-            "--upstream-key-file",
-            str(client.key_file),
-        ]
+    """Registry and auth on the control host, a worker on each worker host (each
+    launches its own Triton), a gateway on each gateway host; all found through Consul.
+    Paths here have no spaces (mkdtemp under /tmp), so flags are written as one string."""
+    net, directory = p.network, p.directory
 
     def flags(host: str, service: str) -> list[str]:
-        return ["--host", net.host(host).address, "--port", str(PORTS[service]), *common]
+        address = net.host(host).address
+        common = (
+            f"--host {address} --port {PORTS[service]} --consul {p.double.address} "
+            f"--consul-check-interval {CHECK_S}s --metrics-port -1 --drain-seconds 0 "
+            "--grace-seconds 2 --log-format json"
+        )
+        # Every server serves TLS with a certificate for its address; every service
+        # verifies what it calls with the CA and presents a client certificate.
+        cert, client = ca.server(f"{host}-{service}", (address,)), ca.client(f"{host}-{service}-c")
+        tls = (
+            f"--tls-cert-file {cert.cert_file} --tls-key-file {cert.key_file} "
+            f"--upstream-ca-file {ca.cert_file} --upstream-cert-file {client.cert_file} "
+            f"--upstream-key-file {client.key_file}"
+        )
+        if service != "gateway":  # mutual TLS behind the gateway
+            tls += f" --tls-client-ca-file {ca.cert_file}"
+        return f"{common} {tls}".split()
 
-    env = _service_env(p.directory)
-    control = tls("control", mutual=True)
     starts = [
+        ("control", "registry", f"--database-url {database_url} --data-dir {directory}/registry"),
         (
             "control",
-            "services.registry",
-            [
-                *flags("control", "registry"),
-                *control,
-                "--database-url",
-                database_url,
-                "--data-dir",
-                str(p.directory / "registry"),
-            ],
-        ),
-        (
-            "control",
-            "services.auth",
-            [
-                *flags("control", "auth"),
-                *control,
-                "--database-url",
-                database_url,
-                "--data-dir",
-                str(p.directory / "auth"),
-                "--bootstrap-admin-key-file",
-                str(p.admin_key_file),
-            ],
+            "auth",
+            f"--database-url {database_url} --data-dir {directory}/auth "
+            f"--bootstrap-admin-key-file {p.admin_key_file}",
         ),
     ]
     for host in ("worker1", "worker2"):
         starts.append(
-            (
-                host,
-                "services.worker",
-                [
-                    *flags(host, "worker"),
-                    *tls(host, mutual=True),
-                    "--registry",
-                    "consul",
-                    "--data-dir",
-                    str(p.directory / host),
-                    "--retire-seconds",
-                    "1",
-                ],
-            )
+            (host, "worker", f"--registry consul --data-dir {directory}/{host} --retire-seconds 1")
         )
     for host in ("gw1", "gw2"):
         starts.append(
             (
                 host,
                 "gateway",
-                [
-                    *flags(host, "gateway"),
-                    *tls(host, mutual=False),
-                    "--workers",
-                    "consul",
-                    "--registry",
-                    "consul",
-                    "--auth",
-                    "consul",
-                    "--redis-url",
-                    redis_url,
-                    "--data-dir",
-                    str(p.directory / host),
-                    "--price-refresh-seconds",
-                    "1",
-                ],
+                f"--workers consul --registry consul --auth consul --redis-url {redis_url} "
+                f"--data-dir {directory}/{host} --price-refresh-seconds 1",
             )
         )
-    for host, module, args in starts:
-        log = p.directory / f"{host}-{module.rsplit('.', 1)[-1]}.log"
+    for host, service, args in starts:
+        module = "gateway" if service == "gateway" else f"services.{service}"
+        command = [sys.executable, "-m", module, *flags(host, service), *args.split()]
         # Stopped as machines are switched off: how they shut down is tested elsewhere
         # (tests/e2e/test_failover.py), and a graceful stop costs this test seconds.
         await net.host(host).start(
-            [sys.executable, "-m", module, *args], log=log, env=env, stop_signal=signal.SIGKILL
+            command,
+            log=directory / f"{host}-{service}.log",
+            env=_service_env(),
+            stop_signal=signal.SIGKILL,
         )
 
 
@@ -289,6 +215,7 @@ async def platform() -> AsyncIterator[Platform]:
         pytest.skip(why)
     network = Network()
     directory = Path(tempfile.mkdtemp(prefix="tg-multihost-"))
+    print(f"multi-host test: certificates and logs in {directory}")
     double: ConsulDouble | None = None
     try:
         try:
@@ -319,7 +246,8 @@ async def platform() -> AsyncIterator[Platform]:
         await network.close()
         if double is not None:
             await double.stop()
-        shutil.rmtree(directory, ignore_errors=True) if not os.environ.get("TG_KEEP") else None
+        if not os.environ.get("TENSORGATE_KEEP_MULTIHOST"):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class ClientHost:
@@ -354,7 +282,7 @@ async def test_across_hosts(platform: Platform) -> None:
             str(p.admin_key_file),
         ],
         log=log,
-        env=_service_env(p.directory),
+        env=_service_env(),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
