@@ -328,6 +328,8 @@ async def test_sigterm_on_a_gateway_finishes_its_streams_while_the_other_serves(
     assert draining.streams_ok >= in_flight
     assert draining.refused, "no call was refused after the gateway stopped"
     assert {refused.code for refused in draining.refused} == {grpc.StatusCode.UNAVAILABLE}
-    assert all(failure.startswith("UNAVAILABLE") for failure in draining.unary_failures)
+    assert all(failure.startswith("UNAVAILABLE") for failure in draining.unary_failures), (
+        draining.unary_failures
+    )
     assert elsewhere.unary_failures == [] and elsewhere.unfinished == []
     assert elsewhere.cut == [] and elsewhere.refused == []
