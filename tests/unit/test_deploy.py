@@ -331,10 +331,18 @@ def test_dockerfiles_lint_clean_and_copy_every_package() -> None:
     )
     assert linted.returncode == 0, linted.stdout + linted.stderr
     # The image installs the platform from what it copies: every package pyproject
-    # installs, the SDK, and the demo models the compose file registers.
+    # installs, the SDK, the demo models the compose file registers, and every data
+    # directory a setting's default points into the checkout for (the registry's
+    # evaluation sets, the worker's model repository).
     copied = re.findall(r"^COPY (\S+)", (DEPLOY / "Dockerfile").read_text(), re.MULTILINE)
     for needed in ("sdk/", "services/", "gateway/", "launcher/", "models/repository/"):
         assert needed in copied, needed
+    for default in (
+        RegistrySettings.model_fields["evaluation_dir"].default,
+        WorkerSettings.model_fields["model_repository"].default,
+    ):
+        inside = f"{Path(default).relative_to(REPO)}/"
+        assert any(inside.startswith(path) for path in copied), inside
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     assert all(f"!{path}" in ignore for path in copied if path != "--from=probe"), copied
 
