@@ -146,6 +146,9 @@ def test_every_service_is_a_probed_bounded_deployment_that_drains(
         "kind": "Deployment",
         "name": "tensorgate-gateway",
     }
+    # The HPA owns the count: a `replicas` in the manifest would be applied over it,
+    # scaling the gateways back to that number on every `kubectl apply`.
+    assert "replicas" not in deployments["tensorgate-gateway"]["spec"], name
 
 
 def test_the_worker_pod_pairs_the_worker_with_triton(overlay: tuple[str, list[Resource]]) -> None:
