@@ -21,7 +21,7 @@ import random
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -165,6 +165,18 @@ class Network:
             _quiet(partial(_ip, "netns", "delete", host.name))
         _quiet(partial(_ip, "link", "delete", self.bridge))
         self.hosts.clear()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Meanwhile SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so the `finally` that
+    closes a Network runs when a CI job is cancelled; Python's default ends the process
+    at once, leaving the namespaces, the bridge and every process in them behind."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _free_subnet() -> str:

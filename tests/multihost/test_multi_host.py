@@ -44,7 +44,7 @@ import pytest
 from tests.consul_double import ConsulDouble
 from tests.helpers import until
 from tests.multihost.client import QUOTA
-from tests.multihost.network import Network, NetworkUnavailable
+from tests.multihost.network import Network, NetworkUnavailable, sigterm_interrupts
 from tests.tls_certs import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
@@ -217,37 +217,39 @@ async def platform() -> AsyncIterator[Platform]:
     directory = Path(tempfile.mkdtemp(prefix="tg-multihost-"))
     print(f"multi-host test: certificates and logs in {directory}")
     double: ConsulDouble | None = None
-    try:
+    # A cancelled run (SIGTERM) cleans up as one stopped with Ctrl-C does.
+    with sigterm_interrupts():
         try:
-            network.create(HOSTS)
-        except NetworkUnavailable as exc:
-            pytest.skip(str(exc))
-        ca = CertificateAuthority("multihost", directory)
-        checker = ca.client("consul-agent")
-        double = ConsulDouble(
-            tls_ca=ca.pem,
-            tls_client=(checker.key_file.read_bytes(), checker.cert_file.read_bytes()),
-            host=network.gateway_address,
-        )
-        await double.start()
-        p = Platform(network, double, directory, ca.cert_file, directory / "admin.key")
-        database_url, redis_url = await _start_databases(network, directory)
-        await _start_services(p, database_url, redis_url, ca)
-        await until(
-            lambda: all(
-                p.passing(s) == n
-                for s, n in (("registry", 1), ("auth", 1), ("gateway", 2), ("worker", 2))
-            ),
-            "every service passing its Consul check",
-            timeout=START_S,
-        )
-        yield p
-    finally:
-        await network.close()
-        if double is not None:
-            await double.stop()
-        if not os.environ.get("TENSORGATE_KEEP_MULTIHOST"):
-            shutil.rmtree(directory, ignore_errors=True)
+            try:
+                network.create(HOSTS)
+            except NetworkUnavailable as exc:
+                pytest.skip(str(exc))
+            ca = CertificateAuthority("multihost", directory)
+            checker = ca.client("consul-agent")
+            double = ConsulDouble(
+                tls_ca=ca.pem,
+                tls_client=(checker.key_file.read_bytes(), checker.cert_file.read_bytes()),
+                host=network.gateway_address,
+            )
+            await double.start()
+            p = Platform(network, double, directory, ca.cert_file, directory / "admin.key")
+            database_url, redis_url = await _start_databases(network, directory)
+            await _start_services(p, database_url, redis_url, ca)
+            await until(
+                lambda: all(
+                    p.passing(s) == n
+                    for s, n in (("registry", 1), ("auth", 1), ("gateway", 2), ("worker", 2))
+                ),
+                "every service passing its Consul check",
+                timeout=START_S,
+            )
+            yield p
+        finally:
+            await network.close()
+            if double is not None:
+                await double.stop()
+            if not os.environ.get("TENSORGATE_KEEP_MULTIHOST"):
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 class ClientHost:
