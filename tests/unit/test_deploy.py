@@ -272,11 +272,30 @@ def test_each_service_starts_with_the_environment_it_is_given(
     pass the service's own validation (flags agree, addresses parse, files exist)."""
     _, resources = overlay
     for service in SERVICES:
-        container = _service_container(_of_kind(resources, "Deployment")[f"tensorgate-{service}"])
+        deployment = _of_kind(resources, "Deployment")[f"tensorgate-{service}"]
+        container = _service_container(deployment)
+        _check_paths_are_mounted(deployment["spec"]["template"]["spec"], container)
         module = _module(container)
         env = _environment(container, resources, tmp_path)
         env |= _shell_exports(container, env)
         _check_settings(SETTINGS[module], env)
+
+
+def _check_paths_are_mounted(pod: Resource, container: Resource) -> None:
+    """Every path the container's environment names (certificates, keys, the model
+    repository, data directories) lies on one of its volume mounts, and every mount on
+    one of the pod's volumes: `_environment` makes those paths real here, so without
+    this a forgotten mount would pass and the service would find no file at start."""
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    mounts = []
+    for mount in container.get("volumeMounts", []):
+        assert mount["name"] in volumes, (container["name"], mount)
+        mounts.append(mount["mountPath"].rstrip("/") + "/")
+    for variable in container["env"]:
+        path = variable.get("value", "")
+        if path.startswith("/"):
+            inside = path.rstrip("/") + "/"
+            assert any(inside.startswith(m) for m in mounts), (container["name"], variable)
 
 
 def _check_settings(cls: type[ServiceSettings], env: dict[str, str]) -> ServiceSettings:
