@@ -1,4 +1,4 @@
-"""deploy/ validated offline: YAML lint, every Kustomize overlay rendered (tools/kustomize.py)
+"""deploy/ validated offline: YAML lint, every Kustomize overlay rendered (tests/kustomize.py)
 and checked against the Kubernetes schemas (kubernetes-validate, strict), the Compose file
 against the compose-spec schema (check-jsonschema's vendored copy), and each service's
 environment as its settings class reads it (a misspelt variable would be ignored at run
