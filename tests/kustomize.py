@@ -11,7 +11,7 @@ Supported, with kustomize's semantics:
 - `replicas` (`name`, `count`);
 - `secretGenerator` / `configMapGenerator` with `envs` and `literals`, only with
   `generatorOptions.disableNameSuffixHash: true` (the hashed names are not reproduced);
-- `patches` with `path` to a strategic-merge patch, whose kind and name pick the target:
+- `patches` with `path` to one strategic-merge patch, whose kind and name pick the target:
   maps merge, `null` deletes a key, lists of containers, init containers, env vars and
   volumes merge by `name` and volume mounts by `mountPath`; other lists are replaced.
 
@@ -71,8 +71,12 @@ def render(directory: Path) -> list[Resource]:
     for patch_entry in kustomization.get("patches", []):
         if set(patch_entry) != {"path"}:
             raise ValueError(f"{directory}: only `patches: - path:` is supported")
-        for patch in _load(directory / patch_entry["path"]):
-            _apply_patch(resources, patch)
+        patches = _load(directory / patch_entry["path"])
+        if len(patches) != 1:
+            # kustomize before 5.2 (kubectl 1.29 and 1.30 carry 5.0.4) takes one patch per
+            # file here and refuses a file with several.
+            raise ValueError(f"{directory}: {patch_entry['path']}: one patch per file")
+        _apply_patch(resources, patches[0])
     for replica in kustomization.get("replicas", []):
         _find(resources, "Deployment", replica["name"])["spec"]["replicas"] = replica["count"]
     for label in kustomization.get("labels", []):

@@ -416,6 +416,11 @@ def test_the_renderer_merges_as_strategic_merge_patches_do(tmp_path: Path) -> No
     assert a["readinessProbe"] == {"exec": {"command": ["probe"]}}
     assert (a["image"], b["image"]) == ("r/img:2", "other")
     assert app["metadata"]["namespace"] == "ns" and app["spec"]["replicas"] == 3
+    (overlay / "p.yaml").write_text(
+        f"{(overlay / 'p.yaml').read_text()}---\n{(overlay / 'p.yaml').read_text()}"
+    )
+    with pytest.raises(ValueError, match="one patch per file"):
+        render(overlay)
     (overlay / "kustomization.yaml").write_text("resources: [../base]\ncomponents: [x]\n")
     with pytest.raises(ValueError, match="not supported"):
         render(overlay)
