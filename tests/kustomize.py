@@ -13,7 +13,8 @@ Supported, with kustomize's semantics:
   `generatorOptions.disableNameSuffixHash: true` (the hashed names are not reproduced);
 - `patches` with `path` to one strategic-merge patch, whose kind and name pick the target:
   maps merge, `null` deletes a key, lists of containers, init containers, env vars and
-  volumes merge by `name` and volume mounts by `mountPath`; other lists are replaced.
+  volumes merge by `name` and volume mounts by `mountPath` (items the patch adds go
+  first, as kustomize puts them); other lists are replaced.
 
 Anything else in a kustomization is refused (ValueError), never ignored.
 
@@ -153,15 +154,18 @@ def _merge(base: Any, patch: Any, key: str = "") -> Any:
     merge_key = _MERGE_KEYS.get(key)
     if isinstance(base, list) and isinstance(patch, list) and merge_key:
         out_list = [copy.deepcopy(item) for item in base]
+        added = []
         for item in patch:
             match = next(
                 (i for i, b in enumerate(out_list) if b[merge_key] == item[merge_key]), None
             )
             if match is None:
-                out_list.append(_without_nulls(item))
+                added.append(_without_nulls(item))
             else:
                 out_list[match] = _merge(out_list[match], item)
-        return out_list
+        # kustomize puts a patch's new items before the existing ones (kyaml's merge with
+        # ListIncreaseDirection Prepend): the order `$(VAR)` references depend on.
+        return added + out_list
     return _without_nulls(patch)
 
 

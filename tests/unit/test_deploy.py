@@ -408,10 +408,11 @@ def test_the_renderer_merges_as_strategic_merge_patches_do(tmp_path: Path) -> No
     )
     (app,) = render(overlay)
     a, b = app["spec"]["template"]["spec"]["containers"]
+    # kustomize puts what a patch adds first: Z, then the base's X and the patched Y
     assert a["env"] == [
+        {"name": "Z", "value": "4"},
         {"name": "X", "value": "1"},
         {"name": "Y", "value": "3"},
-        {"name": "Z", "value": "4"},
     ]
     assert a["readinessProbe"] == {"exec": {"command": ["probe"]}}
     assert (a["image"], b["image"]) == ("r/img:2", "other")
