@@ -39,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.consul_double import ConsulDouble
 from tests.helpers import until
@@ -252,6 +254,35 @@ async def platform() -> AsyncIterator[Platform]:
                 shutil.rmtree(directory, ignore_errors=True)
 
 
+async def _health(address: str, credentials: grpc.ChannelCredentials | None) -> str:
+    """The status of a health Check at `address`, or the gRPC error code it ended with."""
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(address)
+    else:
+        channel = grpc.aio.secure_channel(address, credentials)
+    async with channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+    name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    return name
+
+
+async def _check_tls_is_required(p: Platform) -> None:
+    """The gateways answer TLS only; registry, auth and workers only callers with a
+    certificate of the CA (what the services present to each other)."""
+    verified = grpc.ssl_channel_credentials(p.ca_file.read_bytes())
+    assert await _health(p.address("gw2", "gateway"), verified) == "SERVING"
+    assert await _health(p.address("gw2", "gateway"), None) == "UNAVAILABLE"
+    for host, service in (("control", "registry"), ("control", "auth"), ("worker2", "worker")):
+        address = p.address(host, service)
+        assert await _health(address, verified) == "UNAVAILABLE", (service, "no certificate")
+        assert await _health(address, None) == "UNAVAILABLE", (service, "plaintext")
+
+
 class ClientHost:
     """tests/multihost/client.py running on the client host: `await ask(command)`."""
 
@@ -272,6 +303,7 @@ class ClientHost:
 
 async def test_across_hosts(platform: Platform) -> None:
     p, net = platform, platform.network
+    await _check_tls_is_required(p)
     log = p.directory / "client.log"
     process = await net.host("client").start(
         [
