@@ -36,6 +36,10 @@ _META_VALUE_MAX = 512  # Consul's limit on one Meta value
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["InferenceWorker"].full_name
 
 
+# How often a Triton the worker did not start is checked for models it lost.
+_TRITON_CHECK_S = 2.0
+
+
 @dataclass
 class Worker:
     """A running worker: its gRPC service, its Triton connection, maybe its own Triton."""
@@ -54,14 +58,45 @@ class Worker:
         return self.service.address
 
     async def wait_failed(self) -> str:
-        """Returns why the worker can no longer serve: its bundled Triton exited."""
+        """Returns why the worker can no longer serve: its bundled Triton exited, or the
+        Triton it was given lost models the worker serves (it restarted)."""
         if self.bundled is None:
-            # A remote Triton's outages surface per call (UNAVAILABLE) and in its own health.
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
+            reason = await self._wait_models_lost()
+            await self.service.set_serving(False)
+            return reason
         code = await self.bundled.wait_exited()
         await self.service.set_serving(False)
         return f"the bundled Triton exited with code {code}; log tail:\n{self.bundled.log_tail()}"
+
+    async def _wait_models_lost(self) -> str:
+        """Watches a Triton the worker did not start. Its outages surface per call
+        (UNAVAILABLE) and in its own health; but a Triton that restarted (a sidecar the
+        kubelet restarted) comes back with nothing loaded (explicit model control), and
+        the worker would go on advertising models it cannot serve. A version missing
+        from Triton twice in a row, while the worker still serves it, is that: the
+        worker fails, and starts again loading what it serves (its start does)."""
+        missing_before: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(_TRITON_CHECK_S)
+            try:
+                ready = await self.triton.ready_versions()
+            except Exception:  # unreachable: calls say so; only a Triton that answers counts
+                missing_before = set()
+                continue
+            served = {(m.triton_name, m.triton_version) for m in self.catalog.models()}
+            missing = {
+                (name, version)
+                for name, version in served
+                if int(version) not in ready.get(name, ())
+            }
+            lost = missing & missing_before
+            if lost:
+                names = ", ".join(f"{name}:{version}" for name, version in sorted(lost))
+                return (
+                    f"the Triton at {self.triton.url} no longer has {names} loaded (did it "
+                    "restart?); the worker stops so that its next start loads them again"
+                )
+            missing_before = missing
 
     async def stop(self) -> None:
         async def draining() -> None:

@@ -1,5 +1,5 @@
-"""A worker with its own bundled Triton: it notices Triton's death, and a failed start
-leaves no process behind."""
+"""A worker notices its bundled Triton's death, and a given Triton that lost its models
+(restarted); a failed start leaves no process behind."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import signal
 from pathlib import Path
 
 import pytest
+from tritonclient.grpc.aio import InferenceServerClient
 
 from services.worker.server import start_worker
 from services.worker.settings import WorkerSettings
+from services.worker.triton_process import BundledTriton
+from tests.conftest import MODEL_REPOSITORY
 from tests.helpers import health_status, process_alive, process_command
 
 
@@ -48,3 +51,36 @@ async def test_a_model_that_cannot_load_stops_the_start_cleanly(tmp_path: Path) 
     # Only this test's Triton and stubs: their command lines name its data dir.
     leftovers = [command for command in leftovers if str(tmp_path) in command]
     assert not leftovers
+
+
+async def test_a_worker_fails_when_the_triton_it_was_given_loses_its_models(
+    tmp_path: Path,
+) -> None:
+    # A Triton the worker did not start (a pod's sidecar) that restarts comes back with
+    # nothing loaded: the worker must not go on advertising models it cannot serve.
+    triton = BundledTriton(MODEL_REPOSITORY, tmp_path / "triton")
+    await triton.start(120)
+    try:
+        worker = await start_worker(
+            WorkerSettings(
+                models=("digits",),
+                triton_url=triton.grpc_url,
+                data_dir=tmp_path / "worker",
+                metrics_port=0,
+                drain_seconds=0,
+                grace_seconds=1,
+            )
+        )
+        try:
+            failed = asyncio.ensure_future(worker.wait_failed())
+            done, _ = await asyncio.wait({failed}, timeout=5)
+            assert not done, "the worker failed while its Triton had every model"
+            async with InferenceServerClient(triton.grpc_url) as control:
+                await control.unload_model("digits")
+            reason = await asyncio.wait_for(failed, timeout=30)
+            assert "no longer has digits:1 loaded" in reason
+            assert await health_status(worker.address) == "NOT_SERVING"
+        finally:
+            await worker.stop()
+    finally:
+        await triton.stop()
