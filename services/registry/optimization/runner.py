@@ -97,6 +97,7 @@ class JobRunner:
         self._one_at_a_time = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: set[str] = set()  # ids of this process's queued and running jobs
+        self._starting = 0  # starts past the MAX_PENDING check, their job not yet created
         self._keeper: asyncio.Task[None] | None = None
 
     async def recover(self) -> None:
@@ -151,7 +152,8 @@ class JobRunner:
         latency_calls: int,
         actor: str,
     ) -> pb.OptimizationJob:
-        if len(self._active) >= MAX_PENDING:
+        # Counted before the first await: concurrent starts all see each other's slot.
+        if len(self._active) + self._starting >= MAX_PENDING:
             raise ResourceExhausted(
                 f"the registry has {MAX_PENDING} optimization jobs queued or running already; "
                 "start this one when one of them has finished",
@@ -163,14 +165,18 @@ class JobRunner:
             f"{transformation_name(steps)} of version {parent.version} "
             f"({', '.join(step.describe() for step in steps)})"
         )
-        job = await self._store.jobs.create(
-            parent.model,
-            parent.version,
-            steps,
-            description=description,
-            latency_calls=calls,
-            actor=actor,
-        )
+        self._starting += 1
+        try:
+            job = await self._store.jobs.create(
+                parent.model,
+                parent.version,
+                steps,
+                description=description,
+                latency_calls=calls,
+                actor=actor,
+            )
+        finally:
+            self._starting -= 1
         task = asyncio.create_task(self._run(job.id, parent, steps, description, calls, actor))
         self._tasks.add(task)
         self._active.add(job.id)
