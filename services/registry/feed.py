@@ -68,6 +68,18 @@ class ChangeFeed:
             at_us = (await connection.execute(query)).scalar_one_or_none()
             return None if at_us is None else int(at_us)
 
+    async def last_event(self, subject: str) -> pb.RegistryEvent | None:
+        """The newest event about `subject` (subject_of), if any."""
+        query = (
+            select(events.c.payload)
+            .where(events.c.subject == subject)
+            .order_by(events.c.revision.desc())
+            .limit(1)
+        )
+        async with self._database.read() as connection:
+            payload = (await connection.execute(query)).scalar_one_or_none()
+        return None if payload is None else pb.RegistryEvent.FromString(payload)
+
     async def events_after(
         self,
         revision: int,

@@ -382,6 +382,9 @@ async def test_a_job_its_registry_abandoned_is_failed_and_its_version_deleted(
             actor="t",
         )
         await store.jobs.update(job.id, state="running", result_version=left.version)
+        # It had deployed the parent to measure it (production serves it only by alias).
+        measured = registry_pb2.Deployment(model="digits", version=1, instances=1)
+        await store.set_deployment(measured, actor=f"optimization:{job.id}")
     finally:
         await registry.stop()
     # Touched just now, it would pass for another replica's running job: the test makes
@@ -404,6 +407,8 @@ async def test_a_job_its_registry_abandoned_is_failed_and_its_version_deleted(
             assert failed.state == Job.FAILED and "stopped before it finished" in failed.error
             assert failed.result_version == 0
             assert [v.version for v in await client.list_versions("digits")] == [1]
+            deployed = await client.list_deployments()
+            assert [(d.model, d.alias) for d in deployed] == [("digits", "production")]
     finally:
         await registry.stop()
 

@@ -33,6 +33,7 @@ import structlog
 from tensorgate.registry.v1 import registry_pb2 as pb
 
 from services.registry.artifacts import LocalArtifactStore
+from services.registry.feed import subject_of
 from services.registry.optimization.jobs import now_us
 from services.registry.optimization.latency import CONCURRENCIES, LatencyProbe
 from services.registry.optimization.methods import Step, transformation_name
@@ -116,6 +117,7 @@ class JobRunner:
                 continue
             if row.result_version:
                 await self._discard(row.model, row.result_version, job_id=row.id)
+            await self._undeploy_parent(row.model, row.parent_version, job_id=row.id)
             await self._store.jobs.update(
                 row.id,
                 state="failed",
@@ -410,6 +412,17 @@ class JobRunner:
             measured_figures = await probe.measure(measured, calls, concurrency)
             figures.update({prefix + key: value for key, value in measured_figures.items()})
         return figures
+
+    async def _undeploy_parent(self, model: str, version: int, *, job_id: str) -> None:
+        """Deletes the parent's deployment an abandoned job set to measure it, if the
+        newest change to that deployment is still the job's (the feed says who made it)."""
+        actor = f"optimization:{job_id}"
+        target = pb.RegistryEvent(deployment_set=pb.Deployment(model=model, version=version))
+        last = await self._store.feed.last_event(subject_of(target))
+        if last is None or last.WhichOneof("change") != "deployment_set" or last.actor != actor:
+            return
+        with contextlib.suppress(TensorgateError):
+            await self._store.delete_deployment(model, version=version, alias=None, actor=actor)
 
     async def _discard(self, model: str, version: int, *, job_id: str) -> None:
         """Deletes a failed job's version (and a deployment of it the job left)."""
