@@ -81,9 +81,8 @@ def compare_rows(
 ) -> tuple[list[tuple[str, str, str, str]], str]:
     """FIGURE FIRST SECOND DELTA rows. When `second` derives from `first`, `first`'s
     figures are the ones measured beside `second` in its job (the same run)."""
-    same_run = second.lineage.parent_version == first.version and any(
-        key.startswith("parent.") for key in second.facts
-    )
+    derives = second.model == first.model and second.lineage.parent_version == first.version
+    same_run = derives and any(key.startswith("parent.") for key in second.facts)
     rows = []
     for key, label in FIGURES:
         a = second.facts.get(f"parent.{key}") if same_run else None

@@ -95,6 +95,11 @@ def test_compare_uses_the_parent_figures_of_the_same_run() -> None:
     rows, note = compare_rows(first, second)
     assert rows[0] == ("artifact size (bytes)", "120", "40", "-80 (-66.7%)")
     assert "same run" in note
+    # Version 1 of another model is not the parent: its own figures, not digits:1's.
+    other = pb.ModelVersion(model="tinylm", version=1, facts={"artifact_bytes": 999.0})
+    rows, note = compare_rows(other, second)
+    assert rows[0] == ("artifact size (bytes)", "999", "40", "-959 (-96.0%)")
+    assert "same run" not in note
 
 
 def test_the_cli_turns_methods_into_steps() -> None:
