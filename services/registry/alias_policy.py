@@ -35,7 +35,7 @@ def require_within(version: pb.ModelVersion, alias: str, bound: float) -> None:
             f"{named} derives from version {parent} but has no measured quality_loss, and {rule}:"
             " derive it with `tensorgate models optimize`, or clear the policy"
         )
-    if loss > bound:
+    if not loss <= bound:  # a NaN loss fails the policy, it does not pass it
         metric = version.lineage.parameters.get("quality_metric", "quality")
         mine, theirs = version.facts.get(metric), version.facts.get(f"parent.{metric}")
         figures = (

@@ -76,6 +76,8 @@ def test_the_policy_refuses_more_loss_than_its_bound_naming_the_figures() -> Non
     assert "at most 0.01" in message
     with pytest.raises(FailedPrecondition, match="no measured quality_loss"):
         require_within(derived(None), "production", 1.0)
+    with pytest.raises(FailedPrecondition):  # a loss that is no number fails closed
+        require_within(derived(float("nan")), "production", 1.0)
     with pytest.raises(InvalidArgument):
         check_bound(-0.1)
 

@@ -998,6 +998,7 @@ class SetAliasRequest(_message.Message):
     quality_loss (against their parent, from an optimization job) is at most this;
     others are refused with FAILED_PRECONDITION naming the figures. An original
     version (no parent) always passes; a derived one with no measured loss never does.
+    RollbackAlias is not held to it: it returns to where the alias was.
     """
     clear_policy: _builtins.bool
     """Removes the alias's policy (with this move, if any)."""
