@@ -33,7 +33,8 @@ def model_ref(name: str, version: str, field: str = "model_name") -> str:
         raise InvalidArgument(field, "is required: a model name, or name@alias")
     if not version:
         return name
-    if not version.isdigit() or int(version) < 1 or len(version) > 18:
+    # ASCII only: str.isdigit() also takes digits int() refuses ("²"), a bug's INTERNAL.
+    if not (version.isascii() and version.isdigit()) or int(version) < 1 or len(version) > 18:
         raise InvalidArgument("model_version", f"must be a positive integer, got {shown(version)}")
     if "@" in name or ":" in name:
         raise InvalidArgument(

@@ -38,6 +38,8 @@ def test_model_refs(name: str, version: str, ref: str) -> None:
         ("digits", "x", "model_version"),
         ("digits", "-1", "model_version"),
         ("digits", "1" * 19, "model_version"),
+        ("digits", "²", "model_version"),  # a digit to str.isdigit, not to int()
+        ("digits", "٣", "model_version"),
         ("digits@production", "2", "model_version"),
         ("digits:2", "2", "model_version"),
     ],
