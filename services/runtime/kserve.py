@@ -10,8 +10,10 @@ mode), and back on the way out.
 
 Responses are passed on as bytes. The worker renames a response by appending the
 name and version fields to its bytes: a protobuf parser keeps the last value of a
-singular field and merges repeated occurrences of a message field, so the appended
-fields win without the response (and its tensors) being parsed and encoded again.
+singular field, so the appended fields win without the response (and its tensors) being
+parsed and encoded again. A stream response's names go inside its `infer_response`
+field, not after it as a second occurrence: protobufjs (@grpc/proto-loader, Node)
+replaces a repeated message field instead of merging it, and would keep only the names.
 """
 
 from __future__ import annotations
@@ -44,6 +46,31 @@ def model_ref(name: str, version: str, field: str = "model_name") -> str:
     return f"{name}:{version}"
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at `at` in `data`, and where it ends (IndexError when cut short)."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+def _as_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# ModelStreamInferResponse.infer_response: field 2, length-delimited.
+_INFER_RESPONSE_TAG = 2 << 3 | 2
+
+
 class ResponseNames:
     """The bytes that rename a passed-on response, made once per model version."""
 
@@ -51,12 +78,49 @@ class ResponseNames:
 
     def __init__(self, name: str, version: str) -> None:
         renamed = service_pb2.ModelInferResponse(model_name=name, model_version=version)
-        self.infer = renamed.SerializeToString()
-        # In a stream response the infer response is field 2; a second occurrence of a
-        # message field is merged into the first.
-        self.stream = service_pb2.ModelStreamInferResponse(
+        self.infer: bytes = renamed.SerializeToString()
+        # A stream response with no infer_response (an error only) gets one with the names.
+        self.stream: bytes = service_pb2.ModelStreamInferResponse(
             infer_response=renamed
         ).SerializeToString()
+
+    def rename_stream(self, response: bytes) -> bytes:
+        """A ModelStreamInferResponse's bytes with the names appended inside its (last)
+        infer_response field: only its top-level field headers are read."""
+        found: tuple[int, int, int] | None = None  # tag start, payload start and end
+        at, size = 0, len(response)
+        try:
+            while at < size:
+                start = at
+                tag, at = _varint(response, at)
+                kind = tag & 7
+                if kind == 0:
+                    _, at = _varint(response, at)
+                elif kind == 2:
+                    length, at = _varint(response, at)
+                    if tag == _INFER_RESPONSE_TAG:
+                        found = (start, at, at + length)
+                    at += length
+                elif kind in (1, 5):
+                    at += 8 if kind == 1 else 4
+                else:
+                    return response + self.stream  # groups: not in this message
+        except IndexError:
+            found = None
+        if found is None or at != size:  # none, or cut short: the receiver's parser says so
+            return response + self.stream
+        start, payload, end = found
+        view = memoryview(response)
+        return b"".join(
+            (
+                view[:start],
+                _as_varint(_INFER_RESPONSE_TAG),
+                _as_varint(end - payload + len(self.infer)),
+                view[payload:end],
+                self.infer,
+                view[end:],
+            )
+        )
 
 
 _REPOSITORY = (

@@ -5,7 +5,7 @@ A request names a model as the gateway resolved it (`model_name` "digits",
 in registry mode) and nothing else changed: its tensors are not decoded or checked
 here (Triton checks them, and its INVALID_ARGUMENT reaches the caller). Inference
 responses come back as bytes and leave renamed by appending the name fields
-(services/runtime/kserve.py says why that is enough).
+(services/runtime/kserve.py says why that is enough, and where in a stream response).
 
 A stream serves one model, the one its first request names: the gateway routed the
 whole stream on it. A later request naming another one ends the stream, once the
@@ -96,13 +96,13 @@ class TritonPassthroughServicer(RefusedCalls):
             return
         asked = (first.model_name, first.model_version)
         model = self._resolve(*asked)
-        renamed = self._renamed(model).stream
+        renamed = self._renamed(model).rename_stream
         upstream = self._triton.open_stream(calls.remaining())
         refusal: list[Exception] = []
         pump = asyncio.ensure_future(self._pump(first, requests, asked, model, upstream, refusal))
         try:
             async for response in upstream:
-                yield response + renamed
+                yield renamed(response)
         except grpc.aio.AioRpcError as exc:
             if refusal:
                 raise refusal[0] from None

@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
+from google.protobuf.unknown_fields import UnknownFieldSet  # type: ignore[import-not-found]
 from tritonclient.grpc import service_pb2
 
 from gateway.kserve_quota import StreamMeter, generate_bound, response_usage
@@ -107,16 +109,32 @@ def test_appended_names_replace_the_response_names() -> None:
     assert (renamed.model_name, renamed.model_version, renamed.id) == ("digits", "3", "r1")
     assert renamed.raw_output_contents == triton.raw_output_contents
 
-    streamed = service_pb2.ModelStreamInferResponse(infer_response=triton)
-    parsed = service_pb2.ModelStreamInferResponse.FromString(
-        streamed.SerializeToString() + names.stream
-    )
-    assert (parsed.infer_response.model_name, parsed.infer_response.model_version) == (
-        "digits",
-        "3",
-    )
-    assert parsed.infer_response.outputs[0].name == "label"
-    assert parsed.infer_response.raw_output_contents == triton.raw_output_contents
+
+@pytest.mark.parametrize("error", ["", "tinylm: max_tokens must be between 1 and 250"])
+def test_a_stream_response_is_renamed_inside_its_one_infer_response(error: str) -> None:
+    triton = service_pb2.ModelInferResponse(model_name="tinylm__v1", model_version="1", id="r1")
+    triton.parameters["triton_final_response"].bool_param = True
+    triton.outputs.add(name="token_ids", datatype="INT32", shape=[300])
+    triton.raw_output_contents.append(b"\x01" * 1200)  # a payload longer than 127 bytes
+    streamed = service_pb2.ModelStreamInferResponse(error_message=error, infer_response=triton)
+    renamed = ResponseNames("tinylm", "1").rename_stream(streamed.SerializeToString())
+
+    # One infer_response field: a parser that replaces a repeated message field rather
+    # than merging it (protobufjs) reads the same as one that merges.
+    fields = UnknownFieldSet(empty_pb2.Empty.FromString(renamed))
+    (field,) = [f for f in fields if f.field_number == 2]
+    inner = service_pb2.ModelInferResponse.FromString(field.data)
+    assert (inner.model_name, inner.model_version, inner.id) == ("tinylm", "1", "r1")
+    assert inner.parameters["triton_final_response"].bool_param
+    assert inner.raw_output_contents == triton.raw_output_contents
+    assert service_pb2.ModelStreamInferResponse.FromString(renamed).error_message == error
+
+
+def test_a_stream_error_with_no_infer_response_gets_the_names() -> None:
+    streamed = service_pb2.ModelStreamInferResponse(error_message="refused")
+    renamed = ResponseNames("tinylm", "1").rename_stream(streamed.SerializeToString())
+    parsed = service_pb2.ModelStreamInferResponse.FromString(renamed)
+    assert (parsed.error_message, parsed.infer_response.model_name) == ("refused", "tinylm")
 
 
 def _stats(name: str, version: str, count: int, ns: int, last: int) -> service_pb2.ModelStatistics:
