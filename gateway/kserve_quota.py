@@ -7,7 +7,8 @@ handler, as for Infer. A ModelStreamInfer stream's requests arrive after the sta
 (a client stream): its handler reserves each one as it comes (`StreamMeter`), as the
 Generate it stands for: one request, a stream slot, and for a model with the generate
 contract's inputs (`prompt`, `max_tokens`: models/README.md) the same bound on its
-tokens; each is settled with what its final response counted.
+tokens; each is settled with what its responses counted (the contract's `prompt_tokens`
+and `completion_tokens` outputs, which such a request always asks for).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from services.runtime.kserve import model_ref
 
 _MODEL_INFER = service_pb2.ModelInferRequest
 _INT32 = struct.Struct("<i")
+_USAGE_OUTPUTS = ("prompt_tokens", "completion_tokens")
 
 
 def note_model(name: str) -> None:
@@ -85,11 +87,24 @@ def generate_bound(
     return bound
 
 
+def ask_usage(request: service_pb2.ModelInferRequest) -> None:
+    """A generate request that names the outputs it wants is also given the usage
+    outputs, as they are (no parameters such as `classification`): its tokens are counted
+    from them, so leaving them out must not leave the tokens uncounted."""
+    if not request.outputs:
+        return  # every output comes back
+    for index in reversed(range(len(request.outputs))):
+        if request.outputs[index].name in _USAGE_OUTPUTS:
+            del request.outputs[index]
+    for name in _USAGE_OUTPUTS:
+        request.outputs.add(name=name)
+
+
 def response_usage(response: service_pb2.ModelInferResponse) -> Usage | None:
     """The generate contract's token counts in a response, if it carries them."""
     usage: Usage | None = None
     for output, raw in zip(response.outputs, response.raw_output_contents, strict=False):
-        if output.name in ("prompt_tokens", "completion_tokens") and len(raw) >= 4:
+        if output.name in _USAGE_OUTPUTS and output.datatype == "INT32" and len(raw) >= 4:
             usage = usage or Usage()
             setattr(usage, output.name, _INT32.unpack_from(raw)[0])
     return usage
@@ -116,7 +131,10 @@ class StreamMeter:
         self.completion_tokens = 0
 
     async def reserve(self, request: service_pb2.ModelInferRequest, ref: str) -> None:
-        """Reserves what `request` may use; raises ResourceExhausted when over a quota."""
+        """Reserves what `request` may use; raises ResourceExhausted when over a quota.
+        A generate request is made to ask for the usage outputs (`ask_usage`)."""
+        if _input(request, "prompt")[0] >= 0:
+            ask_usage(request)
         reservation = None
         if self._gate is not None and self._call is not None:
             reservation = await self._gate.reserve(self._call, generate_bound(request, ref))

@@ -309,9 +309,13 @@ async def test_repository_and_shared_memory_refused(front: Front) -> None:
             assert "not offered" in (refused.value.details() or "")
 
 
-async def test_stream_tokens_count_against_the_quota(front: Front, auth_stack: AuthStack) -> None:
+@pytest.mark.parametrize("outputs", [(), ("token_ids",)])
+async def test_stream_tokens_count_against_the_quota(
+    front: Front, auth_stack: AuthStack, outputs: tuple[str, ...]
+) -> None:
     # Each stream request reserves its prompt (6) plus max_tokens (8), and settles with what
-    # it used (at most that): a second such request does not fit 20 tokens a minute.
+    # it used (at most that): a second such request does not fit 20 tokens a minute. Asking
+    # only for the tokens (not the usage outputs) is counted all the same.
     async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
         tenant = await admin.tenant("kserve-tokens")
         created = await admin.new_key(tenant, limits=quota(tokens_per_minute=20))
@@ -319,7 +323,11 @@ async def test_stream_tokens_count_against_the_quota(front: Front, auth_stack: A
     client = triton_aio.InferenceServerClient(front.url)
 
     async def requests() -> AsyncIterator[dict[str, Any]]:
-        yield {"model_name": "tinylm", "inputs": tinylm_inputs(triton_aio, max_tokens=8)}
+        yield {
+            "model_name": "tinylm",
+            "inputs": tinylm_inputs(triton_aio, max_tokens=8),
+            "outputs": [triton_aio.InferRequestedOutput(name) for name in outputs] or None,
+        }
 
     try:
         async for result, error in client.stream_infer(requests(), headers=headers):

@@ -100,6 +100,26 @@ def test_usage_is_read_from_the_generate_outputs() -> None:
     assert response_usage(service_pb2.ModelInferResponse()) is None
 
 
+async def test_a_generate_request_naming_its_outputs_is_given_the_usage_outputs() -> None:
+    request = _generate(b"ROMEO:", 8)
+    request.outputs.add(name="token_ids")
+    request.outputs.add(name="prompt_tokens").parameters["classification"].int64_param = 1
+    await StreamMeter(None, None).reserve(request, "tinylm")
+    assert [o.name for o in request.outputs] == ["token_ids", "prompt_tokens", "completion_tokens"]
+    assert not any(o.parameters for o in request.outputs)
+    # Asking for every output (none named) stays as it was.
+    every = _generate(b"ROMEO:", 8)
+    await StreamMeter(None, None).reserve(every, "tinylm")
+    assert not every.outputs
+
+
+def test_usage_outputs_of_another_type_are_not_read() -> None:
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="completion_tokens", datatype="BYTES", shape=[1])
+    response.raw_output_contents.append(struct.pack("<I", 1) + b"1")
+    assert response_usage(response) is None
+
+
 def test_appended_names_replace_the_response_names() -> None:
     triton = service_pb2.ModelInferResponse(model_name="digits__v3", model_version="1", id="r1")
     triton.outputs.add(name="label", datatype="INT64", shape=[1])
