@@ -14,6 +14,7 @@ and `completion_tokens` outputs, which such a request always asks for).
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from typing import Any
 
@@ -137,7 +138,10 @@ class StreamMeter:
             ask_usage(request)
         reservation = None
         if self._gate is not None and self._call is not None:
-            reservation = await self._gate.reserve(self._call, generate_bound(request, ref))
+            # A request's compute runs from now, not from when the stream opened.
+            reservation = await self._gate.reserve(
+                self._call, generate_bound(request, ref), started=time.perf_counter()
+            )
         self._pending.append(_Pending(request.id, reservation))
 
     def _find(self, request_id: str) -> _Pending | None:

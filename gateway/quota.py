@@ -114,7 +114,7 @@ def _ledger_model(call: Call) -> str:
 class QuotaReservation:
     """What the gate reserved for one call; settled or released exactly once."""
 
-    __slots__ = ("_call", "_day", "_done", "_gate", "_hold", "_price")
+    __slots__ = ("_call", "_day", "_done", "_gate", "_hold", "_price", "_started")
 
     def __init__(
         self,
@@ -123,9 +123,11 @@ class QuotaReservation:
         hold: CounterHold | None,
         price: Price | None,
         day: str,
+        started: float,
     ) -> None:
         self._gate = gate
         self._call = call
+        self._started = started  # its compute is counted from here
         self._hold = hold
         self._price = price
         self._day = day
@@ -154,7 +156,7 @@ class QuotaReservation:
         self._done = True
         call = self._call
         prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        compute_s = time.perf_counter() - call.started
+        compute_s = time.perf_counter() - self._started
         price = self._price
         cost = (
             _micro_units(
@@ -286,10 +288,16 @@ class QuotaGate:
         name = plan.models[ref] = model_name(ref)
         return name
 
-    async def reserve(self, call: Call, request: Any) -> QuotaReservation | None:
+    async def reserve(
+        self, call: Call, request: Any, *, started: float | None = None
+    ) -> QuotaReservation | None:
+        """`started`: when the reserved work began, if not with the call (one request
+        of a KServe stream): its compute is counted from then."""
         principal = call.principal
         if principal is None:
             return None
+        if started is None:
+            started = call.started
         kind = type(request)
         if kind is _GENERATE:
             text = request.prompt
@@ -336,7 +344,7 @@ class QuotaGate:
         day = period.day_name
         if not plan.metered:
             # Nothing to enforce: no trip to the counters, only the ledger.
-            return QuotaReservation(self, call, None, price, day)
+            return QuotaReservation(self, call, None, price, day, started)
         tokens = prompt + completion
         if (
             local is not None
@@ -345,7 +353,7 @@ class QuotaGate:
             and cost <= (plan.spend_cap or cost)
         ):
             hold = counters.reserve_planned(local, tokens, stream, cost, now, period)
-            return QuotaReservation(self, call, hold, price, day)
+            return QuotaReservation(self, call, hold, price, day, started)
         # A slot a dead gateway never gave back frees itself a little after the call's
         # deadline would have ended the stream anyway.
         hold_s = min(call_s + 1.0, self._max_stream_s)
@@ -371,4 +379,5 @@ class QuotaGate:
             demand.key_day_seed = principal.lineage_day_tokens
             demand.tenant_day_seed = principal.tenant_day_tokens
         check_fits(demand)
-        return QuotaReservation(self, call, await self._counters.reserve(demand), price, day)
+        held = await self._counters.reserve(demand)
+        return QuotaReservation(self, call, held, price, day, started)

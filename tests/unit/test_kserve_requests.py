@@ -5,6 +5,7 @@ statistics added up over workers."""
 from __future__ import annotations
 
 import struct
+import time
 from typing import Any
 
 import grpc
@@ -15,7 +16,9 @@ from tritonclient.grpc import service_pb2
 
 from gateway.kserve_quota import StreamMeter, generate_bound, response_usage
 from gateway.kserve_statistics import merged
-from services.runtime.calls import Usage
+from gateway.local_counters import InProcessCounters
+from gateway.quota import Price, QuotaGate, UsageRecord
+from services.runtime.calls import Call, Limits, Principal, Usage
 from services.runtime.errors import InvalidArgument
 from services.runtime.kserve import ResponseNames, model_ref
 
@@ -209,3 +212,35 @@ async def test_a_stream_meter_counts_finished_and_cut_requests() -> None:
     assert (meter.prompt_tokens, meter.completion_tokens) == (6, 8)
     await meter.release()  # the stream was cut: b's one token counts
     assert (meter.prompt_tokens, meter.completion_tokens) == (12, 9)
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def record(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_stream_request_is_billed_the_compute_from_its_own_start() -> None:
+    # A stream open for 100 s whose request just came: billed its own moment, not 100 s.
+    ledger = _Ledger()
+    gate = QuotaGate(InProcessCounters(), usage=ledger, prices=lambda model: Price(0, 0, 1.0))
+    who = Principal(key_id="k1", tenant="acme", key_limits=Limits(requests_per_minute=100))
+    call = Call(
+        method="/inference.GRPCInferenceService/ModelStreamInfer",
+        request_id="r1",
+        started=time.perf_counter() - 100,
+        deadline=None,
+        peer="test",
+        metadata=(),
+        principal=who,
+        fields={"resolved": "tinylm:1"},
+    )
+    meter = StreamMeter(gate, call)
+    await meter.reserve(_generate(b"ROMEO:", 8), "tinylm")
+    assert await meter.responded(_streamed("", final=True, prompt=6, completion=8))
+    (record,) = ledger.records
+    assert (record.prompt_tokens, record.completion_tokens) == (6, 8)
+    assert record.compute_seconds < 10
+    assert record.cost < 10
