@@ -40,6 +40,7 @@ from services.runtime.api_keys import allows
 from services.runtime.errors import (
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
     UpstreamError,
     upstream_error,
@@ -259,7 +260,8 @@ class KServeGatewayServicer(RefusedCalls):
         self, requests: AsyncIterator[Request], context: Context
     ) -> AsyncIterator[Any]:
         """One model per stream, the one its first request names (the worker behind was
-        chosen for it); each request is metered as it comes (gateway/kserve_quota.py)."""
+        chosen for it); each request is metered as it comes (gateway/kserve_quota.py),
+        and takes a slot on the worker while it is in flight (_RequestSlots)."""
         started = time.perf_counter()
         requests = aiter(requests)
         first = await anext(requests, None)
@@ -279,8 +281,9 @@ class KServeGatewayServicer(RefusedCalls):
                 timeout=self._timeout(), metadata=calls.outgoing_metadata()
             )
             refusal: list[Exception] = []
+            held = _RequestSlots(slots, worker, resolved)
             pump = asyncio.ensure_future(
-                _pump(first, requests, asked, routed, str(ref), meter, upstream, refusal)
+                _pump(first, requests, asked, routed, str(ref), meter, held, upstream, refusal)
             )
             responses = 0
             try:
@@ -290,7 +293,8 @@ class KServeGatewayServicer(RefusedCalls):
                             time.perf_counter() - started
                         )
                     responses += 1
-                    await meter.responded(_parse_stream_response(raw))
+                    if await meter.responded(_parse_stream_response(raw)):
+                        held.finished()
                     yield raw
                 worker.answered()
             except grpc.aio.AioRpcError as exc:
@@ -299,6 +303,7 @@ class KServeGatewayServicer(RefusedCalls):
                 raise self._failed(worker, exc, resolved) from exc
             finally:
                 pump.cancel()
+                held.release()
                 slots.release(worker)
                 if worker.on_trial:
                     worker.end_trial()
@@ -313,6 +318,40 @@ class KServeGatewayServicer(RefusedCalls):
             calls.note(prompt_tokens=meter.prompt_tokens, completion_tokens=meter.completion_tokens)
 
 
+class _RequestSlots:
+    """The worker's slots for a stream's requests beyond its first (which holds the one
+    the stream was routed with): each request in flight takes one, as a unary call does,
+    so one stream cannot queue requests in Triton without limit."""
+
+    __slots__ = ("extra", "model", "slots", "worker")
+
+    def __init__(self, slots: Any, worker: WorkerEndpoint, model: str) -> None:
+        self.slots, self.worker, self.model = slots, worker, model
+        self.extra = 0
+
+    def take(self) -> None:
+        """A slot for the next request; refused at once, never waited for, when none is free."""
+        if not self.slots.free(self.worker):
+            raise ResourceExhausted(
+                f"model {self.model} is overloaded: this stream's worker has no slot free for "
+                "another request; retry after 1s, or send fewer requests at once",
+                subject=f"model_concurrency:{self.model}",
+                retry_after_s=1.0,
+            )
+        self.slots.take(self.worker)
+        self.extra += 1
+
+    def finished(self) -> None:
+        """A request was answered: a slot beyond the stream's own is given back."""
+        if self.extra:
+            self.extra -= 1
+            self.slots.release(self.worker)
+
+    def release(self) -> None:
+        while self.extra:
+            self.finished()
+
+
 async def _pump(
     first: Request,
     requests: AsyncIterator[Request],
@@ -320,6 +359,7 @@ async def _pump(
     routed: tuple[str, str],
     ref: str,
     meter: StreamMeter,
+    held: _RequestSlots,
     upstream: Any,
     refusal: list[Exception],
 ) -> None:
@@ -340,6 +380,7 @@ async def _pump(
                     f"this stream serves {ref}, the model its first request named; "
                     "open another stream for another model",
                 )
+            held.take()
             await meter.reserve(request, ref)
     except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
         return  # the stream ended upstream: its status says why

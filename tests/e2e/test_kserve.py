@@ -493,3 +493,44 @@ async def test_kserve_calls_reach_the_usage_ledger(front: Front, auth_stack: Aut
     tinylm = usage["tinylm"]
     assert tinylm.prompt_tokens == 2 * len(PROMPT)
     assert 2 <= tinylm.completion_tokens <= 8
+
+
+async def test_a_streams_requests_each_take_a_worker_slot(
+    auth_stack: AuthStack, registry_stack: RegistryStack
+) -> None:
+    # Two calls in flight per worker: a stream's third request at once is refused as
+    # overloaded (not queued in Triton without limit), after the two before it are answered;
+    # the slots come back when the stream ends.
+    gateway = await start_auth_gateway(
+        auth_stack.auth.address, registry_stack.worker, max_outstanding_per_worker=2
+    )
+    try:
+        async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
+            key = (await admin.new_key(await admin.tenant("kserve-slots"))).secret
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            async def stream(count: int) -> tuple[int, grpc.StatusCode, str]:
+                call = stub.ModelStreamInfer(metadata=bearer(key), timeout=60)
+                for n in range(count):
+                    request = _stream_request("tinylm", max_tokens=200)
+                    request.id = f"r{n}"
+                    await call.write(request)
+                await call.done_writing()
+                finals = 0
+                try:
+                    async for message in call:
+                        assert not message.error_message
+                        finals += message.infer_response.parameters[
+                            "triton_final_response"
+                        ].bool_param
+                except grpc.aio.AioRpcError as exc:
+                    return finals, exc.code(), exc.details() or ""
+                return finals, grpc.StatusCode.OK, ""
+
+            finals, code, details = await stream(3)
+            assert (finals, code) == (2, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert "overloaded" in details
+            assert (await stream(2))[:2] == (2, grpc.StatusCode.OK)
+    finally:
+        await gateway.stop()
