@@ -13,11 +13,13 @@ and `completion_tokens` outputs, which such a request always asks for).
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from collections import deque
 from typing import Any
 
+import structlog
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.key_shape import redact_keys
 from tritonclient.grpc import service_pb2
@@ -26,6 +28,8 @@ from gateway.quota import QuotaGate, QuotaReservation
 from services.runtime import calls
 from services.runtime.calls import Call, Usage
 from services.runtime.kserve import model_ref
+
+log = structlog.get_logger("tensorgate.gateway.kserve")
 
 _MODEL_INFER = service_pb2.ModelInferRequest
 _INT32 = struct.Struct("<i")
@@ -128,6 +132,7 @@ class StreamMeter:
         self._gate = gate
         self._call = call
         self._pending: deque[_Pending] = deque()
+        self._giving_back: set[asyncio.Future[None]] = set()
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -139,10 +144,34 @@ class StreamMeter:
         reservation = None
         if self._gate is not None and self._call is not None:
             # A request's compute runs from now, not from when the stream opened.
-            reservation = await self._gate.reserve(
-                self._call, generate_bound(request, ref), started=time.perf_counter()
+            reserving = asyncio.ensure_future(
+                self._gate.reserve(
+                    self._call, generate_bound(request, ref), started=time.perf_counter()
+                )
             )
+            try:
+                # Shielded: a stream cut while a counter store in another process is asked
+                # would otherwise lose what it reserved, held until it expires.
+                reservation = await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                reserving.add_done_callback(self._give_back)
+                raise
         self._pending.append(_Pending(request.id, reservation))
+
+    def _give_back(self, reserving: asyncio.Future[QuotaReservation | None]) -> None:
+        """Releases what a reservation the stream stopped waiting for got."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        reservation = reserving.result()
+        if reservation is not None:
+            releasing = asyncio.ensure_future(reservation.release())
+            self._giving_back.add(releasing)
+            releasing.add_done_callback(self._given_back)
+
+    def _given_back(self, releasing: asyncio.Future[None]) -> None:
+        self._giving_back.discard(releasing)
+        if not releasing.cancelled() and releasing.exception() is not None:
+            log.warning("quota release failed", error=repr(releasing.exception()))
 
     def _find(self, request_id: str) -> _Pending | None:
         for pending in self._pending:

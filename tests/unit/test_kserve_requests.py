@@ -4,6 +4,7 @@ statistics added up over workers."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 from typing import Any
@@ -244,3 +245,36 @@ async def test_a_stream_request_is_billed_the_compute_from_its_own_start() -> No
     assert (record.prompt_tokens, record.completion_tokens) == (6, 8)
     assert record.compute_seconds < 10
     assert record.cost < 10
+
+
+class _SlowGate:
+    """A counter store in another process: the reservation comes after a round trip."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.released = 0
+
+    async def reserve(self, call: Call, request: object, *, started: float) -> Any:
+        await self.answer.wait()
+        gate = self
+
+        class Reservation:
+            async def release(self) -> None:
+                gate.released += 1
+
+        return Reservation()
+
+
+async def test_a_reservation_granted_after_the_stream_was_cut_is_given_back() -> None:
+    gate = _SlowGate()
+    meter = StreamMeter(gate, object())  # type: ignore[arg-type]
+    reserving = asyncio.ensure_future(meter.reserve(_generate(b"ROMEO:", 8), "tinylm"))
+    await asyncio.sleep(0)
+    reserving.cancel()  # the stream ended while the counters were asked
+    with pytest.raises(asyncio.CancelledError):
+        await reserving
+    await meter.release()  # nothing pending yet
+    gate.answer.set()  # ...and then they granted it
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert gate.released == 1
