@@ -2,13 +2,14 @@
 
 The quota stage (gateway/quota.py) knows the platform's requests. A KServe ModelInfer
 is metered as the Infer it stands for (one request, the key's model scope checked
-first); `KServeQuota` wraps the gate the pipeline runs, so that happens before the
-handler, as for Infer. A ModelStreamInfer stream's requests arrive after the stage ran
-(a client stream): its handler reserves each one as it comes (`StreamMeter`), as the
-Generate it stands for: one request, a stream slot, and for a model with the generate
-contract's inputs (`prompt`, `max_tokens`: models/README.md) the same bound on its
-tokens; each is settled with what its responses counted (the contract's `prompt_tokens`
-and `completion_tokens` outputs, which such a request always asks for).
+first): the gate is told so (`metered_infer`), so that happens before the handler, as
+for Infer, and the platform's own calls pay nothing for it. A ModelStreamInfer
+stream's requests arrive after the stage ran (a client stream): its handler reserves
+each one as it comes (`StreamMeter`), as the Generate it stands for: one request, a
+stream slot, and for a model with the generate contract's inputs (`prompt`,
+`max_tokens`: models/README.md) the same bound on its tokens; each is settled with what
+its responses counted (the contract's `prompt_tokens` and `completion_tokens` outputs,
+which such a request always asks for).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import struct
 import time
 from collections import deque
-from typing import Any
 
 import structlog
 from tensorgate.inference.v1 import inference_pb2
@@ -41,19 +41,11 @@ def note_model(name: str) -> None:
     calls.note(model=redact_keys(name[:256])[:128])
 
 
-class KServeQuota:
-    """The pipeline's quota stage for a gateway that also serves KServe v2."""
-
-    def __init__(self, gate: QuotaGate) -> None:
-        self.gate = gate
-
-    async def reserve(self, call: Call, request: Any) -> QuotaReservation | None:
-        if type(request) is _MODEL_INFER:
-            note_model(request.model_name)
-            request = inference_pb2.InferRequest(
-                model=model_ref(request.model_name, request.model_version)
-            )
-        return await self.gate.reserve(call, request)
+def metered_infer(request: service_pb2.ModelInferRequest) -> inference_pb2.InferRequest:
+    """The Infer a ModelInfer stands for, as the quota gate meters it (`QuotaGate.meter_as`);
+    notes the model it names on the call's log line."""
+    note_model(request.model_name)
+    return inference_pb2.InferRequest(model=model_ref(request.model_name, request.model_version))
 
 
 def _input(request: service_pb2.ModelInferRequest, name: str) -> tuple[int, bytes | None]:

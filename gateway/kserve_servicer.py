@@ -76,7 +76,7 @@ class KServeGatewayServicer(RefusedCalls):
         upstream_timeout: float,
         quota: QuotaGate | None = None,
     ) -> None:
-        """`quota` meters ModelStreamInfer's requests as they arrive (KServeQuota meters
+        """`quota` meters ModelStreamInfer's requests as they arrive (the quota stage meters
         the unary calls in the pipeline)."""
         self._pool = pool
         self._metrics = metrics
@@ -246,7 +246,7 @@ class KServeGatewayServicer(RefusedCalls):
             request.model_name,
             request.model_version,
             "model_name",
-            check_scope=self._quota is None,  # else KServeQuota had it checked
+            check_scope=self._quota is None,  # else the quota stage had it checked
         )
 
         def routed(info: Any) -> Request:

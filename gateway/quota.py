@@ -254,6 +254,14 @@ class QuotaGate:
         self._max_stream_s = max_stream_s
         self._clock = clock
         self._calendar = UtcCalendar()
+        # Requests of other APIs -> the platform request each is metered as.
+        self._stands_for: dict[type, Callable[[Any], Any]] = {}
+
+    def meter_as(self, kind: type, translate: Callable[[Any], Any]) -> None:
+        """Meters requests of `kind` (another API's, e.g. KServe's ModelInfer) as the
+        Generate or Infer `translate` makes of one. Looked up only for requests the gate
+        does not know, so the platform's own calls pay nothing for it."""
+        self._stands_for[kind] = translate
 
     async def close(self) -> None:
         await self._counters.close()
@@ -309,7 +317,10 @@ class QuotaGate:
             prompt = completion = 0
             stream = False
         else:
-            return None
+            translate = self._stands_for.get(kind)
+            if translate is None:
+                return None
+            return await self.reserve(call, translate(request), started=started)
         plan = self._plans.get(id(principal))
         if plan is None or plan.principal is not principal:
             plan = self._plan(principal)

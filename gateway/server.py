@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tensorgate.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.aliases import AliasRouting
 from gateway.control_plane import ControlPlane
 from gateway.discovery import ConsulDiscovery, StaticDiscovery
-from gateway.kserve_quota import KServeQuota
+from gateway.kserve_quota import metered_infer
 from gateway.kserve_servicer import KServeGatewayServicer
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingPolicy
@@ -88,6 +88,9 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
         servicer = InferenceGatewayServicer(
             pool, metrics, upstream_timeout=settings.upstream_timeout
         )
+        if control.quota is not None:
+            # ModelInfer is metered as the Infer it stands for.
+            control.quota.meter_as(service_pb2.ModelInferRequest, metered_infer)
         kserve = KServeGatewayServicer(
             pool, metrics, upstream_timeout=settings.upstream_timeout, quota=control.quota
         )
@@ -102,8 +105,7 @@ async def start_gateway(settings: GatewaySettings) -> Gateway:
             name="gateway",
             metrics=metrics,
             authenticator=control.authenticator,
-            # ModelInfer is metered as the Infer it stands for.
-            quota=KServeQuota(control.quota) if control.quota is not None else None,
+            quota=control.quota,
         )
         await service.start()
     except BaseException:
