@@ -71,13 +71,32 @@ class Demand:
     def scopes(self) -> tuple[tuple[str, str, Limits, int], tuple[str, str, Limits, int]]:
         """(name a refusal gives, name the counters are kept under, limits, day seed) of
         the key and of the tenant."""
-        key = "key:" + self.key_id
-        counted = "key:" + self.lineage_id if self.lineage_id else key
-        tenant = "tenant:" + self.tenant
-        return (
-            (key, counted, self.key_limits, self.key_day_seed),
-            (tenant, tenant, self.tenant_limits, self.tenant_day_seed),
+        return scopes_of(
+            self.key_id,
+            self.lineage_id,
+            self.tenant,
+            (self.key_limits, self.tenant_limits),
+            (self.key_day_seed, self.tenant_day_seed),
         )
+
+
+def scopes_of(
+    key_id: str,
+    lineage_id: str,
+    tenant: str,
+    limits: tuple[Limits, Limits],
+    day_seeds: tuple[int, int],
+) -> tuple[tuple[str, str, Limits, int], tuple[str, str, Limits, int]]:
+    """(name a refusal gives, name the counters are kept under, limits, day seed) of a
+    key and of its tenant: a rotated key counts in its lineage's counters ("": its own),
+    so the pair never has twice the key's limits."""
+    key = "key:" + key_id
+    counted = "key:" + lineage_id if lineage_id else key
+    tenant_scope = "tenant:" + tenant
+    return (
+        (key, counted, limits[0], day_seeds[0]),
+        (tenant_scope, tenant_scope, limits[1], day_seeds[1]),
+    )
 
 
 class CounterHold(Protocol):

@@ -29,12 +29,13 @@ from tensorgate.model_ref import ModelRef
 from tritonclient.grpc import service_pb2
 
 from gateway.authentication import check_model_scope
+from gateway.forwarding import Forwarder
 from gateway.kserve_quota import StreamMeter, note_model
 from gateway.kserve_statistics import merged
 from gateway.kserve_upstream import KServeUpstreams
 from gateway.metrics import GatewayMetrics
 from gateway.quota import QuotaGate
-from gateway.worker_pool import WorkerEndpoint, WorkerPool
+from gateway.worker_pool import WorkerEndpoint, WorkerPool, hand_back
 from services.runtime import calls
 from services.runtime.api_keys import allows
 from services.runtime.errors import (
@@ -42,8 +43,6 @@ from services.runtime.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
-    UpstreamError,
-    upstream_error,
 )
 from services.runtime.kserve import RefusedCalls, model_ref
 
@@ -54,8 +53,6 @@ log = structlog.get_logger("tensorgate.gateway.kserve")
 
 parse_ref = lru_cache(maxsize=4096)(ModelRef.parse)
 _parse_stream_response = service_pb2.ModelStreamInferResponse.FromString
-# As for Infer: the call never ran on that worker, so another may take it.
-_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
 # What the gateway offers of the KServe extensions.
 _EXTENSIONS = ("model_configuration", "statistics", "parameters")
 
@@ -80,7 +77,7 @@ class KServeGatewayServicer(RefusedCalls):
         the unary calls in the pipeline)."""
         self._pool = pool
         self._metrics = metrics
-        self._upstream_timeout = upstream_timeout
+        self._forward = Forwarder(pool, metrics, upstream_timeout=upstream_timeout)
         self._quota = quota
         self._upstreams = KServeUpstreams()
         self._metadata = service_pb2.ServerMetadataResponse(
@@ -106,10 +103,6 @@ class KServeGatewayServicer(RefusedCalls):
 
     # -- helpers ------------------------------------------------------------------
 
-    def _timeout(self) -> float:
-        remaining = calls.remaining()
-        return self._upstream_timeout if remaining is None else remaining
-
     @staticmethod
     def _ref(name: str, version: str, field: str, *, check_scope: bool = True) -> ModelRef:
         """The model a call names, after the key's scope is checked (`check_scope` False:
@@ -121,40 +114,15 @@ class KServeGatewayServicer(RefusedCalls):
             check_model_scope(principal, text)  # PERMISSION_DENIED names the model
         return parse_ref(text)
 
-    def _failed(self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str) -> Exception:
-        """What the caller hears of a failed forward; the pool counts it against the worker."""
-        error = upstream_error(exc, f"model {model}")
-        self._pool.failed(worker, exc.code(), own=isinstance(error, UpstreamError))
-        return error
+    async def _unary(self, ref: ModelRef, method: str, make: Any) -> Any:
+        """A unary call (`method` of the worker's passthrough) on a worker that has
+        `ref` (Forwarder.unary); `make(info)` is the request for the version routed."""
 
-    async def _forward(self, ref: ModelRef, method: str, make: Any) -> Any:
-        """A unary call on a worker that has `ref`, retried once on another when the
-        first could not take it; `make(info)` is the request for the version routed."""
-        exclude: WorkerEndpoint | None = None
-        for attempt in (1, 2):
-            worker, info, slots = await self._pool.route(ref, exclude=exclude)
-            resolved = f"{info.name}:{info.version}"
-            calls.note(resolved=resolved, worker=worker.address)
+        def send(worker: WorkerEndpoint, info: Any, timeout: float) -> Any:
             call = getattr(self._upstreams.of(worker), method)
-            try:
-                response = await call(
-                    make(info), timeout=self._timeout(), metadata=calls.outgoing_metadata()
-                )
-            except grpc.aio.AioRpcError as exc:
-                error = self._failed(worker, exc, resolved)
-                if attempt == 2 or exc.code() not in _RETRIED:
-                    raise error from exc
-            else:
-                worker.answered()
-                return response
-            finally:
-                slots.release(worker)
-                if worker.on_trial:  # its trial ended with no verdict (a cancel)
-                    worker.end_trial()
-            log.warning("retrying on another worker", worker=worker.address)
-            self._metrics.retries.labels(method).inc()
-            exclude = worker
-        raise AssertionError("unreachable")
+            return call(make(info), timeout=timeout, metadata=calls.outgoing_metadata())
+
+        return await self._forward.unary(ref, method, send)
 
     # -- models -------------------------------------------------------------------
 
@@ -166,16 +134,14 @@ class KServeGatewayServicer(RefusedCalls):
             worker, _, slots = await self._pool.route(ref)
         except (NotFound, Unavailable):
             return service_pb2.ModelReadyResponse(ready=False)
-        slots.release(worker)
-        if worker.on_trial:
-            worker.end_trial()
+        hand_back(worker, slots)
         return service_pb2.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(
         self, request: service_pb2.ModelMetadataRequest, context: Context
     ) -> Any:
         ref = self._ref(request.name, request.version, "name")
-        return await self._forward(
+        return await self._unary(
             ref,
             "metadata",
             lambda info: service_pb2.ModelMetadataRequest(
@@ -185,7 +151,7 @@ class KServeGatewayServicer(RefusedCalls):
 
     async def ModelConfig(self, request: service_pb2.ModelConfigRequest, context: Context) -> Any:
         ref = self._ref(request.name, request.version, "name")
-        return await self._forward(
+        return await self._unary(
             ref,
             "config",
             lambda info: service_pb2.ModelConfigRequest(name=info.name, version=str(info.version)),
@@ -200,9 +166,7 @@ class KServeGatewayServicer(RefusedCalls):
         if request.name:
             ref = self._ref(request.name, request.version, "name")
             worker, info, slots = await self._pool.route(ref)  # the version `ref` means
-            slots.release(worker)
-            if worker.on_trial:
-                worker.end_trial()
+            hand_back(worker, slots)
             calls.note(resolved=f"{info.name}:{info.version}")
             asked.name, asked.version = info.name, str(info.version)
             workers = self._pool.serving_workers(info.name, info.version) or [worker]
@@ -213,7 +177,7 @@ class KServeGatewayServicer(RefusedCalls):
         answers = await asyncio.gather(
             *(
                 self._upstreams.of(w).statistics(
-                    asked, timeout=self._timeout(), metadata=calls.outgoing_metadata()
+                    asked, timeout=self._forward.timeout(), metadata=calls.outgoing_metadata()
                 )
                 for w in workers
             ),
@@ -254,7 +218,7 @@ class KServeGatewayServicer(RefusedCalls):
             request.model_name, request.model_version = info.name, str(info.version)
             return request
 
-        return await self._forward(ref, "infer", routed)
+        return await self._unary(ref, "infer", routed)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Request], context: Context
@@ -278,7 +242,7 @@ class KServeGatewayServicer(RefusedCalls):
             routed = (info.name, str(info.version))
             # No request iterator: the pump writes the requests itself.
             upstream = self._upstreams.of(worker).stream(  # type: ignore[call-arg]
-                timeout=self._timeout(), metadata=calls.outgoing_metadata()
+                timeout=self._forward.timeout(), metadata=calls.outgoing_metadata()
             )
             refusal: list[Exception] = []
             held = _RequestSlots(slots, worker, resolved)
@@ -300,13 +264,11 @@ class KServeGatewayServicer(RefusedCalls):
             except grpc.aio.AioRpcError as exc:
                 if refusal:
                     raise refusal[0] from None
-                raise self._failed(worker, exc, resolved) from exc
+                raise self._forward.failed(worker, exc, resolved) from exc
             finally:
                 pump.cancel()
                 held.release()
-                slots.release(worker)
-                if worker.on_trial:
-                    worker.end_trial()
+                hand_back(worker, slots)
                 if not upstream.done():
                     upstream.cancel()  # the caller went away: so do its requests in Triton
             if refusal:

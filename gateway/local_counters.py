@@ -27,6 +27,7 @@ from gateway.counters import (
     is_limited,
     over_quota,
     over_spend_cap,
+    scopes_of,
 )
 from services.runtime.calls import Limits
 
@@ -121,12 +122,12 @@ class LocalPlan:
     ) -> None:
         """Seeds count only on `seed_day` (UTC, "2024-06-30") and `seed_month`
         ("2024-06"): what the ledger said then says nothing about a later day."""
-        key = "key:" + key_id
-        tenant_scope = "tenant:" + tenant
-        # (name a refusal gives, name counted under, limits, day seed)
-        self.scopes = (
-            (key, "key:" + lineage_id if lineage_id else key, key_limits, key_day_seed),
-            (tenant_scope, tenant_scope, tenant_limits, tenant_day_seed),
+        self.scopes = scopes_of(
+            key_id,
+            lineage_id,
+            tenant,
+            (key_limits, tenant_limits),
+            (key_day_seed, tenant_day_seed),
         )
         self.tenant = tenant
         self.seed_day = seed_day

@@ -198,11 +198,11 @@ class _Plan:
 
     __slots__ = ("fits_tokens", "local", "metered", "models", "principal", "spend_cap")
 
-    def __init__(self, principal: Principal, local: LocalPlan | None) -> None:
+    def __init__(self, principal: Principal, spend_cap: int, local: LocalPlan | None) -> None:
         self.principal = principal
         # Model refs the key may call, as it named them -> the model name they name.
         self.models: dict[str, str] = {}
-        self.spend_cap = _micro_units(principal.monthly_spend_cap * MICROS)
+        self.spend_cap = spend_cap  # micro-units; 0: none
         self.metered = bool(
             self.spend_cap
             or is_limited(principal.key_limits)
@@ -269,6 +269,7 @@ class QuotaGate:
     def _plan(self, principal: Principal) -> _Plan:
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
+        spend_cap = _micro_units(principal.monthly_spend_cap * MICROS)
         local = None
         if self._local is not None:
             local = LocalPlan(
@@ -280,11 +281,11 @@ class QuotaGate:
                 key_day_seed=principal.lineage_day_tokens,
                 tenant_day_seed=principal.tenant_day_tokens,
                 seed_day=principal.usage_day,
-                spend_cap=_micro_units(principal.monthly_spend_cap * MICROS),
+                spend_cap=spend_cap,
                 spend_seed=_micro_units(principal.month_spend * MICROS),
                 seed_month=principal.spend_month,
             )
-        plan = self._plans[id(principal)] = _Plan(principal, local)
+        plan = self._plans[id(principal)] = _Plan(principal, spend_cap, local)
         return plan
 
     def _model(self, plan: _Plan, ref: str) -> str:

@@ -9,7 +9,7 @@ usage, and the bytes as received are what the caller gets.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from functools import lru_cache
 from typing import Any
 
@@ -19,11 +19,12 @@ from tensorgate.gateway.v1 import gateway_pb2_grpc
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_ref import ModelRef
 
+from gateway.forwarding import RETRIED, Forwarder
 from gateway.metrics import GatewayMetrics
-from gateway.worker_pool import WorkerEndpoint, WorkerPool
+from gateway.worker_pool import WorkerEndpoint, WorkerPool, hand_back
 from services.runtime import calls
 from services.runtime.api_keys import allows
-from services.runtime.errors import Unavailable, UpstreamError, upstream_error
+from services.runtime.errors import Unavailable, UpstreamError
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -34,11 +35,6 @@ parse_ref = lru_cache(maxsize=4096)(ModelRef.parse)
 
 _parse_chunk = inference_pb2.GenerateChunk.FromString
 
-# What a worker answers when the call never ran there, so another worker may take it:
-# UNAVAILABLE (it could not be reached, or is going away) and NOT_FOUND (it let go of the
-# version a moment before this gateway heard: the retirement raced the routing).
-_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
-
 
 class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
     def __init__(
@@ -46,21 +42,19 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
     ) -> None:
         self._pool = pool
         self._metrics = metrics
-        self._upstream_timeout = upstream_timeout
-
-    def _timeout(self) -> float:
-        remaining = calls.remaining()
-        return self._upstream_timeout if remaining is None else remaining
+        self._forward = Forwarder(pool, metrics, upstream_timeout=upstream_timeout)
 
     def _failed(
-        self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str, chunks: int = 0
+        self, worker: WorkerEndpoint, exc: grpc.aio.AioRpcError, model: str, chunks: int
     ) -> Exception:
-        """What the caller hears of a failed forward; the pool counts it against the worker."""
-        error = upstream_error(exc, f"model {model}")
-        # The worker's own answer carries its request id; anything else is the transport.
-        own = isinstance(error, UpstreamError)
-        self._pool.failed(worker, exc.code(), own=own)
-        if chunks and not own and exc.code() == grpc.StatusCode.UNAVAILABLE:
+        """What a stream's caller hears of a failed forward (Forwarder.failed), and that
+        the worker was lost mid-stream when the transport failed after chunks went out."""
+        error = self._forward.failed(worker, exc, model)
+        if (
+            chunks
+            and not isinstance(error, UpstreamError)
+            and exc.code() == grpc.StatusCode.UNAVAILABLE
+        ):
             return Unavailable(
                 f"the worker serving model {model} was lost after {chunks} chunk(s) of this "
                 "stream; retry the call"
@@ -86,7 +80,7 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
             chunks = completion = 0
             finished = False
             try:
-                call = worker.generate(request, timeout=self._timeout(), metadata=metadata)
+                call = worker.generate(request, timeout=self._forward.timeout(), metadata=metadata)
             except BaseException:
                 slots.release(worker)
                 raise
@@ -110,15 +104,13 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
                 return
             except grpc.aio.AioRpcError as exc:
                 error = self._failed(worker, exc, resolved, chunks)
-                if attempt == 2 or chunks or exc.code() not in _RETRIED:
+                if attempt == 2 or chunks or exc.code() not in RETRIED:
                     raise error from exc
                 log.warning("retrying on another worker", worker=worker.address)
                 self._metrics.retries.labels("Generate").inc()
                 exclude = worker
             finally:
-                slots.release(worker)
-                if worker.on_trial:  # its trial ended with no verdict (a cancel)
-                    worker.end_trial()
+                hand_back(worker, slots)
                 if not call.done():
                     call.cancel()
                 if chunks and not finished:
@@ -133,33 +125,17 @@ class InferenceGatewayServicer(gateway_pb2_grpc.InferenceGatewayServicer):
         calls.note_usage(usage.prompt_tokens, usage.completion_tokens)
 
     async def Infer(self, request: inference_pb2.InferRequest, context: Context) -> Any:
-        ref = parse_ref(request.model)
         metadata = calls.outgoing_metadata()
-        exclude: WorkerEndpoint | None = None
-        for attempt in (1, 2):
-            worker, info, slots = await self._pool.route(ref, exclude=exclude)
-            resolved = f"{info.name}:{info.version}"
-            # Forwarded as it came otherwise: no copy of the tensors.
-            request.model = resolved
-            calls.note(resolved=resolved, worker=worker.address)
-            try:
-                # Bytes in, bytes out: the response's tensors are not decoded here.
-                response = await worker.infer(request, timeout=self._timeout(), metadata=metadata)
-            except grpc.aio.AioRpcError as exc:
-                error = self._failed(worker, exc, resolved)
-                if attempt == 2 or exc.code() not in _RETRIED:
-                    raise error from exc
-            else:
-                worker.answered()
-                return response
-            finally:
-                slots.release(worker)
-                if worker.on_trial:  # its trial ended with no verdict (a cancel)
-                    worker.end_trial()
-            log.warning("retrying on another worker", worker=worker.address)
-            self._metrics.retries.labels("Infer").inc()
-            exclude = worker
-        raise AssertionError("unreachable")
+
+        def send(
+            worker: WorkerEndpoint, info: inference_pb2.ModelInfo, timeout: float
+        ) -> Awaitable[Any]:
+            # Forwarded as it came, but for the version routed to: no copy of the tensors.
+            # Bytes in, bytes out: the response's tensors are not decoded here.
+            request.model = f"{info.name}:{info.version}"
+            return worker.infer(request, timeout=timeout, metadata=metadata)
+
+        return await self._forward.unary(parse_ref(request.model), "Infer", send)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context

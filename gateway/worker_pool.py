@@ -251,6 +251,15 @@ class WorkerEndpoint:
         await asyncio.wait(self._watches)
 
 
+def hand_back(worker: WorkerEndpoint, slots: ModelSlots[WorkerEndpoint]) -> None:
+    """Gives back the slot `WorkerPool.route` took on `worker`. A trial the route began
+    ends with it when the call gave no verdict (a cancel, or a call only routed): the
+    worker must not stay 'on trial' with no call to decide it."""
+    slots.release(worker)
+    if worker.on_trial:
+        worker.end_trial()
+
+
 class WorkerPool:
     """All known workers, as discovery says (followed, or re-read on a timer)."""
 

@@ -10,18 +10,15 @@ from what this script writes, or when a public element has no comment.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from gen_protos import PROTOS, ROOT, proto_files, protoc
 from google.protobuf import descriptor_pb2
 
-ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ROOT / "protos"
 OUT = ROOT / "docs" / "api.md"
 
 # Field numbers in descriptor.proto, as source-info paths use them.
@@ -37,24 +34,10 @@ _TYPES = {
 
 def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
     """Every proto under protos/, parsed by protoc with its comments."""
-    files = [str(p.relative_to(PROTOS)) for p in sorted(PROTOS.rglob("*.proto"))]
-    well_known = str(resources.files("grpc_tools") / "_proto")
+    files = [str(p.relative_to(PROTOS)) for p in proto_files()]
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "protos.pb"
-        args = [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTOS}",
-            f"-I{well_known}",
-            f"--descriptor_set_out={out}",
-            "--include_source_info",
-            *files,
-        ]
-        # A process of its own, as in gen_protos.py (no fork of a process running gRPC).
-        done = subprocess.run(args, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"protoc failed: {done.stderr.strip()}")
+        protoc(f"--descriptor_set_out={out}", "--include_source_info", *files)
         return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 

@@ -25,32 +25,35 @@ def proto_files() -> list[Path]:
     return sorted(PROTOS.rglob("*.proto"))
 
 
+def protoc(*args: str, env: dict[str, str] | None = None, what: str = "") -> None:
+    """Runs grpcio-tools' protoc over protos/ (and the well-known types) with `args`;
+    SystemExit with its complaint when it fails."""
+    well_known = str(resources.files("grpc_tools") / "_proto")
+    command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTOS}", f"-I{well_known}", *args]
+    # In a process of its own: protoc forks its plugins, and forking a process that runs
+    # gRPC threads (the test suite's servers) can hang or crash it.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"protoc failed{what}: {done.stderr.strip()}")
+
+
 def generate(out: Path) -> list[Path]:
     """Writes the generated modules (and their package __init__ files) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     # The mypy plugins are scripts beside this interpreter; protoc finds them on PATH.
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    well_known = str(resources.files("grpc_tools") / "_proto")
     for proto in proto_files():
         rel = proto.relative_to(PROTOS)
-        args = [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTOS}",
-            f"-I{well_known}",
+        protoc(
             f"--python_out={out}",
             f"--grpc_python_out={out}",
             f"--mypy_out={out}",
             f"--mypy_grpc_out={out}",
             str(rel),
-        ]
-        # In a process of its own: protoc forks its plugins, and forking a process
-        # that runs gRPC threads (the test suite's servers) can hang or crash it.
-        done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"protoc failed on {rel}: {done.stderr.strip()}")
+            env=env,
+            what=f" on {rel}",
+        )
         package_dir = out / rel.parent
         for parent in [package_dir, *package_dir.parents]:
             if parent == out or out not in parent.parents:
