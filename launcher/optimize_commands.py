@@ -56,6 +56,9 @@ def steps_of(methods: list[str], sparsity: float | None) -> list[tuple[str, dict
                 raise UsageError("--method prune needs --sparsity, e.g. --sparsity 0.5")
             parameters["sparsity"] = repr(sparsity)
         steps.append((method, parameters))
+    if sparsity is not None and "prune" not in methods:
+        # Said rather than ignored: the caller meant some step to prune.
+        raise UsageError("--sparsity is the prune step's: add --method prune (in the order wanted)")
     return steps
 
 

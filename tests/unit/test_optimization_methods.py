@@ -111,6 +111,8 @@ def test_the_cli_turns_methods_into_steps() -> None:
     ]
     with pytest.raises(UsageError, match="--sparsity"):
         steps_of(["prune"], None)
+    with pytest.raises(UsageError, match="--method prune"):
+        steps_of(["int8-dynamic"], 0.5)
 
 
 def test_pruning_is_permanent_and_leaves_tied_weights_alone() -> None:
