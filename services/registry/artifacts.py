@@ -4,6 +4,7 @@
 stand beside `LocalArtifactStore`, which keeps blobs as files under a root folder:
 
     root/tmp/upload-*.part        uploads in progress (removed on abort and at start)
+    root/tmp/work-*/              scratch folders of optimization jobs (likewise)
     root/sha256/ab/ab12...ef      committed blobs, named by the sha256 of their bytes
     root/registry.lock            held (flock, shared) by every registry using the store
     root/sweep.lock               held (flock) while a registry starts or removes a blob
@@ -23,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -131,6 +133,12 @@ class LocalArtifactStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._hold: IO[bytes] | None = None
+
+    def work_dir(self) -> tempfile.TemporaryDirectory[str]:
+        """A scratch folder to build an artifact in (an optimization job's), removed when
+        the block ends. Inside tmp/: one a killed registry left is swept at the next start
+        like an abandoned upload, and its files are on the blobs' file system."""
+        return tempfile.TemporaryDirectory(prefix="work-", dir=self._tmp)
 
     def blob_path(self, sha256: str) -> Path:
         name = check_sha256(sha256)
@@ -400,11 +408,15 @@ def _locked(path: Path) -> IO[bytes]:
 
 
 def _remove_if_older(path: Path, cutoff: float | None) -> int:
-    """Removes `path` if it was last written before `cutoff` (None: in any case)."""
+    """Removes `path` (a file, or a job's scratch folder) if it was last written before
+    `cutoff` (None: in any case)."""
     try:
         if cutoff is not None and path.stat().st_mtime >= cutoff:
             return 0
-        path.unlink()
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     except FileNotFoundError:
         return 0
     return 1

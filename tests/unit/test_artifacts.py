@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -189,9 +190,13 @@ async def test_garbage_collection_keeps_only_referenced_blobs(tmp_path: Path) ->
     abandoned = store.writer(max_bytes=1 << 30)
     await abandoned.write(SMALL)  # a crash mid-upload leaves this behind
     (tmp_path / "sha256" / "stray").write_bytes(b"?")
+    # An optimization job's scratch folder that a killed registry left behind.
+    left = tmp_path / "tmp" / "work-left"
+    left.mkdir()
+    (left / "model.pt").write_bytes(LARGE)
 
     removed = await store.collect_garbage(naming(sha(SMALL).upper()))
-    assert removed == 4  # the temp file, two blobs, the stray file
+    assert removed == 5  # the temp file, two blobs, the stray file, the scratch folder
     assert files(tmp_path) == [
         "registry.lock",
         f"sha256/{sha(SMALL)[:2]}/{sha(SMALL)}",
@@ -200,6 +205,15 @@ async def test_garbage_collection_keeps_only_referenced_blobs(tmp_path: Path) ->
     assert sorted(p.name for p in (tmp_path / "sha256").iterdir()) == [sha(SMALL)[:2]]
     assert await store.collect_garbage(naming(sha(SMALL))) == 0
     await abandoned.abort()
+    store.close()
+
+
+def test_a_job_s_scratch_folder_is_in_the_store_s_tmp_and_goes_after_it(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path)
+    with store.work_dir() as work:
+        assert Path(work).parent == tmp_path / "tmp"
+        (Path(work) / "weights.pt").write_bytes(SMALL)
+    assert list((tmp_path / "tmp").iterdir()) == []
     store.close()
 
 
@@ -216,13 +230,22 @@ async def test_beside_another_registry_only_old_leftovers_are_swept(tmp_path: Pa
     long_ago = time.time() - 2 * 3600
     old = sha(b"old")
     os.utime(first.blob_path(old), (long_ago, long_ago))
+    # A job's scratch folder in use by the first, and one left long ago.
+    working, stale = tmp_path / "tmp" / "work-now", tmp_path / "tmp" / "work-old"
+    for folder in (working, stale):
+        folder.mkdir()
+        (folder / "weights.pt").write_bytes(SMALL)
+    os.utime(stale, (long_ago, long_ago))
 
     second = LocalArtifactStore(tmp_path)
-    assert await second.collect_garbage(naming()) == 1
+    assert await second.collect_garbage(naming()) == 2
     assert not first.blob_path(old).exists()
+    assert not stale.exists()
     assert first.blob_path(sha(LARGE)).exists()
-    assert len(list((tmp_path / "tmp").iterdir())) == 1
+    upload, *scratch = sorted(p.name for p in (tmp_path / "tmp").iterdir())
+    assert upload.startswith("upload-") and scratch == ["work-now"]
     await uploading.abort()
+    shutil.rmtree(working)
 
     # Once both let go, the next registry is alone again and sweeps it all.
     first.close()

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import sys
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -247,7 +246,7 @@ class JobRunner:
                 f"the artifact of {parent.model}:{parent.version} is missing or corrupt in "
                 "the store: upload the version again"
             )
-        with tempfile.TemporaryDirectory(prefix="tg-optimize-") as work:
+        with self._artifacts.work_dir() as work:
             spec = {
                 "workdir": work,
                 "parent_artifact": str(self._artifacts.blob_path(parent.artifact.sha256)),
