@@ -346,16 +346,19 @@ async def test_a_job_that_fails_after_registering_its_version_deletes_it(
             assert failed.state == Job.FAILED
             assert "waiting for the worker to load digits:1, digits:2" in failed.error
             assert failed.result_version == 0
-            assert [v.version for v in await client.list_versions("digits")] == [1]
+            assert [v.version for v in await client.list_versions("digits")] == [3, 1]
             deployed = await client.list_deployments()
             assert [(d.model, d.alias) for d in deployed] == [("digits", "production")]
     finally:
         await registry.stop()
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "died-before-recording"])
 async def test_a_job_its_registry_abandoned_is_failed_and_its_version_deleted(
-    tmp_path: Path,
+    tmp_path: Path, recorded: bool
 ) -> None:
+    # `recorded`: the registry died after noting the version on the job; otherwise between
+    # registering the version and noting it (the job's id is then only in its lineage).
     settings = RegistrySettings(data_dir=tmp_path, metrics_port=0, drain_seconds=0.0)
     registry = await start_registry(settings)
     try:
@@ -376,12 +379,24 @@ async def test_a_job_its_registry_abandoned_is_failed_and_its_version_deleted(
             "digits",
             artifact=parent.artifact,
             config=parent.config,
-            lineage=registry_pb2.Lineage(parent_version=1),
+            lineage=registry_pb2.Lineage(parent_version=1, parameters={"job": job.id}),
             facts={},
             description="",
             actor="t",
         )
-        await store.jobs.update(job.id, state="running", result_version=left.version)
+        await store.jobs.update(
+            job.id, state="running", result_version=left.version if recorded else 0
+        )
+        # A version someone registered meanwhile is not the job's.
+        await store.create_version(
+            "digits",
+            artifact=parent.artifact,
+            config=parent.config,
+            lineage=registry_pb2.Lineage(parent_version=1, parameters={"job": "another"}),
+            facts={},
+            description="",
+            actor="t",
+        )
         # It had deployed the parent to measure it (production serves it only by alias).
         measured = registry_pb2.Deployment(model="digits", version=1, instances=1)
         await store.set_deployment(measured, actor=f"optimization:{job.id}")
@@ -406,7 +421,7 @@ async def test_a_job_its_registry_abandoned_is_failed_and_its_version_deleted(
             failed = await client.get_optimization_job(job.id)
             assert failed.state == Job.FAILED and "stopped before it finished" in failed.error
             assert failed.result_version == 0
-            assert [v.version for v in await client.list_versions("digits")] == [1]
+            assert [v.version for v in await client.list_versions("digits")] == [3, 1]
             deployed = await client.list_deployments()
             assert [(d.model, d.alias) for d in deployed] == [("digits", "production")]
     finally:

@@ -114,8 +114,9 @@ class JobRunner:
         for row in await self._store.jobs.unfinished():
             if row.id in self._active or row.updated_us >= stale_before:
                 continue
-            if row.result_version:
-                await self._discard(row.model, row.result_version, job_id=row.id)
+            version = row.result_version or await self._unrecorded_version(row)
+            if version:
+                await self._discard(row.model, version, job_id=row.id)
             await self._undeploy_parent(row.model, row.parent_version, job_id=row.id)
             await self._store.jobs.update(
                 row.id,
@@ -123,6 +124,24 @@ class JobRunner:
                 error="the registry running this job stopped before it finished; start it again",
             )
             log.info("abandoned optimization job failed", job=row.id)
+
+    async def _unrecorded_version(self, row: Any) -> int:
+        """The version an abandoned job registered but had not recorded on itself yet (its
+        registry died between the two writes), found by the job id its lineage names; 0
+        if there is none. Newest first, back to when the job was created."""
+        token = ""
+        while True:
+            try:
+                page, token = await self._store.list_versions(row.model, page_token=token)
+            except TensorgateError:  # the model is gone, and its versions with it
+                return 0
+            for version in page:
+                if version.lineage.parameters.get("job") == row.id:
+                    return version.version
+                if version.create_time.ToMicroseconds() < row.created_us:
+                    return 0
+            if not token:
+                return 0
 
     async def _keep_alive(self) -> None:
         while True:
