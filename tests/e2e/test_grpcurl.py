@@ -106,7 +106,7 @@ def readme_recipes() -> tuple[list[str], list[str]]:
     return settings, commands
 
 
-async def test_readme_recipes_run_with_a_key(auth_stack: AuthStack) -> None:
+async def test_readme_recipes_run_with_a_key(auth_stack: AuthStack, tmp_path: Path) -> None:
     async with admin_at(auth_stack.gateway.address, auth_stack.admin_key) as admin:
         key = (await admin.new_key(await admin.tenant("grpcurl"))).secret
     settings, commands = readme_recipes()
@@ -117,9 +117,17 @@ async def test_readme_recipes_run_with_a_key(auth_stack: AuthStack) -> None:
         "tensorgate.gateway.v1.InferenceGateway/Infer",
         "inference.GRPCInferenceService/ModelInfer",
     ]
+    # The recipes find grpcurl on PATH behind a shim that keeps its arguments: the key must
+    # never be one of them (it would show in ps and in the shell's history).
+    shim, arguments = tmp_path / "bin" / "grpcurl", tmp_path / "arguments"
+    shim.parent.mkdir()
+    shim.write_text(
+        f'#!/bin/bash\nprintf "%s\\n" "$@" >> {arguments}\nexec {grpcurl_path()} "$@"\n'
+    )
+    shim.chmod(0o755)
     env = {
         **os.environ,
-        "PATH": f"{grpcurl_path().parent}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
         "TENSORGATE_API_KEY": key,
     }
     # The README's address, as a user runs it, swapped for this test's gateway.
@@ -140,6 +148,9 @@ async def test_readme_recipes_run_with_a_key(auth_stack: AuthStack) -> None:
         out, err = await asyncio.wait_for(process.communicate(), timeout=60)
         assert process.returncode == 0, f"{command}\n{err.decode()}"
         outputs.append(out.decode())
+    passed = arguments.read_text()
+    assert passed.count("authorization: Bearer ${TENSORGATE_API_KEY}") == 4
+    assert key not in passed
     services, listing, generation, infer, kserve = outputs
     assert {"inference.GRPCInferenceService", "tensorgate.gateway.v1.InferenceGateway"} <= set(
         services.split()
