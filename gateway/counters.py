@@ -11,7 +11,10 @@ What it holds per scope ("key:<lineage id>", "tenant:<id>"):
 and per tenant the spend of the UTC month, in micro-units of the price currency.
 
 A limit of 0 means no limit, and nothing is counted for it: a minute or stream limit set
-later counts from then on, a day limit from what the ledger counted today.
+later counts from then on, a day limit (and a spend cap) from what the ledger counted
+today (this month). A day or spend counter is never below the ledger's count a call
+brings (the seeds): one kept from before its limit was lifted and set again missed
+what was used meanwhile.
 The embedded store (local_counters.py) keeps this state in process, the redis store
 (redis_counters.py) in Redis.
 """

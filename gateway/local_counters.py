@@ -221,10 +221,18 @@ class InProcessCounters:
             plan, demand.tokens, demand.stream_s > 0, demand.cost, now, period
         )
 
-    def _resolve(self, plan: LocalPlan) -> None:
-        """Points `plan` at the scopes its calls count in, as they are now."""
+    def _resolve(self, plan: LocalPlan, period: Period) -> None:
+        """Points `plan` at the scopes its calls count in, as they are now.
+
+        A day or spend counter that exists may have missed calls: none is counted while
+        its limit is 0, so one left from before a limit was lifted and set again is
+        short of what was used meanwhile, which the ledger counted (the plan's seeds).
+        The larger of the two is the count; never less than the counter, so seeds read
+        earlier cannot set it back. Done here, once per plan (a principal the auth
+        service answered anew, as it does when limits change) and per sweep."""
         plan.sweeps = self._sweeps
         plan.checks, plan.windowed, plan.daily, plan.streamed = [], [], [], []
+        seeds_today = plan.seed_day == period.day_name
         for name, counted, limits, day_seed in plan.scopes:
             if not is_limited(limits):
                 continue
@@ -236,8 +244,14 @@ class InProcessCounters:
                 plan.windowed.append(scope)
             if tpd:
                 plan.daily.append(scope)
+                if seeds_today and scope.day == period.day and scope.day_tokens < day_seed:
+                    scope.day_tokens = day_seed
             if streams:
                 plan.streamed.append(scope)
+        if plan.spend_cap and plan.seed_month == period.month_name:
+            spend_key = f"{plan.tenant}:{period.month_name}"
+            if self._spend.get(spend_key, plan.spend_seed) < plan.spend_seed:
+                self._spend[spend_key] = plan.spend_seed
 
     def reserve_planned(
         self, plan: LocalPlan, tokens: int, stream: bool, cost: int, now: float, period: Period
@@ -248,7 +262,7 @@ class InProcessCounters:
         if now >= self._next_sweep:
             self._sweep(now)
         if plan.sweeps != self._sweeps:
-            self._resolve(plan)
+            self._resolve(plan, period)
         cutoff = now - WINDOW_S
         # The checks inline, with the limits read once per plan: this runs on every call.
         # A check that fails hands over to _check, which words the refusal.

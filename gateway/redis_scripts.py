@@ -7,10 +7,10 @@ all of one tenant's in one hash slot (`{tenant}`), so a script's keys stay toget
 a Redis Cluster as well. Per scope (a key's lineage, or its tenant):
 - `...:w` sorted set, reservation id -> admitted at (ms), and `...:t` hash, reservation
   id -> tokens plus `_sum`: the minute window (exact sliding log, one member per call);
-- `...:d:<UTC day>` tokens of the day, seeded from the ledger; `...:c` sorted set,
+- `...:d:<UTC day>` tokens of the day, never below the ledger's; `...:c` sorted set,
   reservation id -> expiry (ms): the streams open (a gateway that dies mid-stream leaks
   its slot only until then);
-and per tenant `...:spend:<UTC month>`, micro-units spent, seeded from the ledger;
+and per tenant `...:spend:<UTC month>`, micro-units spent, never below the ledger's;
 and per reservation a marker `...:r:<reservation id>` ("1" held, "0" given back).
 Every key has a TTL, so abandoned counters go away by themselves. The windows and the
 stream expiries use Redis's clock (one clock for all replicas); the UTC day and month
@@ -44,8 +44,9 @@ _QUOTAS = (REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE, TOKENS_PER_DAY, CONCURRENT_ST
 #   day counter, stream zset; KEYS[9] the tenant's spend this month; KEYS[10] the marker.
 # ARGV: rid, tokens, stream ms (0: not a stream), day ttl s, then the limits rpm, tpm,
 #   tpd, streams of scope 1 and of scope 2 (5..12), spend cap, seed, cost, month ttl s,
-#   marker ttl ms (17), then the day seed of scope 1 and of scope 2 (18, 19): where a
-#   day counter starts when it does not exist yet.
+#   marker ttl ms (17), then the day seed of scope 1 and of scope 2 (18, 19). A seed is
+#   the ledger's count: the least a counter holds (where it starts when it does not
+#   exist yet).
 # Returns {1} when all is reserved, {2} when given back before it ran (nothing done),
 #   else {0, scope (1 key, 2 tenant, 3 spend), quota (1..4 as _QUOTAS, 5 spend), used,
 #   retry ms (-1: the gateway knows)}.
@@ -86,7 +87,7 @@ local function tokens_free_after(w, h, need)
   end
 end
 
-local limits, day_fresh = {}, {}
+local limits, day_used, day_set = {}, {}, {}
 for s = 1, 2 do
   local k, a = (s - 1) * 4, 4 + (s - 1) * 4
   local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
@@ -105,9 +106,12 @@ for s = 1, 2 do
     end
   end
   if tpd > 0 then
-    local held = redis.call('GET', KEYS[k + 3])
-    local used = held and tonumber(held) or tonumber(ARGV[17 + s])
-    day_fresh[s] = not held
+    -- Never below the ledger's count (the seed): a counter kept from before this limit
+    -- was lifted (0 counts nothing) and set again missed what was used meanwhile.
+    local held, seed = tonumber(redis.call('GET', KEYS[k + 3]) or '-1'), tonumber(ARGV[17 + s])
+    day_set[s] = held < seed
+    local used = day_set[s] and seed or held
+    day_used[s] = used
     if used + tokens > tpd then return {0, s, 3, used, -1} end
   end
   if streams > 0 and stream_ms > 0 then
@@ -117,10 +121,13 @@ for s = 1, 2 do
   end
 end
 local cap, cost = tonumber(ARGV[13]), tonumber(ARGV[15])
-local spent = redis.call('GET', KEYS[9])
+local spent, spend_set = 0, false
 if cap > 0 then
-  local used = spent and tonumber(spent) or tonumber(ARGV[14])
-  if used + cost > cap then return {0, 3, 5, used, -1} end
+  -- Never below the ledger's spend (the seed), for the same reason as the day's tokens.
+  local held, seed = tonumber(redis.call('GET', KEYS[9]) or '-1'), tonumber(ARGV[14])
+  spend_set = held < seed
+  spent = spend_set and seed or held
+  if spent + cost > cap then return {0, 3, 5, spent, -1} end
 end
 
 -- Every check passed: reserve all of it.
@@ -134,8 +141,8 @@ for s = 1, 2 do
     redis.call('PEXPIRE', KEYS[k + 2], WINDOW + 1000)
   end
   if l[3] > 0 then
-    if day_fresh[s] then
-      redis.call('SET', KEYS[k + 3], int(tonumber(ARGV[17 + s]) + tokens), 'EX', ARGV[4])
+    if day_set[s] then
+      redis.call('SET', KEYS[k + 3], int(day_used[s] + tokens), 'EX', ARGV[4])
     else
       redis.call('INCRBY', KEYS[k + 3], int(tokens))
       redis.call('EXPIRE', KEYS[k + 3], ARGV[4], 'NX')
@@ -149,10 +156,10 @@ for s = 1, 2 do
   end
 end
 if cap > 0 then
-  if spent then
-    redis.call('INCRBY', KEYS[9], int(cost))
+  if spend_set then
+    redis.call('SET', KEYS[9], int(spent + cost), 'EX', ARGV[16])
   else
-    redis.call('SET', KEYS[9], int(tonumber(ARGV[14]) + cost), 'EX', ARGV[16])
+    redis.call('INCRBY', KEYS[9], int(cost))
   end
 end
 redis.call('SET', KEYS[10], '1', 'PX', ARGV[17])

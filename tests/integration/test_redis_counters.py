@@ -656,3 +656,39 @@ async def test_day_counters_start_from_the_ledger_in_redis(
         assert int(await client.get(_day_key(prefix, "key:k1:")) or 0) == 910
     finally:
         await client.aclose()
+
+
+async def test_a_day_limit_and_a_spend_cap_set_again_count_what_was_used_while_off(
+    two_gateways: tuple[QuotaGate, QuotaGate],
+) -> None:
+    # A limit of 0 counts nothing, so counters left from before a limit was lifted
+    # missed what was used meanwhile; the ledger did not (the Principal's seeds).
+    today, month = datetime.now(UTC).strftime("%Y-%m-%d"), datetime.now(UTC).strftime("%Y-%m")
+    first, second = two_gateways
+    limited = Principal(
+        key_id="k1",
+        tenant="acme",
+        key_limits=Limits(tokens_per_day=1000),
+        monthly_spend_cap=1.0,
+        usage_day=today,
+        spend_month=month,
+    )
+    held = await first.reserve(call(limited), generate())  # 110 tokens, 0.011
+    assert held is not None
+    await held.settle(Usage(10, 90))  # 100 tokens, 0.01
+    lifted = replace(limited, key_limits=Limits(), monthly_spend_cap=0.0)
+    for _ in range(8):
+        held = await second.reserve(call(lifted), generate())
+        assert held is not None
+        await held.settle(Usage(10, 90))
+    day_again = replace(limited, lineage_day_tokens=900, monthly_spend_cap=0.0)
+    with pytest.raises(ResourceExhausted) as over:
+        await first.reserve(call(day_again), generate())  # 900 + 110 > 1000
+    assert over.value.subject == "key:k1:tokens_per_day"
+    assert "used 900 of its 1000" in over.value.message
+    # Each call as settled costs 0.01: 0.09 this month.
+    cap_again = replace(limited, key_limits=Limits(), monthly_spend_cap=0.1, month_spend=0.09)
+    with pytest.raises(ResourceExhausted) as over:
+        await second.reserve(call(cap_again), generate())  # 0.09 + 0.011 > 0.1
+    assert over.value.subject == "tenant:acme:monthly_spend_cap"
+    assert "spent 0.09 of" in over.value.message

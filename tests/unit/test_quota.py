@@ -491,3 +491,34 @@ async def test_tokens_per_day_start_from_the_ledger_after_a_restart() -> None:
     assert "used 220 of its 1000" in error.message
     # What the ledger said yesterday says nothing about today.
     await admit(make_gate(clock), replace(who, usage_day="2024-06-14"), generate())
+
+
+async def test_a_day_limit_set_again_counts_what_was_used_while_it_was_off() -> None:
+    # A limit of 0 counts nothing, so a day counter left from before the limit was
+    # lifted missed what the key used meanwhile; the ledger did not, and the gateway
+    # asks the auth service again when the limit is set back (a fresh Principal).
+    clock, today = Clock(), "2024-06-15"  # NOON's
+    gate = make_gate(clock)
+    limited = Principal(
+        key_id="k1", tenant="acme", key_limits=Limits(tokens_per_day=1000), usage_day=today
+    )
+    await (await admit(gate, limited, generate())).settle(Usage(10, 90))  # 100 counted
+    lifted = replace(limited, key_limits=Limits())
+    for _ in range(8):
+        await (await admit(gate, lifted, generate())).settle(Usage(10, 90))
+    again = replace(limited, lineage_day_tokens=900)  # the ledger: 900 today
+    error = await refused(gate, again, generate())  # 900 + 110 > 1000
+    assert error.subject == "key:k1:tokens_per_day"
+    assert "used 900 of its 1000" in error.message
+
+
+async def test_a_spend_cap_set_again_counts_what_was_spent_while_it_was_off() -> None:
+    clock = Clock()
+    gate = make_gate(clock, price=Price(prompt_per_1k=1.0, completion_per_1k=1.0))
+    # 0.1 per call as settled, 0.11 reserved.
+    await (await admit(gate, principal(cap=1.0), generate())).settle(Usage(10, 90))
+    for _ in range(8):
+        await (await admit(gate, principal(cap=0.0), generate())).settle(Usage(10, 90))
+    error = await refused(gate, principal(cap=1.0, spent=0.9), generate())  # 0.9 + 0.11
+    assert error.subject == "tenant:acme:monthly_spend_cap"
+    assert "spent 0.90 of its monthly spend cap of 1.00" in error.message
