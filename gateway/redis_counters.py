@@ -3,8 +3,8 @@
 The state is that of the in-process store (local_counters.py), in Redis keys under a prefix;
 the keys and the two scripts that change them (reserve, settle) are in redis_scripts.py.
 Every give-back is exactly-once (a marker per reservation, there): one whose answer
-never came is tried again in the background a few times, `recheck_s` apart, and one
-given up is counted and logged.
+never came (or whose caller was cut off) is tried again in the background a few times,
+`recheck_s` apart, also while the gateway stops, and one given up is counted and logged.
 
 Redis unreachable or failing: calls are refused with UNAVAILABLE, or with `fail_open`
 admitted and counted in this process instead. Either way the switch is logged once, as
@@ -173,6 +173,8 @@ class RedisCounters:
         self._calendar = UtcCalendar()
         self._local = InProcessCounters(clock=clock) if fail_open else None
         self._recheck_s = recheck_s
+        # How long a stopping gateway waits for the give-backs still owed: all their tries.
+        self._close_wait_s = _GIVE_BACK_TRIES * (recheck_s + timeout_s)
         self._down_until = 0.0  # monotonic; Redis is not asked again before
         self._down = False
         self._timed_out_at = -math.inf  # monotonic; the last script that timed out
@@ -214,6 +216,11 @@ class RedisCounters:
             )
 
     async def close(self) -> None:
+        # Give-backs still being tried are what calls were owed back: a gateway that stops
+        # (a rolling deploy) lets them run their tries before the connections go, rather
+        # than leave stream slots, tokens and spend held until they expire.
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=self._close_wait_s)
         for task in list(self._settling):
             task.cancel()
         if self._settling:
@@ -352,6 +359,12 @@ class RedisCounters:
     async def run_settle(self, keys: list[str], args: list[Any]) -> None:
         try:
             await self._settle(keys, args)
+        except asyncio.CancelledError:
+            # Cut off mid round trip (a stopping server cancels the calls left): it may or
+            # may not have run, and is owed either way. Sent again in the background; the
+            # marker lets one of them count.
+            self._settle_later(keys, args)
+            raise
         except (RedisError, OSError) as exc:
             # Not raised: the call itself went well. Tried again in the background (the
             # marker makes a settle that did run count once); if that fails too, what

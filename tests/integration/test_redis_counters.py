@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 from tensorgate.inference.v1 import inference_pb2
@@ -692,3 +693,65 @@ async def test_a_day_limit_and_a_spend_cap_set_again_count_what_was_used_while_o
         await second.reserve(call(cap_again), generate())  # 0.09 + 0.011 > 0.1
     assert over.value.subject == "tenant:acme:monthly_spend_cap"
     assert "spent 0.09 of" in over.value.message
+
+
+class _StalledOnce:
+    """A settle script whose first round trip never answers (Redis stalled, or a caller
+    cut off while it waits), then the real one."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.calls = real, 0
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.Event().wait()
+        return await self.real(keys, args)
+
+
+class _FailingOnce(_StalledOnce):
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise RedisConnectionError("Connection closed by server.")
+        return await self.real(keys, args)
+
+
+async def test_a_settle_cut_off_mid_round_trip_is_still_given_back(
+    redis_url: str, prefix: str
+) -> None:
+    counters = RedisCounters(redis_url, prefix=prefix, recheck_s=0.1)
+    gate, who = QuotaGate(counters), principal(key=Limits(concurrent_streams=1))
+    try:
+        held = await gate.reserve(call(who), generate())
+        assert held is not None
+        counters._settle = _StalledOnce(counters._settle)  # type: ignore[assignment]
+        # The call's settle is cut off while it waits (a stopping server cancels the
+        # handlers left): what the call holds is owed back all the same.
+        settling = asyncio.ensure_future(held.settle(Usage(1, 1)))
+        await asyncio.sleep(0.05)
+        settling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await settling
+        await counters.given_back()
+        assert await gate.reserve(call(who), generate()) is not None  # the one slot
+    finally:
+        await gate.close()
+
+
+async def test_give_backs_still_owed_when_the_gateway_stops_are_given_back(
+    redis_url: str, prefix: str
+) -> None:
+    counters = RedisCounters(redis_url, prefix=prefix, recheck_s=0.1)
+    who = principal(key=Limits(concurrent_streams=1))
+    gate = QuotaGate(counters)
+    held = await gate.reserve(call(who), generate())
+    assert held is not None
+    counters._settle = _FailingOnce(counters._settle)  # type: ignore[assignment]
+    await held.settle(Usage(1, 1))  # failed: to be tried again in the background
+    await gate.close()  # the gateway stops before that
+    after = QuotaGate(RedisCounters(redis_url, prefix=prefix))
+    try:
+        assert await after.reserve(call(who), generate()) is not None  # the one slot
+    finally:
+        await after.close()
