@@ -1,12 +1,14 @@
 """No API key, prompt or generated text in any log line of the whole local platform
-(registry, auth service, worker with its Triton, gateway, each a process writing into one
-log file), after calls with good keys, refused keys, keys pasted into the wrong fields,
-admin calls, generations and unary calls. Key ids and tenant ids, which are public, are
-on the canonical lines: the scan reads the lines where a leak would be.
+(registry, auth service, worker, gateway, each a process writing into one log file, and
+the worker's Triton, which writes a log of its own), after calls with good keys, refused
+keys, keys pasted into the wrong fields, admin calls, generations and unary calls. Key
+ids and tenant ids, which are public, are on the canonical lines: the scan reads the
+lines where a leak would be.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import uuid
@@ -184,6 +186,16 @@ async def test_no_key_prompt_or_generated_text_in_any_log_line(tmp_path: Path) -
     finally:
         await platform.stop()
 
+    # The services' log, and every log they keep beside it (the worker's Triton writes
+    # its own, under the worker's folder): the logs of every process the test started.
+    log_files = await asyncio.to_thread(lambda: sorted(tmp_path.rglob("*.log")))
+    assert log_file in log_files
+    assert tmp_path / "worker" / "triton.log" in log_files, log_files
+    scanned = [
+        f"{path.relative_to(tmp_path)}: {line}"
+        for path in log_files
+        for line in path.read_text(errors="replace").splitlines()
+    ]
     lines = log_file.read_text(errors="replace").splitlines()
     assert lines, "the platform wrote no log"
     forbidden = [part for key in secrets for part in _hidden(key)]
@@ -193,7 +205,7 @@ async def test_no_key_prompt_or_generated_text_in_any_log_line(tmp_path: Path) -
     # Reported with what leaked cut out: the failure message must not spread it either.
     leaks = [
         f"line {number}: {line.replace(what, '<LEAKED>')[:400]}"
-        for number, line in enumerate(lines, 1)
+        for number, line in enumerate(scanned, 1)
         for what in forbidden
         if what in line
     ]
