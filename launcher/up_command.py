@@ -48,6 +48,10 @@ def up(
     folder under the data dir) and M gateways on ports --port, --port+1, ... (one shared
     port is not offered: the services refuse a taken port on purpose). Every gateway
     routes to every worker, so stopping or killing one of them shows the others take over.
+
+    Each service also takes its settings from TENSORGATE_<SERVICE>_* variables (see
+    `python -m gateway --help`), e.g. TENSORGATE_GATEWAY_REDIS_URL=redis://127.0.0.1:6379/0
+    for quota counters the gateways share through Redis.
     """
     try:
         platform = LocalPlatform(
