@@ -32,7 +32,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from tensorgate import AsyncGatewayClient
-from tensorgate.errors import TensorgateClientError
+from tensorgate.errors import TensorgateClientError, UnauthenticatedError
 from tensorgate.inference.v1 import inference_pb2
 from tensorgate.model_folder import ModelFolderError
 from tensorgate.model_ref import InvalidModelRef, ModelRef
@@ -278,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         app(args=list(argv) if argv is not None else None, prog_name="tensorgate")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except UnauthenticatedError as exc:
+        # The server says how a key travels; a user of the CLI needs where it takes one.
+        return _error(
+            f"{exc}; the CLI sends the key given with --api-key or in TENSORGATE_API_KEY", 1
+        )
     except TensorgateClientError as exc:
         return _error(exc, 1)
     except InvalidModelRef as exc:
