@@ -91,6 +91,9 @@ usage = Table(
     # Tenant first: a tenant's month (its spend) is a range of this key.
     PrimaryKeyConstraint("tenant_id", "key_id", "model", "day"),
     Index("ix_auth_usage_day", "day"),
+    # A tenant's days: the month's spend and the day's tokens that every key lookup reads
+    # (the primary key would scan the tenant's whole history for them).
+    Index("ix_auth_usage_tenant_day", "tenant_id", "day"),
 )
 
 # Batch ids already applied to the ledger, so a batch a gateway retries counts once;

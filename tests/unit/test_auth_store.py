@@ -12,13 +12,16 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import select, text
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from tensorgate.auth.v1 import auth_pb2 as pb
 
 from services.auth.authenticator import AuthServiceAuthenticator
 from services.auth.records import INVALID_KEY, KeyRefused, QuotaUpdate
 from services.auth.schema import api_keys as api_keys_table
+from services.auth.schema import metadata as auth_metadata
 from services.auth.store import MIGRATIONS, VERSION_TABLE, AuthStore
 from services.runtime import api_keys
 from services.runtime.api_keys import parse_key
@@ -477,3 +480,19 @@ async def test_the_authenticator_caches_briefly_and_boundedly(
     with pytest.raises(KeyRefused) as caught:
         await authenticator.authenticate(_call("SetPrice", forged))
     assert caught.value.reason == "wrong secret"
+
+
+def _schema_drift(connection: Connection) -> list[object]:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return list(compare_metadata(context, auth_metadata))
+
+
+async def test_the_migrations_make_the_schema_the_code_declares(database_url: str) -> None:
+    store = await AuthStore.open(database_url)  # migrates to head
+    await store.close()
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_schema_drift) == []
+    finally:
+        await engine.dispose()
