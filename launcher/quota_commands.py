@@ -14,6 +14,7 @@ tenant's monthly spend cap bounds. All of it needs an admin key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -24,6 +25,19 @@ from tensorgate.auth_limits import MAX_AMOUNT, MAX_COUNT
 
 from launcher import output
 from launcher.options import DEFAULT_ADDRESS, Address, ApiKey, UsageError, with_auth
+
+
+def amount(value: str) -> float:
+    """A price or a spend cap: a finite number 0..MAX_AMOUNT. (click's FloatRange lets nan
+    through its bounds and then says it is not <= the maximum.)"""
+    try:
+        number = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number") from None
+    if not (math.isfinite(number) and 0 <= number <= MAX_AMOUNT):
+        raise typer.BadParameter(f"{value!r} is not a number 0..{MAX_AMOUNT:g}")
+    return number
+
 
 quotas_app = typer.Typer(
     help="Quotas per tenant and per key: requests and tokens per minute, tokens per day, "
@@ -135,9 +149,7 @@ def set_quotas(
     concurrent_streams: ConcurrentStreams = None,
     monthly_spend_cap: Annotated[
         float | None,
-        typer.Option(
-            min=0.0, max=MAX_AMOUNT, help="a tenant's spend per calendar month (UTC); 0: none"
-        ),
+        typer.Option(parser=amount, help="a tenant's spend per calendar month (UTC); 0: none"),
     ] = None,
     address: Address = DEFAULT_ADDRESS,
     api_key: ApiKey = None,
@@ -204,17 +216,15 @@ def set_price(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="the model's name")],
     prompt_per_1k: Annotated[
         float,
-        typer.Option("--prompt-per-1k", min=0.0, max=MAX_AMOUNT, help="per 1,000 prompt tokens"),
+        typer.Option("--prompt-per-1k", parser=amount, help="per 1,000 prompt tokens"),
     ],
     completion_per_1k: Annotated[
         float,
-        typer.Option(
-            "--completion-per-1k", min=0.0, max=MAX_AMOUNT, help="per 1,000 completion tokens"
-        ),
+        typer.Option("--completion-per-1k", parser=amount, help="per 1,000 completion tokens"),
     ],
     compute_per_second: Annotated[
         float,
-        typer.Option("--compute-per-second", min=0.0, max=MAX_AMOUNT, help="per second of compute"),
+        typer.Option("--compute-per-second", parser=amount, help="per second of compute"),
     ],
     address: Address = DEFAULT_ADDRESS,
     api_key: ApiKey = None,

@@ -20,6 +20,8 @@ from launcher.cli import main
         ),
         (["quotas", "set", "--tenant", "gamma", "--monthly-spend-cap", "1e30"], "--monthly"),
         (["prices", "set", "tinylm", "--compute-per-second", "inf"], "--compute-per-second"),
+        (["quotas", "set", "--tenant", "gamma", "--monthly-spend-cap", "nan"], "0..1e+09"),
+        (["prices", "set", "tinylm", "--prompt-per-1k", "-1"], "--prompt-per-1k"),
         (["keys", "rotate", "abcdefghijkl", "--grace", "1e30"], "--grace"),
         (["keys", "rotate", "abcdefghijkl", "--grace", "31622401s"], "--grace"),
         (["keys", "rotate", "abcdefghijkl", "--grace", "8785h"], "--grace"),
