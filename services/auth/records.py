@@ -109,8 +109,20 @@ def check_text(field: str, value: str) -> str:
     """Free text kept and shown as it is (a key's name, a tenant's description)."""
     if len(value) > _MAX_TEXT:
         raise InvalidArgument(field, f"must be at most {_MAX_TEXT} characters, got {len(value)}")
+    # One line of text: a NUL is refused by PostgreSQL itself, and a newline or an escape
+    # sequence would break (or forge) the rows of a listing it is shown in.
+    control = _CONTROL.search(value)
+    if control is not None:
+        raise InvalidArgument(
+            field,
+            f"must be one line of printable text; it holds the control character "
+            f"U+{ord(control.group()):04X}",
+        )
     refuse_key_shaped(field, value, "leave keys out of it")
     return value
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 MAX_PATTERNS = 100

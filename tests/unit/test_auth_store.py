@@ -210,6 +210,22 @@ async def test_a_key_pasted_into_a_stored_field_is_refused_not_kept(store: AuthS
     assert secret[:8] not in stored
 
 
+@pytest.mark.parametrize(
+    "text", ["nul\x00here", "two\nlines", "bell\x07", "csi\x9b2J", "esc\x1b[2J"]
+)
+async def test_names_and_descriptions_are_one_line_of_printable_text(
+    store: AuthStore, text: str
+) -> None:
+    await add_tenant(store)
+    with pytest.raises(InvalidArgument, match="control character U\\+00") as caught:
+        await add_key(store, name=text)
+    assert caught.value.violations[0].field == "name"
+    with pytest.raises(InvalidArgument, match="one line of printable text"):
+        await store.create_tenant(pb.Tenant(id="b", description=text))
+    assert [k.name for k in await store.list_keys("acme")] == []
+    await add_key(store, name="ci key: déploiement ✓")  # not ASCII, but printable
+
+
 async def test_every_unusable_key_gets_the_same_refusal(store: AuthStore, clock: Clock) -> None:
     await add_tenant(store)
     good = (await add_key(store)).secret
