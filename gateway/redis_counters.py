@@ -1,7 +1,10 @@
 """Quota counters in Redis, shared by every gateway replica: one Lua script per check.
 
 The state is that of the in-process store (local_counters.py), in Redis keys under a prefix;
-the keys and the two scripts that change them (reserve, settle) are in redis_scripts.py.
+the keys and the scripts that change them (reserve, settle, renew) are in redis_scripts.py.
+A stream's slot is a lease of `stream_lease_s` (STREAM_LEASE_S), renewed in the background
+while the stream runs (redis_leases.py): a gateway that dies holds its slots only until
+their leases run out, not until its streams' deadlines.
 Every give-back is exactly-once (a marker per reservation, there): one whose answer
 never came (or whose caller was cut off) is tried again in the background a few times,
 `recheck_s` apart, also while the gateway stops, and one given up is counted and logged.
@@ -44,6 +47,7 @@ from gateway.counters import (
     UtcCalendar,
 )
 from gateway.local_counters import InProcessCounters
+from gateway.redis_leases import StreamLease, StreamLeases
 from gateway.redis_scripts import RESERVE, SETTLE, refusal
 from services.runtime.errors import ResourceExhausted, Unavailable
 
@@ -62,6 +66,12 @@ _LOST_LOG_EVERY_S = 10.0
 # How much longer than one round trip a call waits for a free connection (see __init__).
 _POOL_WAIT_MARGIN_S = 0.1
 MIN_REDIS_VERSION = (7, 0)
+# How long a stream slot is held in Redis unless renewed: a dead gateway's slots are
+# counted at most this long. Renewed every third of it, so a live stream keeps its slot
+# through two failed rounds in a row (a Redis failover, a stalled event loop) and loses
+# it only on the third; and a renewal round is one round trip per gateway every 10 s,
+# whatever it holds. Shorter frees faster and renews more often.
+STREAM_LEASE_S = 30.0
 # Refused when the gateway's own connection pool stays full: local overload, not an outage.
 OVERLOADED = "quota_store_connections"
 
@@ -110,10 +120,12 @@ class _RedisHold:
         self.landed = True
 
     def settle_args(self, tokens: int, cost: int) -> list[Any] | None:
-        """The settle script's ARGV, once (None: settled already)."""
+        """The settle script's ARGV, once (None: settled already). Its stream slot is no
+        longer renewed from now on, before the settle is sent."""
         flags, self._flags = self._flags, None
         if flags is None:
             return None
+        self._counters.leases.drop(self._rid)
         reserved_tokens, reserved_cost = self._reserved
         return [
             *(self._rid, tokens, tokens - reserved_tokens, cost - reserved_cost),
@@ -148,12 +160,15 @@ class RedisCounters:
         recheck_s: float = 1.0,
         clock: Callable[[], float] = time.time,
         on_lost: Callable[[], None] = lambda: None,
+        stream_lease_s: float = STREAM_LEASE_S,
     ) -> None:
         """`timeout_s` bounds one round trip; `pool_timeout_s` how long a call waits for
         one of the `max_connections` connections (default: a little longer than a round
         trip, so that with Redis hung the scripts holding the connections time out, and
         mark it down, before the calls waiting for one give up). `on_lost` is called for
-        each give-back given up (a metric's counter)."""
+        each give-back given up (a metric's counter). A stream slot is held
+        `stream_lease_s` at a time (or until the call's end, if sooner), renewed while
+        the stream runs."""
         # No retries inside the client: a script retried after a timeout may already
         # have run, and would then count the call twice.
         pool = BlockingConnectionPool.from_url(
@@ -188,6 +203,13 @@ class RedisCounters:
         self.lost_settlements = 0
         self._on_lost = on_lost
         self._lost_logged_until = -math.inf
+        self.leases = StreamLeases(
+            self._redis,
+            lease_s=stream_lease_s,
+            went_down=self._went_down,
+            answered=self._answered,
+            pool_exhausted=pool_exhausted,
+        )
 
     @property
     def fail_open(self) -> bool:
@@ -225,6 +247,8 @@ class RedisCounters:
             task.cancel()
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+        # After the give-backs: the slots still held then lapse within a lease.
+        await self.leases.stop()
         await self._redis.aclose()
 
     async def given_back(self) -> None:
@@ -267,6 +291,7 @@ class RedisCounters:
             marker_ms,
             demand.key_day_seed,
             demand.tenant_day_seed,
+            self.leases.lease_ms,
         ]
         flags = []
         for limits in (kl, tl):
@@ -299,6 +324,9 @@ class RedisCounters:
             raise Unavailable("quota reservation abandoned; retry shortly")
         if reply[0] != 1:
             raise refusal(demand, reply, now, period.day_end, period.month_end)
+        if stream_ms and (flags[2] == "1" or flags[5] == "1"):
+            zsets = tuple(keys[i] for i, f in ((3, flags[2]), (7, flags[5])) if f == "1")
+            self.leases.hold(rid, StreamLease(demand.tenant, zsets, int(reply[1]) + stream_ms))
         return hold
 
     def _after_cancel(self, hold: _RedisHold, script: asyncio.Future[Any]) -> None:
@@ -342,9 +370,10 @@ class RedisCounters:
 
     def _lost(self, why: str) -> None:
         """A give-back given up: what it held stays reserved until its counters expire
-        (the minute window in 60 s, a stream slot at its deadline; the day's tokens and
-        the month's spend keep the reserved bound). Counted, and logged at most every
-        _LOST_LOG_EVERY_S with the running total, so an outage does not flood the log."""
+        (the minute window in 60 s, a stream slot within its lease, no longer renewed;
+        the day's tokens and the month's spend keep the reserved bound). Counted, and
+        logged at most every _LOST_LOG_EVERY_S with the running total, so an outage does
+        not flood the log."""
         self.lost_settlements += 1
         self._on_lost()
         now = time.monotonic()
@@ -369,8 +398,8 @@ class RedisCounters:
             # Not raised: the call itself went well. Tried again in the background (the
             # marker makes a settle that did run count once); if that fails too, what
             # stays reserved is bounded: the tokens leave the minute window within 60 s,
-            # the stream slot frees at its expiry, and only the day and spend counters
-            # keep the reserved upper bound.
+            # the stream slot frees within its lease (no longer renewed), and only the day
+            # and spend counters keep the reserved upper bound.
             if not pool_exhausted(exc):
                 self._went_down(exc)
             self._settle_later(keys, args)

@@ -8,8 +8,10 @@ a Redis Cluster as well. Per scope (a key's lineage, or its tenant):
 - `...:w` sorted set, reservation id -> admitted at (ms), and `...:t` hash, reservation
   id -> tokens plus `_sum`: the minute window (exact sliding log, one member per call);
 - `...:d:<UTC day>` tokens of the day, never below the ledger's; `...:c` sorted set,
-  reservation id -> expiry (ms): the streams open (a gateway that dies mid-stream leaks
-  its slot only until then);
+  reservation id -> expiry (ms): the streams open. A slot is a lease: taken for a short
+  while (the gateway's stream lease, or less when the call must end sooner), renewed by
+  RENEW while its stream runs, never past the call's own end; so a gateway that dies
+  mid-stream holds its slots only until their lease runs out;
 and per tenant `...:spend:<UTC month>`, micro-units spent, never below the ledger's;
 and per reservation a marker `...:r:<reservation id>` ("1" held, "0" given back).
 Every key has a TTL, so abandoned counters go away by themselves. The windows and the
@@ -46,10 +48,11 @@ _QUOTAS = (REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE, TOKENS_PER_DAY, CONCURRENT_ST
 #   tpd, streams of scope 1 and of scope 2 (5..12), spend cap, seed, cost, month ttl s,
 #   marker ttl ms (17), then the day seed of scope 1 and of scope 2 (18, 19). A seed is
 #   the ledger's count: the least a counter holds (where it starts when it does not
-#   exist yet).
-# Returns {1} when all is reserved, {2} when given back before it ran (nothing done),
-#   else {0, scope (1 key, 2 tenant, 3 spend), quota (1..4 as _QUOTAS, 5 spend), used,
-#   retry ms (-1: the gateway knows)}.
+#   exist yet); then the stream lease ms (20): a stream slot is held that long, or stream ms
+#   when shorter, until RENEW extends it.
+# Returns {1, Redis's time in ms} when all is reserved, {2} when given back before it
+#   ran (nothing done), else {0, scope (1 key, 2 tenant, 3 spend), quota (1..4 as
+#   _QUOTAS, 5 spend), used, retry ms (-1: the gateway knows)}.
 RESERVE = """
 if redis.call('EXISTS', KEYS[10]) == 1 then return {2} end
 local WINDOW = 60000
@@ -149,9 +152,10 @@ for s = 1, 2 do
     end
   end
   if l[4] > 0 and stream_ms > 0 then
-    redis.call('ZADD', KEYS[k + 4], int(now + stream_ms), rid)
-    if redis.call('PTTL', KEYS[k + 4]) < stream_ms + 1000 then
-      redis.call('PEXPIRE', KEYS[k + 4], stream_ms + 1000)
+    local held_ms = math.min(stream_ms, tonumber(ARGV[20]))
+    redis.call('ZADD', KEYS[k + 4], int(now + held_ms), rid)
+    if redis.call('PTTL', KEYS[k + 4]) < held_ms + 1000 then
+      redis.call('PEXPIRE', KEYS[k + 4], held_ms + 1000)
     end
   end
 end
@@ -163,7 +167,45 @@ if cap > 0 then
   end
 end
 redis.call('SET', KEYS[10], '1', 'PX', ARGV[17])
-return {1}
+return {1, now}
+"""
+
+# KEYS: stream zsets of one tenant (one hash slot). ARGV: lease ms, then per slot held
+#   by this gateway: the index of its zset in KEYS, its reservation id, and the end of its
+#   call in Redis's ms (reserve's time plus stream ms): a lease never runs past it.
+# A slot whose member is gone (given back by SETTLE's ZREM) or whose lease has lapsed
+#   (removed by RESERVE's prune, or about to be) is left alone: the existence check
+#   here (with ZADD XX as well) is what keeps a given-back slot from being added again
+#   by a renewal that races its settle; the marker is not consulted. Scores only grow
+#   (GT), and the zset's TTL is kept beyond its furthest lease.
+# Returns the reservation ids not renewed (given back, lapsed, or past their end), for
+#   the gateway to stop renewing.
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local function int(x) return string.format('%d', x) end
+local gone, furthest = {}, {}
+for i = 2, #ARGV, 3 do
+  local k, rid, stop = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
+  local score = tonumber(redis.call('ZSCORE', KEYS[k], rid) or '-1')
+  local until_ms = math.min(now + lease, stop)
+  if score > now and until_ms > now then
+    if until_ms > score then
+      redis.call('ZADD', KEYS[k], 'XX', 'GT', int(until_ms), rid)
+      score = until_ms
+    end
+    if score > (furthest[k] or 0) then furthest[k] = score end
+  else
+    gone[#gone + 1] = rid
+  end
+end
+for k, at in pairs(furthest) do
+  if redis.call('PTTL', KEYS[k]) < at - now + 1000 then
+    redis.call('PEXPIRE', KEYS[k], int(at - now + 1000))
+  end
+end
+return gone
 """
 
 # KEYS as RESERVE. ARGV: rid, tokens, tokens delta, cost delta, then per scope whether
