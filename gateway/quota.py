@@ -238,8 +238,9 @@ class QuotaGate:
         """`prices` gives a model name's price (None: free); `max_call_s` is how long a
         call without a deadline may run (the gateway's upstream timeout), the compute it
         is reserved; `max_stream_s` is how long a stream slot is held at most when never
-        given back (a gateway that died); `admits` raises when a key may not call the
-        model a request names (checked before anything is reserved)."""
+        given back (in Redis, a dead gateway's slot lapses sooner, within its lease);
+        `admits` raises when a key may not call the model a request names (checked
+        before anything is reserved)."""
         self._counters = counters
         # The in-process store reserves without waiting: no coroutine on the hot path.
         self._local = counters if isinstance(counters, InProcessCounters) else None
@@ -366,8 +367,8 @@ class QuotaGate:
         ):
             hold = counters.reserve_planned(local, tokens, stream, cost, now, period)
             return QuotaReservation(self, call, hold, price, day, started)
-        # A slot a dead gateway never gave back frees itself a little after the call's
-        # deadline would have ended the stream anyway.
+        # A stream slot is never held past a little after the call's deadline would have
+        # ended the stream anyway (in Redis, its lease is renewed up to then, no further).
         hold_s = min(call_s + 1.0, self._max_stream_s)
         demand = Demand(
             key_id=principal.key_id,
