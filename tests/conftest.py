@@ -32,6 +32,9 @@ MODEL_REPOSITORY = REPO / "models" / "repository"
 
 configure_logging(level="info", fmt="json")
 
+# Redis for the tests that need one (its fixtures: redis_url, prefix, private_redis).
+pytest_plugins = ("tests.redis_servers",)
+
 
 @pytest.fixture(scope="session")
 async def triton(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BundledTriton]:

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from tensorgate import AsyncGatewayClient
 from tensorgate.auth.v1 import auth_pb2 as pb
 from tensorgate.errors import (
@@ -43,10 +41,10 @@ from tests.auth_helpers import (
 )
 from tests.conftest import AuthStack, start_auth_gateway
 from tests.helpers import health_status
+from tests.redis_servers import delete_keys
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PROMPT = "ROMEO:"  # 6 prompt tokens (tinylm's tokens are bytes)
 MINUTE, DAY = 60.0, 86400.0
 
@@ -235,31 +233,6 @@ async def test_monthly_spend_cap(auth_stack: AuthStack, admin: Admin) -> None:
 # --- Redis ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-async def redis_url() -> str:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
-    try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        why = f"no Redis at {REDIS_URL} ({exc}); set TEST_REDIS_URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    finally:
-        await client.aclose()
-    return REDIS_URL
-
-
-async def _forget_tenant_counters(url: str, tenant: str) -> None:
-    client = Redis.from_url(url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"tg:quota:{{{tenant}}}:*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def two_gateway_processes(
     auth_stack: AuthStack, worker: Worker, redis_url: str, tmp_path: Path
@@ -336,7 +309,7 @@ async def test_two_gateway_processes_share_a_limit_exactly(
         assert outcomes.count("ok") == 100, outcomes.count("ok")
         assert outcomes.count("refused") == 900
     finally:
-        await _forget_tenant_counters(redis_url, tenant)
+        await delete_keys(redis_url, f"tg:quota:{{{tenant}}}:*")
 
 
 async def _unreachable_redis_gateway(

@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +21,6 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 from tensorgate.inference.v1 import inference_pb2
 
@@ -35,38 +30,10 @@ from gateway.quota import Price, QuotaGate, QuotaReservation
 from gateway.redis_counters import OVERLOADED, RedisCounters, parse_version
 from services.runtime.calls import Call, Limits, Principal, Usage
 from services.runtime.errors import ResourceExhausted, Unavailable
+from services.runtime.process import free_port
+from tests.redis_servers import PrivateRedis
 
 pytestmark = pytest.mark.integration
-
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@pytest.fixture(scope="module")
-async def redis_url() -> str:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
-    try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        why = f"no Redis at {REDIS_URL} ({exc}); set TEST_REDIS_URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    finally:
-        await client.aclose()
-    return REDIS_URL
-
-
-@pytest.fixture
-async def prefix(redis_url: str) -> AsyncIterator[str]:
-    name = f"tgtest:{uuid.uuid4().hex}:"
-    yield name
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{name}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -239,15 +206,8 @@ async def test_a_stream_slot_never_given_back_expires_after_the_deadline(
     assert await gate.reserve(call(who), generate()) is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_redis_unreachable_fails_closed() -> None:
-    gate = QuotaGate(RedisCounters(f"redis://127.0.0.1:{_free_port()}/0"))
+    gate = QuotaGate(RedisCounters(f"redis://127.0.0.1:{free_port()}/0"))
     try:
         started = time.monotonic()
         with capture_logs() as logs, pytest.raises(Unavailable) as error:
@@ -263,7 +223,7 @@ async def test_redis_unreachable_fails_closed() -> None:
 
 
 async def test_redis_unreachable_fails_open_counting_locally() -> None:
-    gate = QuotaGate(RedisCounters(f"redis://127.0.0.1:{_free_port()}/0", fail_open=True))
+    gate = QuotaGate(RedisCounters(f"redis://127.0.0.1:{free_port()}/0", fail_open=True))
     who = principal(key=Limits(requests_per_minute=2))
     try:
         with capture_logs() as logs:
@@ -275,53 +235,6 @@ async def test_redis_unreachable_fails_open_counting_locally() -> None:
         assert [log["event"] for log in logs] == ["quota store unreachable"]
     finally:
         await gate.close()
-
-
-class PrivateRedis:
-    """A redis-server of this test's own, to stop and start again."""
-
-    def __init__(self) -> None:
-        self.process_id = 0
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no"),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        self.process_id = self._process.pid
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        why = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("fail_open", [False, True])

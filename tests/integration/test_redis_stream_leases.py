@@ -5,54 +5,22 @@ the call's own end. Leases of about a second here; Redis as in test_redis_counte
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from structlog.testing import capture_logs
 
 from gateway.quota import QuotaGate
 from gateway.redis_counters import RedisCounters
 from services.runtime.calls import Limits, Usage
 from services.runtime.errors import ResourceExhausted
-from tests.integration.test_redis_counters import (
-    REDIS_URL,
-    PrivateRedis,
-    call,
-    generate,
-    principal,
-)
+from tests.integration.test_redis_counters import call, generate, principal
+from tests.redis_servers import REDIS_URL, PrivateRedis
 
 pytestmark = pytest.mark.integration
 
 LEASE_S = 1.0
 ONE_STREAM = principal(key=Limits(concurrent_streams=1))
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=1.0)
-    try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        await client.aclose()
-        why = f"no Redis at {REDIS_URL} ({exc}); set TEST_REDIS_URL"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    name = f"tgtest:{uuid.uuid4().hex}:"
-    yield name
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{name}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 def gateway(prefix: str, lease_s: float = LEASE_S) -> QuotaGate:
@@ -146,19 +114,6 @@ async def test_a_short_deadline_stream_still_frees_at_its_deadline(prefix: str) 
     finally:
         await running.close()
         await other.close()
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        why = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why)
-        pytest.skip(why)
-    server = PrivateRedis()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_renewals_while_redis_is_away_log_once_and_go_on(
