@@ -143,6 +143,15 @@ class LocalPlan:
         self.streamed: list[_Scope] = []
 
 
+def _spend_key(plan: LocalPlan, period: Period) -> str:
+    """Where the spend of `plan`'s tenant in `period`'s month is kept ("<tenant>:<UTC
+    month>"), made once a month per plan."""
+    if plan.spend_month != period.month_name:
+        plan.spend_month = period.month_name
+        plan.spend_key = f"{plan.tenant}:{period.month_name}"
+    return plan.spend_key
+
+
 # A hold's "nothing counted here": shared, never changed in place.
 _NONE: list[Any] = []
 
@@ -249,7 +258,7 @@ class InProcessCounters:
             if streams:
                 plan.streamed.append(scope)
         if plan.spend_cap and plan.seed_month == period.month_name:
-            spend_key = f"{plan.tenant}:{period.month_name}"
+            spend_key = _spend_key(plan, period)
             if self._spend.get(spend_key, plan.spend_seed) < plan.spend_seed:
                 self._spend[spend_key] = plan.spend_seed
 
@@ -284,10 +293,7 @@ class InProcessCounters:
                 self._check(scope, name, limits, tokens, stream, now, period)
         spend_key, spent, cap = "", 0, plan.spend_cap
         if cap:
-            if plan.spend_month != period.month_name:
-                plan.spend_month = period.month_name
-                plan.spend_key = f"{plan.tenant}:{period.month_name}"
-            spend_key = plan.spend_key
+            spend_key = _spend_key(plan, period)
             spent = self._spend.get(spend_key, -1)
             if spent < 0:
                 spent = plan.spend_seed if plan.seed_month == period.month_name else 0
