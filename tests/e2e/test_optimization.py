@@ -40,6 +40,7 @@ from services.runtime.process import lasting_port
 from services.store.database import database_url
 from services.worker.server import Worker, start_worker
 from services.worker.settings import WorkerSettings
+from tests.e2e.test_optimization_limits import registry_with_a_silent_worker
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = np.asarray(json.loads((REPO / "models/examples/digits.json").read_text()), np.float32)
@@ -327,20 +328,11 @@ async def test_a_job_that_fails_midway_leaves_no_version_and_says_why(
 async def test_a_job_that_fails_after_registering_its_version_deletes_it(
     tmp_path: Path,
 ) -> None:
-    # A registry whose worker never answers: the job derives and registers its version,
-    # then cannot have it loaded to measure latency.
-    registry = await start_registry(
-        RegistrySettings(
-            data_dir=tmp_path,
-            metrics_port=0,
-            drain_seconds=0.0,
-            workers=(f"127.0.0.1:{lasting_port()}",),
-            load_timeout_seconds=0.5,
-        )
-    )
+    # The job derives and registers its version, then cannot have it loaded to measure
+    # latency.
+    registry = await registry_with_a_silent_worker(tmp_path, load_timeout_s=0.5)
     try:
         async with AsyncRegistryClient(registry.address) as client:
-            await register_demo_model(client, REPO / "models" / "repository" / "digits")
             job = await client.start_optimization("digits:1", [("int8-dynamic", {})])
             failed = await finished(client, job)
             assert failed.state == Job.FAILED
